@@ -1,0 +1,342 @@
+"""YAML configuration loaded into frozen dataclasses, validated with messages that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from watcher.tasks import TASK_KINDS, Task
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif",
+)
+OVERWRITE_POLICIES = ("never", "ours", "always")
+ON_DELETE = ("keep", "remove-ours")
+BACKENDS = ("moondream", "transformers", "photon")
+DEFAULT_MOONDREAM_REVISION = "2025-06-21"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user: file, key path, expectation."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backend: str = "moondream"
+    id: str = "vikhyatk/moondream2"
+    # A tag or commit sha. Remote code is only trusted on a pinned revision.
+    revision: str | None = DEFAULT_MOONDREAM_REVISION
+    path: str | None = None  # a local copy of the model; wins over id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    batch_size: int = 8
+    max_tokens: int = 120
+    trust_remote_code: bool = False  # only for backend transformers; moondream always needs it
+
+    @property
+    def source(self) -> str:
+        return self.path or self.id
+
+
+@dataclass(frozen=True)
+class FolderConfig:
+    path: Path
+    task: str = "short"  # what the sidecar holds
+    index_tasks: tuple[str, ...] = ()  # extra outputs kept in the index only
+    question: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+    sidecar: str = "{stem}.txt"
+    overwrite: str = "ours"
+    polling: bool = False
+    poll_interval: float = 2.0
+    settle_seconds: float = 1.0
+    ignore: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    on_delete: str = "keep"
+    rescan_minutes: float = 0.0  # 0: only at start
+
+    def tasks(self, max_tokens: int) -> tuple[Task, ...]:
+        """The sidecar task first, then the index-only ones, without repeats."""
+        kinds: list[str] = []
+        for kind in (self.task, *self.index_tasks):
+            if kind not in kinds:
+                kinds.append(kind)
+        return tuple(Task(k, self.question if k == "query" else None, max_tokens) for k in kinds)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "auto"  # auto | json | console
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    folders: tuple[FolderConfig, ...] = ()
+    database: Path = field(default_factory=lambda: default_database_path())
+    decode_threads: int = 2
+    max_pixels: int = 100_000_000  # decompression-bomb limit, in pixels
+    max_side: int = 2048  # larger images are downscaled before the model
+    max_attempts: int = 5
+    retry_backoff: float = 2.0  # seconds, doubled per attempt
+    log: LogConfig = field(default_factory=LogConfig)
+    defaults: dict[str, Any] = field(default_factory=dict)  # folder defaults as written
+    source: Path | None = None  # the file it came from
+
+    def folder_for(self, path: Path) -> FolderConfig | None:
+        """The configured folder that contains `path` (deepest root wins)."""
+        best: FolderConfig | None = None
+        for f in self.folders:
+            if path == f.path or f.path in path.parents:
+                if best is None or len(f.path.parts) > len(best.path.parts):
+                    best = f
+        return best
+
+    def with_folders(self, paths: list[Path]) -> Config:
+        """This config watching `paths`, each with the configured folder defaults."""
+        where = str(self.source or "command line")
+        folders = tuple(
+            _folder({"path": str(p), **self.defaults}, f"folders[{i}]", where)
+            for i, p in enumerate(paths)
+        )
+        return dataclasses.replace(self, folders=folders)
+
+
+def default_database_path() -> Path:
+    env = os.environ.get("WATCHER_DB")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("moondream-watcher")) / "index.db"
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("WATCHER_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("moondream-watcher")) / "config.yaml"
+
+
+def load_config(path: Path | None = None, *, required: bool = False) -> Config:
+    """Load `path` (or the default location). A missing default file gives the defaults."""
+    explicit = path is not None
+    path = path or default_config_path()
+    if not path.exists():
+        if explicit or required:
+            raise ConfigError(f"{path}: config file not found")
+        return Config()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_config(data or {}, str(path), base_dir=path.parent, source=path)
+
+
+# --- validation -------------------------------------------------------------------------
+
+def _fail(where: str, key: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"{where}: {key}: expected {expected}; got {got!r}")
+
+
+def _check_keys(data: dict, allowed: set[str], prefix: str, where: str) -> None:
+    for k in data:
+        if k not in allowed:
+            raise ConfigError(
+                f"{where}: {prefix}{k}: unknown key; expected one of {', '.join(sorted(allowed))}"
+            )
+
+
+def _typed(value: Any, kind: type | tuple, key: str, where: str, expected: str) -> Any:
+    # bool is an int in Python; a YAML `true` for a number is a mistake.
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise _fail(where, key, expected, value)
+    if not isinstance(value, kind):
+        raise _fail(where, key, expected, value)
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...], key: str, where: str) -> str:
+    if value not in choices:
+        raise _fail(where, key, f"one of {', '.join(choices)}", value)
+    return value
+
+
+def _number(value: Any, key: str, where: str, *, minimum: float, integer: bool = False) -> Any:
+    expected = "an integer" if integer else "a number"
+    _typed(value, int if integer else (int, float), key, where, f"{expected} >= {minimum}")
+    if value < minimum:
+        raise _fail(where, key, f"{expected} >= {minimum}", value)
+    return value
+
+
+def _strings(value: Any, key: str, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(where, key, "a list of strings", value)
+    return tuple(value)
+
+
+_FOLDER_FIELDS = {f.name for f in dataclasses.fields(FolderConfig)}
+
+
+def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> FolderConfig:
+    if isinstance(data, str):
+        data = {"path": data}
+    if not isinstance(data, dict):
+        raise _fail(where, key, "a mapping with at least 'path'", data)
+    _check_keys(data, _FOLDER_FIELDS, f"{key}.", where)
+    if "path" not in data:
+        raise ConfigError(f"{where}: {key}.path: missing")
+    kw: dict[str, Any] = {}
+    p = Path(os.path.expandvars(_typed(data["path"], str, f"{key}.path", where, "a path")))
+    p = p.expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    kw["path"] = Path(os.path.abspath(p))
+    for name, value in data.items():
+        k = f"{key}.{name}"
+        if name == "path":
+            continue
+        if name == "task":
+            kw[name] = _choice(value, TASK_KINDS, k, where)
+        elif name == "index_tasks":
+            kw[name] = tuple(_choice(v, TASK_KINDS, f"{k}[{i}]", where)
+                             for i, v in enumerate(_strings(value, k, where)))
+        elif name in ("question", "prefix", "suffix"):
+            kw[name] = _typed(value, str, k, where, "a string")
+        elif name == "sidecar":
+            s = _typed(value, str, k, where, "a pattern such as '{stem}.txt'")
+            if "/" in s or os.sep in s or not ("{stem}" in s or "{name}" in s):
+                raise _fail(where, k, "a file name pattern with {stem} or {name}, no '/'", s)
+            kw[name] = s
+        elif name == "overwrite":
+            kw[name] = _choice(value, OVERWRITE_POLICIES, k, where)
+        elif name == "on_delete":
+            kw[name] = _choice(value, ON_DELETE, k, where)
+        elif name == "polling":
+            kw[name] = _typed(value, bool, k, where, "true or false")
+        elif name in ("poll_interval", "settle_seconds", "rescan_minutes"):
+            kw[name] = float(_number(value, k, where, minimum=0))
+        elif name == "ignore":
+            kw[name] = _strings(value, k, where)
+        elif name == "extensions":
+            exts = _strings(value, k, where)
+            kw[name] = tuple(("." + e.lstrip(".")).lower() for e in exts)
+    task = kw.get("task", "short")
+    if "query" in (task, *kw.get("index_tasks", ())) and not kw.get("question"):
+        raise ConfigError(f"{where}: {key}.question: missing; task 'query' needs a question")
+    return FolderConfig(**kw)
+
+
+def _model(data: Any, where: str) -> ModelConfig:
+    if not isinstance(data, dict):
+        raise _fail(where, "model", "a mapping", data)
+    fields_ = {f.name for f in dataclasses.fields(ModelConfig)}
+    _check_keys(data, fields_, "model.", where)
+    kw: dict[str, Any] = {}
+    backend = _choice(data.get("backend", "moondream"), BACKENDS, "model.backend", where)
+    kw["backend"] = backend
+    for name, value in data.items():
+        k = f"model.{name}"
+        if name in ("id", "path"):
+            kw[name] = os.path.expanduser(_typed(value, str, k, where, "a string"))
+        elif name == "revision":
+            if value is not None:
+                value = str(_typed(value, (str, int), k, where, "a tag or commit sha"))
+            kw[name] = value
+        elif name == "device":
+            v = _typed(value, str, k, where, "auto, cpu, cuda, cuda:N or mps")
+            if not (v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:")):
+                raise _fail(where, k, "auto, cpu, cuda, cuda:N or mps", v)
+            kw[name] = v
+        elif name == "dtype":
+            kw[name] = _choice(value, ("auto", "float32", "float16", "bfloat16"), k, where)
+        elif name in ("batch_size", "max_tokens"):
+            kw[name] = _number(value, k, where, minimum=1, integer=True)
+        elif name == "trust_remote_code":
+            kw[name] = _typed(value, bool, k, where, "true or false")
+    if backend == "transformers" and "id" not in data and "path" not in data:
+        raise ConfigError(f"{where}: model.id: missing; backend 'transformers' needs id or path")
+    if backend != "moondream" and "revision" not in data:
+        kw["revision"] = None
+    if backend != "moondream" and "id" not in data:
+        kw.setdefault("id", ModelConfig.id)
+    needs_remote = backend == "moondream" or kw.get("trust_remote_code", False)
+    if needs_remote and not kw.get("path") and not kw.get("revision", "x"):
+        raise ConfigError(
+            f"{where}: model.revision: remote code is only trusted on a pinned revision "
+            "(a tag or commit sha); got none"
+        )
+    if needs_remote and not kw.get("path") and kw.get("revision") in ("main", "master"):
+        raise _fail(where, "model.revision", "a tag or commit sha, not a branch", kw["revision"])
+    return ModelConfig(**kw)
+
+
+_TOP = {
+    "model", "folders", "database", "decode_threads", "max_pixels", "max_side",
+    "max_attempts", "retry_backoff", "log", "defaults",
+}
+
+
+def parse_config(
+    data: Any, where: str = "config", *, base_dir: Path | None = None, source: Path | None = None
+) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level; got {type(data).__name__}")
+    _check_keys(data, _TOP, "", where)
+    kw: dict[str, Any] = {"source": source}
+    if "model" in data:
+        kw["model"] = _model(data["model"], where)
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise _fail(where, "defaults", "a mapping of folder settings", defaults)
+    if "path" in defaults:
+        raise ConfigError(f"{where}: defaults.path: not allowed; paths go under folders")
+    # Validate the defaults on their own so their errors name `defaults.`.
+    _folder({"path": "/", **defaults}, "defaults", where)
+    kw["defaults"] = dict(defaults)
+    folders = data.get("folders") or []
+    if not isinstance(folders, list):
+        raise _fail(where, "folders", "a list", folders)
+    parsed = []
+    for i, f in enumerate(folders):
+        merged = {**defaults, **f} if isinstance(f, dict) else ({**defaults, "path": f}
+                                                                 if isinstance(f, str) else f)
+        parsed.append(_folder(merged, f"folders[{i}]", where, base_dir))
+    kw["folders"] = tuple(parsed)
+    if "database" in data:
+        db = _typed(data["database"], str, "database", where, "a path")
+        p = Path(os.path.expandvars(db)).expanduser()
+        kw["database"] = p if p.is_absolute() or base_dir is None else base_dir / p
+    for name, minimum in (("decode_threads", 1), ("max_pixels", 1), ("max_side", 64),
+                          ("max_attempts", 1)):
+        if name in data:
+            kw[name] = _number(data[name], name, where, minimum=minimum, integer=True)
+    if "retry_backoff" in data:
+        kw["retry_backoff"] = float(_number(data["retry_backoff"], "retry_backoff", where,
+                                            minimum=0))
+    if "log" in data:
+        log = data["log"]
+        if not isinstance(log, dict):
+            raise _fail(where, "log", "a mapping", log)
+        _check_keys(log, {"format", "level"}, "log.", where)
+        kw["log"] = LogConfig(
+            format=_choice(log.get("format", "auto"), ("auto", "json", "console"),
+                           "log.format", where),
+            level=_choice(str(log.get("level", "info")).lower(),
+                          ("debug", "info", "warning", "error"), "log.level", where),
+        )
+    return Config(**kw)
