@@ -295,7 +295,8 @@ def parse_config(
     data: Any, where: str = "config", *, base_dir: Path | None = None, source: Path | None = None
 ) -> Config:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level; got {type(data).__name__}")
+        got = type(data).__name__
+        raise ConfigError(f"{where}: expected a mapping at the top level; got {got}")
     _check_keys(data, _TOP, "", where)
     kw: dict[str, Any] = {"source": source}
     if "model" in data:

@@ -1,0 +1,203 @@
+"""The persistent job queue: one row per image path in SQLite, pending -> running -> done|failed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from watcher.index import transaction
+
+STATES = ("pending", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One claimed unit of work. `gen` detects a re-enqueue while it was running."""
+
+    id: int
+    path: Path
+    root: Path
+    gen: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    error: str
+    attempts: int
+    updated: float
+
+
+class JobQueue:
+    """Queue operations on the shared database. Each thread uses its own JobQueue."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    # -- producers ----------------------------------------------------------------------
+    def enqueue_many(self, items: Iterable[tuple[Path, Path]]) -> int:
+        """Queue (path, root) pairs; the same path queued twice is one job. Returns how many
+        jobs became pending (new, or re-opened from done/failed/running)."""
+        now = time.time()
+        n = 0
+        with transaction(self.db):
+            for path, root in items:
+                # A running job gets gen+1 so its result is not taken as current: it runs again.
+                cur = self.db.conn.execute(
+                    """INSERT INTO jobs (path, root, state, gen, attempts, next_try, enqueued,
+                                         updated)
+                       VALUES (?, ?, 'pending', 0, 0, 0, ?, ?)
+                       ON CONFLICT(path) DO UPDATE SET
+                         root = excluded.root, gen = gen + 1, attempts = 0, error = NULL,
+                         next_try = 0, updated = excluded.updated,
+                         state = CASE WHEN state = 'running' THEN 'running' ELSE 'pending' END
+                       WHERE state != 'pending'""",
+                    (str(path), str(root), now, now),
+                )
+                n += cur.rowcount
+        return n
+
+    def enqueue(self, path: Path, root: Path) -> bool:
+        return self.enqueue_many([(path, root)]) > 0
+
+    # -- the consumer -------------------------------------------------------------------
+    def recover(self) -> int:
+        """Jobs left `running` by a crash or kill are pending again. Call once at start."""
+        with transaction(self.db):
+            return self.db.conn.execute(
+                "UPDATE jobs SET state = 'pending', next_try = 0 WHERE state = 'running'"
+            ).rowcount
+
+    def claim(self, limit: int, root: Path | None = None) -> list[Job]:
+        """Move up to `limit` due pending jobs to running, oldest first."""
+        now = time.time()
+        where = "state = 'pending' AND next_try <= ?"
+        args: list = [now]
+        if root is not None:
+            prefix = str(root).rstrip("/") + "/"
+            where += " AND path >= ? AND path < ?"
+            args += [prefix, prefix[:-1] + "0"]
+        with transaction(self.db):
+            rows = self.db.conn.execute(
+                f"""UPDATE jobs SET state = 'running', attempts = attempts + 1, updated = ?
+                    WHERE id IN (SELECT id FROM jobs WHERE {where} ORDER BY id LIMIT ?)
+                    RETURNING id, path, root, gen, attempts""",
+                (now, *args, limit),
+            ).fetchall()
+        rows.sort()
+        return [Job(i, Path(p), Path(r), g, a) for i, p, r, g, a in rows]
+
+    def finish(self, job: Job) -> bool:
+        """Mark done, inside the caller's transaction (the one that wrote the index row).
+        False when the file was re-queued meanwhile: it stays pending and runs again."""
+        cur = self.db.conn.execute(
+            "UPDATE jobs SET state = 'done', error = NULL, updated = ? WHERE id = ? AND gen = ?",
+            (time.time(), job.id, job.gen),
+        )
+        if cur.rowcount == 0:
+            self._reopen(job)
+            return False
+        return True
+
+    def fail(self, job: Job, reason: str, *, transient: bool, max_attempts: int,
+             backoff: float) -> str:
+        """Record a failure; transient ones retry with exponential backoff up to max_attempts.
+        Returns the new state. Runs inside the caller's transaction."""
+        now = time.time()
+        if transient and job.attempts < max_attempts:
+            delay = backoff * (2 ** (job.attempts - 1))
+            self.db.conn.execute(
+                """UPDATE jobs SET state = 'pending', error = ?, next_try = ?, updated = ?
+                   WHERE id = ?""",
+                (reason, now + delay, now, job.id),
+            )
+            return "pending"
+        if transient:
+            reason = f"{reason} (gave up after {job.attempts} attempts)"
+        cur = self.db.conn.execute(
+            "UPDATE jobs SET state = 'failed', error = ?, updated = ? WHERE id = ? AND gen = ?",
+            (reason, now, job.id, job.gen),
+        )
+        if cur.rowcount == 0:
+            self._reopen(job)
+            return "pending"
+        return "failed"
+
+    def release(self, job: Job, delay: float = 0.0) -> None:
+        """Back to pending without counting an attempt (shutdown, stale file)."""
+        self.db.conn.execute(
+            """UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0),
+               next_try = ?, updated = ? WHERE id = ?""",
+            (time.time() + delay, time.time(), job.id),
+        )
+
+    def _reopen(self, job: Job) -> None:
+        self.db.conn.execute(
+            "UPDATE jobs SET state = 'pending', next_try = 0 WHERE id = ? AND state = 'running'",
+            (job.id,),
+        )
+
+    # -- housekeeping -------------------------------------------------------------------
+    def forget(self, path: str) -> None:
+        self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (path,))
+
+    def move(self, src: str, dest: str) -> None:
+        self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (dest,))
+        self.db.conn.execute("UPDATE jobs SET path = ? WHERE path = ?", (dest, src))
+
+    def retry(self, paths: Iterable[str] | None = None) -> int:
+        """Re-queue failed jobs (all of them, or those for `paths`)."""
+        with transaction(self.db):
+            if paths is None:
+                sql, args = "state = 'failed'", []
+                return self.db.conn.execute(
+                    f"""UPDATE jobs SET state = 'pending', attempts = 0, next_try = 0,
+                        gen = gen + 1 WHERE {sql}""", args).rowcount
+            n = 0
+            for p in paths:
+                n += self.db.conn.execute(
+                    """UPDATE jobs SET state = 'pending', attempts = 0, next_try = 0,
+                       gen = gen + 1 WHERE state = 'failed' AND path = ?""",
+                    (p,),
+                ).rowcount
+            return n
+
+    def state_of(self, path: str) -> tuple[str, str | None] | None:
+        row = self.db.conn.execute(
+            "SELECT state, error FROM jobs WHERE path = ?", (path,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def counts(self, root: Path | None = None) -> dict[str, int]:
+        sql, args = "SELECT state, count(*) FROM jobs", []
+        if root is not None:
+            prefix = str(root).rstrip("/") + "/"
+            sql += " WHERE path >= ? AND path < ?"
+            args = [prefix, prefix[:-1] + "0"]
+        got = dict(self.db.conn.execute(sql + " GROUP BY state", args).fetchall())
+        return {s: got.get(s, 0) for s in STATES}
+
+    def next_due(self) -> float | None:
+        row = self.db.conn.execute(
+            "SELECT min(next_try) FROM jobs WHERE state = 'pending'"
+        ).fetchone()
+        return row[0]
+
+    def failures(self, limit: int = 10, root: Path | None = None) -> list[Failure]:
+        sql, args = "SELECT path, error, attempts, updated FROM jobs WHERE state = 'failed'", []
+        if root is not None:
+            prefix = str(root).rstrip("/") + "/"
+            sql += " AND path >= ? AND path < ?"
+            args = [prefix, prefix[:-1] + "0"]
+        rows = self.db.conn.execute(sql + " ORDER BY updated DESC LIMIT ?", (*args, limit))
+        return [Failure(*r) for r in rows]
+
+    def done_since(self, since: float) -> int:
+        return self.db.conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'done' AND updated >= ?", (since,)
+        ).fetchone()[0]
