@@ -108,6 +108,7 @@ def _create_v1(db: sqlite_utils.Database) -> None:
             id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, root TEXT NOT NULL,
             state TEXT NOT NULL, gen INTEGER NOT NULL DEFAULT 0,
             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, next_try REAL NOT NULL DEFAULT 0,
+            size INTEGER, mtime_ns INTEGER,
             enqueued REAL NOT NULL, updated REAL NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_try)",
         "CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (state, updated)",
@@ -164,10 +165,9 @@ class Index:
 
     def stats_under(self, root: str) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) for every indexed image under `root`: one query for a scan."""
-        prefix = root.rstrip("/") + "/"
         cur = self.db.conn.execute(
             "SELECT path, size, mtime_ns FROM images WHERE path >= ? AND path < ?",
-            (prefix, prefix[:-1] + "0"),  # '0' sorts right after '/'
+            prefix_range(root),
         )
         return {p: (s, m) for p, s, m in cur}
 
@@ -189,6 +189,13 @@ class Index:
             score = row.pop("score")
             out.append((ImageRow.from_row(row), score))
         return out
+
+
+def prefix_range(root: str | Path) -> tuple[str, str]:
+    """Bounds selecting every path under `root` through the primary-key index: '0' is the
+    character right after '/', so [root/, root0) is exactly the subtree."""
+    prefix = str(root).rstrip("/") + "/"
+    return prefix, prefix[:-1] + "0"
 
 
 def _fts_query(query: str) -> str:

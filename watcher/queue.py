@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from watcher.index import transaction
+from watcher.index import prefix_range, transaction
 
 STATES = ("pending", "running", "done", "failed")
 
@@ -73,15 +73,18 @@ class JobQueue:
                 "UPDATE jobs SET state = 'pending', next_try = 0 WHERE state = 'running'"
             ).rowcount
 
-    def claim(self, limit: int, root: Path | None = None) -> list[Job]:
-        """Move up to `limit` due pending jobs to running, oldest first."""
+    def claim(self, limit: int, roots: tuple[Path, ...] | None = None) -> list[Job]:
+        """Move up to `limit` due pending jobs to running, oldest first (only under `roots`)."""
         now = time.time()
         where = "state = 'pending' AND next_try <= ?"
         args: list = [now]
-        if root is not None:
-            prefix = str(root).rstrip("/") + "/"
-            where += " AND path >= ? AND path < ?"
-            args += [prefix, prefix[:-1] + "0"]
+        if roots is not None:
+            ranges = []
+            for root in roots:
+                lo, hi = prefix_range(root)
+                ranges.append("(path >= ? AND path < ?)")
+                args += [lo, hi]
+            where += " AND (" + " OR ".join(ranges or ["0"]) + ")"
         with transaction(self.db):
             rows = self.db.conn.execute(
                 f"""UPDATE jobs SET state = 'running', attempts = attempts + 1, updated = ?
@@ -105,7 +108,7 @@ class JobQueue:
         return True
 
     def fail(self, job: Job, reason: str, *, transient: bool, max_attempts: int,
-             backoff: float) -> str:
+             backoff: float, identity: tuple[int, int] | None = None) -> str:
         """Record a failure; transient ones retry with exponential backoff up to max_attempts.
         Returns the new state. Runs inside the caller's transaction."""
         now = time.time()
@@ -120,8 +123,9 @@ class JobQueue:
         if transient:
             reason = f"{reason} (gave up after {job.attempts} attempts)"
         cur = self.db.conn.execute(
-            "UPDATE jobs SET state = 'failed', error = ?, updated = ? WHERE id = ? AND gen = ?",
-            (reason, now, job.id, job.gen),
+            """UPDATE jobs SET state = 'failed', error = ?, updated = ?, size = ?, mtime_ns = ?
+               WHERE id = ? AND gen = ?""",
+            (reason, now, *(identity or (None, None)), job.id, job.gen),
         )
         if cur.rowcount == 0:
             self._reopen(job)
@@ -176,9 +180,8 @@ class JobQueue:
     def counts(self, root: Path | None = None) -> dict[str, int]:
         sql, args = "SELECT state, count(*) FROM jobs", []
         if root is not None:
-            prefix = str(root).rstrip("/") + "/"
             sql += " WHERE path >= ? AND path < ?"
-            args = [prefix, prefix[:-1] + "0"]
+            args = list(prefix_range(root))
         got = dict(self.db.conn.execute(sql + " GROUP BY state", args).fetchall())
         return {s: got.get(s, 0) for s in STATES}
 
@@ -191,13 +194,20 @@ class JobQueue:
     def failures(self, limit: int = 10, root: Path | None = None) -> list[Failure]:
         sql, args = "SELECT path, error, attempts, updated FROM jobs WHERE state = 'failed'", []
         if root is not None:
-            prefix = str(root).rstrip("/") + "/"
             sql += " AND path >= ? AND path < ?"
-            args = [prefix, prefix[:-1] + "0"]
+            args = list(prefix_range(root))
         rows = self.db.conn.execute(sql + " ORDER BY updated DESC LIMIT ?", (*args, limit))
         return [Failure(*r) for r in rows]
+
+    def failed_under(self, root: Path) -> dict[str, tuple[int | None, int | None]]:
+        """path -> (size, mtime_ns) at the time of failure, for the catch-up scan."""
+        cur = self.db.conn.execute(
+            "SELECT path, size, mtime_ns FROM jobs WHERE state = 'failed' AND path >= ? "
+            "AND path < ?", prefix_range(root))
+        return {p: (s, m) for p, s, m in cur}
 
     def done_since(self, since: float) -> int:
         return self.db.conn.execute(
             "SELECT count(*) FROM jobs WHERE state = 'done' AND updated >= ?", (since,)
         ).fetchone()[0]
+

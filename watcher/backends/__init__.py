@@ -37,6 +37,12 @@ class Backend(Protocol):
 
 def load_backend(cfg: ModelConfig) -> Backend:
     """Build the configured backend. Raises ModelUnavailable with a user-facing message."""
+    if cfg.backend in ("moondream", "transformers"):
+        # Fail in seconds, with one clear message, when the weights are not on this
+        # machine and the Hub cannot be reached (instead of after the Hub client's retries).
+        from watcher.models import ensure_available
+
+        ensure_available(cfg)
     if cfg.backend == "transformers":
         from watcher.backends.transformers_backend import TransformersBackend
 

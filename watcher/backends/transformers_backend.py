@@ -1,0 +1,252 @@
+"""Any image-to-text model that transformers loads with AutoModelForImageTextToText.
+
+How a task becomes a prompt:
+
+* Chat models (the processor has a chat template: LLaVA, Qwen2-VL, SmolVLM, Gemma 3, ...)
+  are asked the task's instruction (or the query's question) in one user turn holding the
+  image and the text, rendered and tokenized by `processor.apply_chat_template` with the
+  generation prompt added. Only the tokens generated after the prompt are decoded.
+* Models without a chat template (BLIP, GIT, PaliGemma, ...) are captioned
+  unconditionally: they get the image and no text. Their text input is a caption prefix or
+  a task code, not an instruction, so feeding them "Describe this image ..." would only
+  make them continue that sentence. Every task then asks the same question, so it is
+  generated once, with the largest max_tokens of those tasks, and each task gets the first
+  max_tokens of it (greedy decoding makes that the same as a shorter run).
+
+Generation is greedy (`do_sample=False`, one beam) and batched: all images of a call go
+through the model together, left-padded, with the attention mask telling the model which
+positions are padding (generate() derives the position ids from the mask), so a batch gives
+the same text as one image at a time. The text is returned raw; the caller cleans it.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from watcher.backends import ModelUnavailable
+from watcher.backends.device import Placement, pick
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from watcher.config import ModelConfig
+    from watcher.tasks import Task
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in _TRUE
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _takes_token_type_ids(model: Any) -> bool:
+    """Whether generate() passes `token_type_ids` on to the model (PaliGemma and Gemma 3
+    use them; for most models a tokenizer adds them and generate() rejects them)."""
+    names: set[str] = set()
+    for fn in (model.forward, getattr(model, "prepare_inputs_for_generation", None)):
+        if fn is not None:
+            names.update(inspect.signature(fn).parameters)
+    return "token_type_ids" in names
+
+
+class TransformersBackend:
+    """A transformers image-text-to-text model behind the Backend interface."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        name: str,
+        revision: str | None,
+        max_batch: int,
+        placement: Placement,
+    ) -> None:
+        self.name = name
+        self.revision = revision
+        self.max_batch = max_batch
+        self.placement = placement
+        self._model = model
+        self._processor = processor
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None:
+            # Decoder-only models continue the last position: padding goes on the left.
+            tokenizer.padding_side = "left"
+        self._tokenizer = tokenizer
+        self._special = set(getattr(tokenizer, "all_special_ids", ()))
+        self.chat = bool(getattr(processor, "chat_template", None))
+        self._encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._token_type_ids = _takes_token_type_ids(model)
+
+    # --- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, cfg: ModelConfig) -> TransformersBackend:
+        """Load processor and model from `cfg.path` or the Hub id `cfg.id` at `cfg.revision`.
+
+        Raises ModelUnavailable, naming the model, when the files are missing (a bad path,
+        or a Hub model not in the cache while offline) or the model cannot be loaded.
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        placement = pick(cfg.device, cfg.dtype)
+        source = cfg.source
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        if cfg.path:
+            path = Path(cfg.path).expanduser()
+            if not path.is_dir():
+                what = "is not a directory" if path.exists() else "does not exist"
+                raise ModelUnavailable(f"model path {cfg.path} {what} (model.path)")
+            source = str(path)
+            kwargs["local_files_only"] = True
+        else:
+            if cfg.revision:
+                kwargs["revision"] = cfg.revision
+            kwargs["local_files_only"] = _offline() or os.path.isdir(source)
+        where = source if cfg.path or not cfg.revision else f"{source}@{cfg.revision}"
+        try:
+            processor = AutoProcessor.from_pretrained(source, **kwargs)
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=placement.dtype, device_map={"": placement.device}, **kwargs
+            )
+        except OSError as e:
+            hint = (
+                " (offline: only models already in the Hugging Face cache can be loaded)"
+                if kwargs["local_files_only"] and not cfg.path
+                else ""
+            )
+            raise ModelUnavailable(
+                f"cannot load model {where}: files missing or unreadable{hint}: {_first_line(e)}"
+            ) from e
+        except (ValueError, KeyError, ImportError) as e:
+            raise ModelUnavailable(
+                f"cannot load model {where} as an image-text-to-text model: {_first_line(e)}"
+            ) from e
+        model.eval()
+        return cls(
+            model,
+            processor,
+            name=cfg.source,
+            revision=cfg.revision,
+            max_batch=cfg.batch_size,
+            placement=placement,
+        )
+
+    # --- inference ----------------------------------------------------------------------
+
+    def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]:
+        """Per image, one raw output per task (in task order)."""
+        if self._model is None:
+            raise RuntimeError("the model was closed")
+        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        results: list[list[str]] = [[""] * len(tasks) for _ in images]
+        if not images or not tasks:
+            return results
+        # Tasks that give the model the same input share one generation.
+        groups: dict[str | None, list[int]] = {}
+        for t, task in enumerate(tasks):
+            groups.setdefault(task.instruction if self.chat else None, []).append(t)
+        step = max(1, self.max_batch)
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
+            for instruction, members in groups.items():
+                limits = [tasks[t].max_tokens for t in members]
+                new_tokens = self._generate(chunk, instruction, max(limits))
+                for t, limit in zip(members, limits, strict=True):
+                    texts = self._decode(new_tokens[:, :limit])
+                    for i, text in enumerate(texts):
+                        results[start + i][t] = text
+        return results
+
+    def _inputs(self, images: list[Image.Image], instruction: str | None) -> Any:
+        if instruction is None:
+            return self._processor(images=images, return_tensors="pt")
+        conversations = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": image},
+                        {"type": "text", "text": instruction},
+                    ],
+                }
+            ]
+            for image in images
+        ]
+        return self._processor.apply_chat_template(
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            padding=True,
+        )
+
+    def _generate(
+        self, images: list[Image.Image], instruction: str | None, max_new_tokens: int
+    ) -> torch.Tensor:
+        """The generated token ids, prompt removed, shape (len(images), n)."""
+        inputs = self._inputs(images, instruction)
+        if not self._token_type_ids:
+            inputs.pop("token_type_ids", None)
+        # Moves every tensor to the device; only floating ones (pixels) take the dtype.
+        inputs = inputs.to(self.placement.device, dtype=self.placement.dtype); inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"]) if "attention_mask" in inputs else None
+        with torch.inference_mode():
+            out = self._model.generate(
+                **inputs,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                # Sampling settings from the model's generation config do not apply to
+                # greedy decoding; cleared so generate() does not warn about them.
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        if not isinstance(out, torch.Tensor):  # a ModelOutput from return_dict_in_generate
+            out = out.sequences
+        prompt = inputs.get("input_ids")
+        if prompt is not None and not self._encoder_decoder:
+            n = prompt.shape[1]
+            # Decoder-only models return prompt + continuation; some remote-code models
+            # return only the continuation, so strip the prompt only where it is there.
+            if out.shape[1] >= n and torch.equal(out[:, :n], prompt.to(out.device)):
+                return out[:, n:]
+        # No prompt in front: the output starts with the start token(s) the model was seeded
+        # with (BLIP's [DEC] and GIT's [CLS] without a text prompt, an encoder-decoder's
+        # decoder start). Drop them so that max_tokens counts generated tokens only.
+        lead = 0
+        while lead < out.shape[1] and all(int(t) in self._special for t in out[:, lead]):
+            lead += 1
+        return out[:, lead:]
+
+    def _decode(self, ids: torch.Tensor) -> list[str]:
+        decoder = self._tokenizer if self._tokenizer is not None else self._processor
+        return decoder.batch_decode(ids.cpu(), skip_special_tokens=True)
+
+    def close(self) -> None:
+        """Free the model and, on a GPU, its cached memory."""
+        self._model = None
+        self._processor = None
+        self._tokenizer = None
+        gc.collect()
+        device = self.placement.device
+        if device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        elif device == "mps" and hasattr(torch, "mps"):
+            torch.mps.empty_cache()

@@ -1,0 +1,287 @@
+"""Structured logging: JSON lines for services, readable lines on a terminal.
+
+`configure_logging` sets up structlog once at start-up:
+
+- JSON, one object per line, when the stream is not a terminal (journald, launchd log
+  files, pipes) or `log.format: json`; coloured `key=value` lines on a terminal or with
+  `log.format: console` (colours only on a terminal, and never with $NO_COLOR).
+- `log.level` filters our own events; timestamps are ISO 8601 in UTC.
+- Records from stdlib `logging` (transformers, huggingface_hub, watchdog, PIL, Python
+  warnings) are rendered the same way on the same stream, but only from WARNING up, so
+  libraries cannot flood the log. Transformers and huggingface_hub install their own
+  stderr handlers; those are removed (now or when the library is imported later) so their
+  messages are not printed twice or as plain text between JSON lines.
+
+`log_failure` logs a failure once: an expected one (a `reason`, an OSError, an
+`ExpectedError`) as one line without traceback, a bug with its full traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import structlog
+
+from watcher.config import LogConfig
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+# Library records below this level are dropped, whatever log.level says.
+LIBRARY_LEVEL = logging.WARNING
+# Keys that lead every JSON line, in this order; the rest follow as logged.
+_FIRST = ("timestamp", "level", "logger", "event")
+_HANDLER_MARK = "_watcher_handler"
+_LOGGED_MARK = "__watcher_logged__"
+
+
+class ExpectedError(Exception):
+    """Base for failures that are part of normal operation: logged without traceback."""
+
+
+# --- configuration ------------------------------------------------------------------------
+
+def configure_logging(cfg: LogConfig | None = None, stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging to `stream` (default: stderr) as `cfg` says.
+
+    Safe to call again (tests, reload): the previous set-up is replaced.
+    """
+    cfg = cfg or LogConfig()
+    stream = stream if stream is not None else sys.stderr
+    try:
+        level = LEVELS[cfg.level.lower()]
+    except KeyError:
+        raise ValueError(f"log level {cfg.level!r}: expected one of {', '.join(LEVELS)}") from None
+    tty = _isatty(stream)
+    as_json = cfg.format == "json" or (cfg.format == "auto" and not tty)
+
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    renderer: Callable[..., Any]
+    if as_json:
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+        # Tracebacks become one "exception" string field, so a line stays one JSON object.
+        finish: list[Callable[..., Any]] = [structlog.processors.format_exc_info, _lead_keys]
+    else:
+        colors = tty and "NO_COLOR" not in os.environ
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        finish = []  # ConsoleRenderer prints exc_info itself
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _add_logger_name,
+            timestamper,
+            structlog.processors.StackInfoRenderer(),
+            *finish,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=_NamedWriteLoggerFactory(stream),
+        # Loggers made at import time (module-level `log = get_logger(...)`) must pick up
+        # this configuration, including a later reconfiguration.
+        cache_logger_on_first_use=False,
+    )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *finish, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(LIBRARY_LEVEL, level))
+    # Stdlib logging in our own package (if any) follows log.level, not the library floor.
+    logging.getLogger("watcher").setLevel(level)
+    logging.captureWarnings(True)
+    adopt_library_loggers()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    # Paths, enums, exceptions and the like become their str(); never fail a log line.
+    return json.dumps(obj, default=str, ensure_ascii=False, **kw)
+
+
+def _lead_keys(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    ordered = {k: event_dict.pop(k) for k in _FIRST if k in event_dict}
+    ordered.update(event_dict)
+    return ordered
+
+
+def _add_logger_name(logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    name = getattr(logger, "name", None)
+    if name:
+        event_dict.setdefault("logger", name)
+    return event_dict
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's WriteLogger that remembers the name given to `get_logger(name)`."""
+
+    def __init__(self, file: TextIO, name: str | None) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _NamedWriteLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        name = args[0] if args and isinstance(args[0], str) else None
+        return _NamedWriteLogger(self._file, name)
+
+
+# --- libraries with their own handlers -----------------------------------------------------
+
+def _adopt_transformers(module: Any) -> None:
+    module._configure_library_root_logger()  # creates its stderr handler if not yet done
+    module.disable_default_handler()
+    module.enable_propagation()
+
+
+def _adopt_hf_hub(module: Any) -> None:
+    lib = logging.getLogger("huggingface_hub")
+    for h in list(lib.handlers):
+        if type(h) is logging.StreamHandler and not getattr(h, _HANDLER_MARK, False):
+            lib.removeHandler(h)
+    lib.propagate = True
+
+
+_ADOPTERS: dict[str, Callable[[Any], None]] = {
+    "transformers.utils.logging": _adopt_transformers,
+    "huggingface_hub.utils.logging": _adopt_hf_hub,
+}
+_hook_lock = threading.Lock()
+
+
+def adopt_library_loggers() -> None:
+    """Send transformers' and huggingface_hub's records through our handler.
+
+    Done now for libraries already imported; an import hook does it for the others the
+    moment they are imported, so callers need not care about import order.
+    """
+    for name, adopt in _ADOPTERS.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            _safely(adopt, module, name)
+    with _hook_lock:
+        if not any(isinstance(f, _AdoptOnImport) for f in sys.meta_path):
+            sys.meta_path.insert(0, _AdoptOnImport())
+
+
+def _safely(adopt: Callable[[Any], None], module: Any, name: str) -> None:
+    try:
+        adopt(module)
+    except Exception as e:  # a library changed its internals; keep its default handler
+        structlog.get_logger("watcher.log").debug(
+            "cannot adopt library logger", module=name, error=f"{type(e).__name__}: {e}")
+
+
+class _AdoptOnImport(importlib.abc.MetaPathFinder):
+    """Runs the adopter right after one of `_ADOPTERS`' modules has been executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        adopt = _ADOPTERS.get(fullname)
+        if adopt is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        original = getattr(loader, "exec_module", None)
+        if original is None:
+            return spec
+
+        def exec_module(module: Any) -> None:
+            original(module)
+            _safely(adopt, module, fullname)
+
+        loader.exec_module = exec_module  # this spec's own loader instance only
+        return spec
+
+
+# --- failures -------------------------------------------------------------------------------
+
+def is_expected(exc: BaseException) -> bool:
+    """Whether `exc` is an operational failure rather than a bug.
+
+    OSError covers vanished files, permissions, full disks and undecodable images (PIL's
+    UnidentifiedImageError is an OSError); `ExpectedError` subclasses and exceptions with a
+    true `expected` attribute opt in explicitly.
+    """
+    return isinstance(exc, (OSError, ExpectedError)) or bool(getattr(exc, "expected", False))
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a user: 'No such file or directory: /x/y.jpg'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else None
+        return f"{exc.strerror}: {where}" if where is not None else exc.strerror
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+def log_failure(
+    logger: Any,
+    event: str,
+    exc: BaseException | None = None,
+    *,
+    reason: str | None = None,
+    expected: bool | None = None,
+    level: str = "error",
+    **fields: Any,
+) -> bool:
+    """Log a failure exactly once; return False when `exc` was already logged.
+
+    Expected failures (a `reason` given, or `is_expected(exc)`, or `expected=True`) are
+    logged at `level` with `reason` (and `error`, the exception type) and no traceback.
+    Anything else is a bug: logged at error level with the full traceback. The exception
+    is marked, so a caller further up that calls `log_failure` again stays silent.
+    """
+    if exc is not None:
+        if getattr(exc, _LOGGED_MARK, False):
+            return False
+        try:
+            setattr(exc, _LOGGED_MARK, True)
+        except AttributeError:  # exceptions with __slots__; logging twice is the lesser evil
+            pass
+    if expected is None:
+        expected = reason is not None or (exc is not None and is_expected(exc))
+    if exc is not None:
+        fields.setdefault("error", type(exc).__name__)
+    if expected:
+        fields["reason"] = reason if reason is not None else (
+            describe(exc) if exc is not None else "unknown")
+        getattr(logger, level)(event, **fields)
+    elif exc is not None:
+        logger.error(event, exc_info=exc, **fields)
+    else:
+        logger.exception(event, **fields)  # inside an except block: the active exception
+    return True

@@ -1,0 +1,210 @@
+"""Finding images: which paths count, the catch-up scan, and watchdog observers per folder."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from watcher.config import FolderConfig
+from watcher.sidecar import is_temp
+
+log = structlog.get_logger("watcher.observer")
+
+# Names browsers and editors write before an atomic rename to the final name.
+PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download", ".swp")
+
+
+class Filter:
+    """Decides whether a path under a watched folder is an image we should caption."""
+
+    def __init__(self, folder: FolderConfig) -> None:
+        self.folder = folder
+        self.root = folder.path
+        self.extensions = frozenset(e.lower() for e in folder.extensions)
+
+    def relative(self, path: Path) -> Path | None:
+        try:
+            return path.relative_to(self.root)
+        except ValueError:
+            return None
+
+    def wants(self, path: Path) -> bool:
+        rel = self.relative(path)
+        if rel is None or not rel.parts:
+            return False
+        name = rel.name
+        if any(part.startswith(".") for part in rel.parts):  # hidden files and folders
+            return False
+        if is_temp(name) or name.lower().endswith(PARTIAL_SUFFIXES) or name.startswith(".~"):
+            return False
+        if os.path.splitext(name)[1].lower() not in self.extensions:
+            return False
+        rel_s = rel.as_posix()
+        for pattern in self.folder.ignore:
+            if fnmatch.fnmatch(rel_s, pattern) or fnmatch.fnmatch(name, pattern):
+                return False
+        return True
+
+    def wants_dir(self, path: Path) -> bool:
+        rel = self.relative(path)
+        if rel is None:
+            return False
+        if any(part.startswith(".") for part in rel.parts):
+            return False
+        rel_s = rel.as_posix()
+        return not any(fnmatch.fnmatch(rel_s, p) or fnmatch.fnmatch(path.name, p)
+                       for p in self.folder.ignore if rel.parts)
+
+    def inside(self, path: Path) -> bool:
+        """A symlink is followed only if it resolves inside the watched root."""
+        try:
+            real = Path(os.path.realpath(path))
+            root = Path(os.path.realpath(self.root))
+        except OSError:
+            return False
+        return real == root or root in real.parents
+
+
+@dataclass
+class ScanResult:
+    """A catch-up scan: what needs captioning, what is up to date, what disappeared."""
+
+    queue: list[Path] = field(default_factory=list)
+    up_to_date: int = 0
+    failed_before: int = 0  # unchanged files that failed earlier (`watcher retry` re-queues)
+    removed: list[str] = field(default_factory=list)
+    new: int = 0
+    changed: int = 0
+
+
+def walk(filt: Filter, top: Path | None = None) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every wanted image under the folder with its stat: one stat per file, no more.
+    Directory symlinks are not followed; file symlinks only when they stay inside the root."""
+    stack = [top or filt.root]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError as e:
+            log.warning("cannot read folder", folder=str(d), reason=e.strerror)
+            continue
+        with it:
+            for entry in it:
+                p = Path(entry.path)
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if filt.wants_dir(p):
+                            stack.append(p)
+                        continue
+                    if not filt.wants(p):
+                        continue
+                    if entry.is_symlink():
+                        if not filt.inside(p):
+                            continue
+                        st = entry.stat(follow_symlinks=True)
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not _regular(st):
+                    continue
+                yield p, st
+
+
+def _regular(st: os.stat_result) -> bool:
+    import stat
+
+    return stat.S_ISREG(st.st_mode)
+
+
+def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
+         failed: dict[str, tuple[int | None, int | None]], *, retry_failed: bool = False,
+         top: Path | None = None) -> ScanResult:
+    """Compare the folder with the index: an unchanged file costs one stat."""
+    result = ScanResult()
+    seen: set[str] = set()
+    for path, st in walk(filt, top):
+        key = str(path)
+        seen.add(key)
+        known = indexed.get(key)
+        identity = (st.st_size, st.st_mtime_ns)
+        if known == identity:
+            result.up_to_date += 1
+            continue
+        if not retry_failed and failed.get(key) == identity:
+            result.failed_before += 1
+            continue
+        result.queue.append(path)
+        if known is None:
+            result.new += 1
+        else:
+            result.changed += 1
+    prefix = str(top or filt.root).rstrip("/") + "/"
+    result.removed = [p for p in indexed if p not in seen and p.startswith(prefix)]
+    return result
+
+
+class Sink:
+    """What the handlers report to (the daemon's tracker)."""
+
+    def file_touched(self, path: Path, folder: FolderConfig) -> None: ...
+    def file_deleted(self, path: Path, folder: FolderConfig) -> None: ...
+    def file_moved(self, src: Path, dest: Path, folder: FolderConfig) -> None: ...
+    def dir_appeared(self, path: Path, folder: FolderConfig) -> None: ...
+    def dir_deleted(self, path: Path, folder: FolderConfig) -> None: ...
+
+
+class FolderHandler:
+    """watchdog event handler for one watched folder: turns raw events into Sink calls."""
+
+    def __init__(self, folder: FolderConfig, sink: Sink) -> None:
+        self.folder = folder
+        self.filter = Filter(folder)
+        self.sink = sink
+
+    def dispatch(self, event) -> None:  # watchdog calls this for every event
+        try:
+            self._dispatch(event)
+        except Exception:
+            log.exception("error handling a file event", event=repr(event))
+
+    def _dispatch(self, event) -> None:
+        kind = event.event_type
+        if kind in ("opened", "closed_no_write"):
+            return
+        src = Path(os.fsdecode(event.src_path))
+        dest = Path(os.fsdecode(event.dest_path)) if getattr(event, "dest_path", "") else None
+        if event.is_directory:
+            if kind == "created" and self.filter.wants_dir(src):
+                self.sink.dir_appeared(src, self.folder)
+            elif kind == "deleted":
+                self.sink.dir_deleted(src, self.folder)
+            elif kind == "moved" and not getattr(event, "is_synthetic", False):
+                # Rows under the old name go; a scan of the new name re-finds the files
+                # (their bytes are known, so no model work) and their sidecars came along.
+                self.sink.dir_deleted(src, self.folder)
+                if dest is not None and self.filter.wants_dir(dest):
+                    self.sink.dir_appeared(dest, self.folder)
+            return
+        if getattr(event, "is_synthetic", False):
+            return  # sub-events of a directory move; the dir_appeared scan covers them
+        if kind in ("created", "modified", "closed"):
+            if self.filter.wants(src):
+                self.sink.file_touched(src, self.folder)
+        elif kind == "deleted":
+            if self.filter.wants(src):
+                self.sink.file_deleted(src, self.folder)
+        elif kind == "moved" and dest is not None:
+            src_ok = self.filter.wants(src)
+            dest_ok = self.filter.wants(dest) and self.filter.relative(dest) is not None
+            if src_ok and dest_ok:
+                self.sink.file_moved(src, dest, self.folder)
+            elif dest_ok:  # atomic save: `photo.jpg.part` -> `photo.jpg`, or moved in
+                self.sink.file_touched(dest, self.folder)
+            elif src_ok:  # moved out of the tree, or renamed to something we ignore
+                self.sink.file_deleted(src, self.folder)

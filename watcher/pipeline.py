@@ -1,0 +1,176 @@
+"""Wires the stages: queue -> decode threads -> model worker -> writer, with bounded hand-offs.
+
+`watcher caption` and `watcher run` both drive this; neither adds a stage of its own.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+
+from watcher.backends import Backend
+from watcher.config import Config
+from watcher.decode import DecodeError, prepare
+from watcher.index import connect, transaction
+from watcher.queue import Job, JobQueue
+from watcher.worker import STOP, Failed, ModelWorker, Work
+from watcher.writer import Outcome, Writer
+
+log = structlog.get_logger("watcher.pipeline")
+
+
+class Pipeline:
+    """Runs jobs from the persistent queue until stopped.
+
+    At most `max_in_flight` jobs are between claim and commit: enough to have the next batch
+    decoded while the model works on this one, few enough that a kill re-does little.
+    """
+
+    def __init__(self, cfg: Config, backend: Backend, *, roots: tuple[Path, ...] | None = None,
+                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.roots = roots
+        self._on_outcome = on_outcome
+        batch = max(1, backend.max_batch)
+        self.max_in_flight = 2 * batch + 2 * cfg.decode_threads
+        self._slots = threading.Semaphore(self.max_in_flight)
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)  # notified after every outcome
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self.work_q: queue.Queue = queue.Queue()
+        self.write_q: queue.Queue = queue.Queue()
+        self.worker = ModelWorker(backend, self.work_q, self.write_q, cfg.database)
+        self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
+        self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
+        self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
+        self.outcomes = 0
+        self._cancelled: list[Job] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.worker.start()
+        self.writer.start()
+        self._feeder.start()
+
+    def wake(self) -> None:
+        """New jobs were queued: claim them now rather than at the next poll."""
+        self._wake.set()
+
+    def set_config(self, cfg: Config) -> None:
+        """A reloaded config: folder settings apply to jobs written from now on."""
+        self.cfg = cfg
+        self.writer.cfg = cfg
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming, finish the batch on the model, hand the rest back to the queue."""
+        self._stopping.set()
+        self._wake.set()
+        self._feeder.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.work_q.put(STOP)
+        self.worker.join(timeout)
+        self.write_q.put(STOP)
+        self.writer.join(timeout)
+        released = self.worker.released + self._cancelled
+        if released:
+            db = connect(self.cfg.database)
+            jobs = JobQueue(db)
+            with transaction(db):
+                for job in released:
+                    jobs.release(job)
+            db.conn.close()
+            log.info("handed unfinished jobs back to the queue", jobs=len(released))
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Block until nothing is in flight and `done()` holds (checked after each outcome)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.changed:
+            while not (self._in_flight == 0 and done()):
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                self.changed.wait(0.5)
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    # -- stage glue ---------------------------------------------------------------------
+    def _feed(self) -> None:
+        db = connect(self.cfg.database)
+        jobs = JobQueue(db)
+        try:
+            while not self._stopping.is_set():
+                want = 0
+                while want < self.max_in_flight and self._slots.acquire(blocking=False):
+                    want += 1
+                if want == 0:
+                    # All slots busy: wait for one to free up (or for stop).
+                    if self._slots.acquire(timeout=0.5):
+                        want = 1
+                    else:
+                        continue
+                claimed = jobs.claim(want, self.roots)
+                for _ in range(want - len(claimed)):
+                    self._slots.release()
+                if claimed:
+                    with self._lock:
+                        self._in_flight += len(claimed)
+                    for job in claimed:
+                        self._pool.submit(self._decode, job)
+                    continue
+                due = jobs.next_due()
+                wait = 1.0 if due is None else min(1.0, max(0.02, due - time.time()))
+                self._wake.wait(wait)
+                self._wake.clear()
+        finally:
+            db.conn.close()
+
+    def _decode(self, job: Job) -> None:
+        if self._stopping.is_set():
+            self._cancelled.append(job)
+            self._job_end()
+            return
+        folder = self.cfg.folder_for(job.path) or self.cfg.with_folders([job.root]).folders[0]
+        tasks = folder.tasks(self.cfg.model.max_tokens)
+        try:
+            prepared = prepare(job, max_pixels=self.cfg.max_pixels, max_side=self.cfg.max_side)
+        except DecodeError as e:
+            self.write_q.put(Failed(job, e.reason, e.transient, e.vanished, _identity(job)))
+            return
+        except Exception as e:  # a bug in decoding must not take the daemon down
+            log.error("unexpected error preparing image", path=str(job.path), exc_info=e)
+            self.write_q.put(Failed(job, f"unexpected error: {type(e).__name__}: {e}",
+                                    transient=False, identity=_identity(job)))
+            return
+        self.work_q.put(Work(prepared, tasks))
+
+    def _outcome(self, outcome: Outcome) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+    def _job_end(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self.outcomes += 1
+            self.changed.notify_all()
+        self._slots.release()
+        self._wake.set()
+
+
+def _identity(job: Job) -> tuple[int, int] | None:
+    try:
+        st = job.path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)

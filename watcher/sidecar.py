@@ -1,0 +1,145 @@
+"""Sidecar files: naming (with stem collisions), the overwrite policy, atomic writes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMP_SUFFIX = ".watcher-tmp"
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_hash(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def render(pattern: str, image: Path) -> Path:
+    return image.with_name(pattern.format(stem=image.stem, name=image.name))
+
+
+@dataclass(frozen=True)
+class Naming:
+    path: Path
+    collision: str | None  # the other image whose sidecar name we avoided, if any
+
+
+def choose_name(
+    image: Path,
+    pattern: str,
+    extensions: tuple[str, ...],
+    owner_of: Callable[[str], str | None],  # sidecar path -> owning image, from the index
+    current: str | None = None,
+) -> Naming:
+    """Pick the sidecar path for `image`.
+
+    `photo.jpg` and `photo.png` in one folder would share `photo.txt` under `{stem}.txt`: the
+    first one to claim it keeps it (the index records owners); the second gets `{name}.txt`.
+    With no owner recorded yet, the sibling whose name sorts first wins, so the choice does
+    not depend on which file arrived first.
+    """
+    if current:
+        return Naming(Path(current), None)
+    wanted = render(pattern, image)
+    if "{stem}" not in pattern:
+        return Naming(wanted, None)
+    owner = owner_of(str(wanted))
+    rival: Path | None = None
+    if owner is not None and owner != str(image):
+        rival = Path(owner)
+    elif owner is None:
+        rival = _earlier_sibling(image, extensions)
+    if rival is None:
+        return Naming(wanted, None)
+    return Naming(image.with_name(pattern.replace("{stem}", "{name}").format(
+        stem=image.stem, name=image.name)), str(rival))
+
+
+def _earlier_sibling(image: Path, extensions: tuple[str, ...]) -> Path | None:
+    """An image with the same stem whose name sorts before ours (a few stats, no listdir)."""
+    for ext in extensions:
+        for variant in (ext, ext.upper()):
+            other = image.with_name(image.stem + variant)
+            if other.name >= image.name:
+                continue
+            try:
+                # samefile: on case-insensitive filesystems `.JPG` may be this very file.
+                if other.exists() and not other.samefile(image):
+                    return other
+            except OSError:
+                continue
+    return None
+
+
+def decide(policy: str, sidecar: Path, ours_sha256: str | None, new_text: str) -> str:
+    """'write', 'same' (already holds exactly this text) or 'keep' (someone else's file)."""
+    on_disk = file_hash(sidecar)
+    if on_disk is None:
+        return "write"
+    new = text_hash(new_text)
+    if on_disk == new:
+        # Also covers a crash between our rename and our index commit: captions are
+        # deterministic, so the file on disk is the one we are about to write.
+        return "same"
+    if policy == "always":
+        return "write"
+    if policy == "ours" and ours_sha256 is not None and on_disk == ours_sha256:
+        return "write"
+    return "keep"
+
+
+def write_atomic(path: Path, text: str) -> str:
+    """Write via a temp file in the same folder, fsync, rename, fsync the folder.
+
+    A reader sees the old file or the new one, never half. The temp name is short and hidden
+    (so 250-byte image names still fit and watchers ignore it) and removed on any failure.
+    Returns the sha256 of what was written.
+    """
+    data = text.encode("utf-8")
+    tmp = path.with_name(f".{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the user's umask applies
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def is_temp(name: str) -> bool:
+    return name.endswith(TEMP_SUFFIX)

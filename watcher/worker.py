@@ -1,0 +1,231 @@
+"""The model worker: the one thread that owns the model, batches prepared images, reuses copies."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from watcher.backends import Backend
+from watcher.decode import Prepared
+from watcher.index import Index, connect
+from watcher.queue import Job
+from watcher.tasks import Task
+
+log = structlog.get_logger("watcher.worker")
+
+STOP = object()
+
+
+@dataclass(frozen=True, eq=False)
+class Captioned:
+    """Raw model outputs for one image, one per task, in task order."""
+
+    prepared: Prepared
+    tasks: tuple[Task, ...]
+    outputs: tuple[str, ...]
+    model: str
+    revision: str | None
+    reused: bool  # taken from identical bytes captioned before: no model work
+    model_ms: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A job that produced no caption, and why."""
+
+    job: Job
+    reason: str
+    transient: bool = False
+    vanished: bool = False
+    identity: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Work:
+    """What the decode stage hands the worker: an image and the tasks its folder asks for."""
+
+    prepared: Prepared
+    tasks: tuple[Task, ...]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class ModelWorker(threading.Thread):
+    """Takes Work from `inbox`, sends Captioned/Failed to `outbox`.
+
+    Batches are whatever is waiting, up to the backend's size: no waiting for a full batch, so
+    a single dropped image is not delayed. On out-of-memory the batch is split and the batch
+    size shrinks for good; on any other model error the batch is retried one image at a time
+    so only the bad image fails.
+    """
+
+    def __init__(self, backend: Backend, inbox: queue.Queue, outbox: queue.Queue,
+                 db_path: Path, *, cache_size: int = 4096) -> None:
+        super().__init__(name="model-worker", daemon=True)
+        self.backend = backend
+        self.inbox = inbox
+        self.outbox = outbox
+        self.db_path = db_path
+        self.batch_limit = max(1, backend.max_batch)
+        self._cache: OrderedDict[tuple, tuple[str, ...]] = OrderedDict()
+        self._cache_size = cache_size
+        self.model_calls = 0  # batches sent to the model
+        self.images_run = 0  # images the model actually saw
+        self.busy_seconds = 0.0
+        self.heartbeat = time.monotonic()  # advanced on every loop: the systemd watchdog reads it
+        self.released: list[Job] = []  # work handed back at shutdown
+
+    # -- thread -------------------------------------------------------------------------
+    def run(self) -> None:
+        self.index = Index(connect(self.db_path))
+        draining = False
+        while True:
+            try:
+                first = self.inbox.get(timeout=1.0)
+            except queue.Empty:
+                self.heartbeat = time.monotonic()
+                continue
+            self.heartbeat = time.monotonic()
+            if first is STOP:
+                break
+            batch = [first]
+            while len(batch) < self.batch_limit:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is STOP:
+                    draining = True
+                    break
+                batch.append(item)
+            self._process(batch)
+            if draining:
+                break
+        # Anything still queued was decoded but not run: hand it back (pending again).
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not STOP:
+                self.released.append(item.prepared.job)
+        self.index.db.conn.close()
+
+    # -- batching -----------------------------------------------------------------------
+    def _process(self, batch: list[Work]) -> None:
+        groups: dict[tuple, list[Work]] = {}
+        for w in batch:
+            groups.setdefault(w.tasks, []).append(w)
+        for tasks, works in groups.items():
+            self._process_group(tasks, works)
+
+    def _cache_key(self, sha256: str, tasks: tuple[Task, ...]) -> tuple:
+        return (sha256, self.backend.name, self.backend.revision, tuple(t.key for t in tasks))
+
+    def _known(self, sha256: str, tasks: tuple[Task, ...]) -> tuple[str, ...] | None:
+        key = self._cache_key(sha256, tasks)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        row = self.index.by_hash(sha256)
+        if (row is not None and row.model == self.backend.name
+                and row.revision == self.backend.revision
+                and all(t.key in row.outputs for t in tasks)):
+            outputs = tuple(row.outputs[t.key] for t in tasks)
+            self._remember(key, outputs)
+            return outputs
+        return None
+
+    def _remember(self, key: tuple, outputs: tuple[str, ...]) -> None:
+        self._cache[key] = outputs
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _process_group(self, tasks: tuple[Task, ...], works: list[Work]) -> None:
+        # Identical bytes run once: copies take the first one's outputs.
+        todo: dict[str, list[Work]] = {}
+        for w in works:
+            known = self._known(w.prepared.sha256, tasks)
+            if known is not None:
+                self._emit(w, tasks, known, reused=True, ms=0.0)
+            else:
+                todo.setdefault(w.prepared.sha256, []).append(w)
+        unique = [ws[0] for ws in todo.values()]
+        for start in range(0, len(unique), self.batch_limit):
+            chunk = unique[start:start + self.batch_limit]
+            for w, outputs, ms in self._run(tasks, chunk):
+                if outputs is None:
+                    continue
+                self._remember(self._cache_key(w.prepared.sha256, tasks), outputs)
+                for i, copy in enumerate(todo[w.prepared.sha256]):
+                    self._emit(copy, tasks, outputs, reused=i > 0, ms=ms)
+
+    def _run(self, tasks: tuple[Task, ...], chunk: list[Work]):
+        """Yield (work, outputs or None, ms per image). Failures are sent to the outbox."""
+        t0 = time.perf_counter()
+        try:
+            self.model_calls += 1
+            results = self.backend.describe([w.prepared.image for w in chunk], tasks)
+            if len(results) != len(chunk):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(chunk)}")
+        except Exception as exc:  # the model call: anything can come out of it
+            self.busy_seconds += time.perf_counter() - t0
+            self.heartbeat = time.monotonic()
+            yield from self._recover(tasks, chunk, exc)
+            return
+        elapsed = time.perf_counter() - t0
+        self.busy_seconds += elapsed
+        self.images_run += len(chunk)
+        self.heartbeat = time.monotonic()
+        for w, outputs in zip(chunk, results, strict=True):
+            yield w, tuple(outputs), elapsed * 1000 / len(chunk)
+
+    def _recover(self, tasks, chunk, exc):
+        if is_out_of_memory(exc):
+            if len(chunk) > 1:
+                half = max(1, len(chunk) // 2)
+                if half < self.batch_limit:
+                    log.warning("out of memory: batch size reduced", old=self.batch_limit,
+                                new=half)
+                    self.batch_limit = half
+                yield from self._run(tasks, chunk[:half])
+                yield from self._run(tasks, chunk[half:])
+                return
+            self._fail(chunk[0], "out of memory running the model", transient=True)
+            yield chunk[0], None, 0.0
+            return
+        if len(chunk) > 1:
+            log.warning("model error on a batch; retrying one image at a time",
+                        error=f"{type(exc).__name__}: {exc}", batch=len(chunk))
+            for w in chunk:
+                yield from self._run(tasks, [w])
+            return
+        log.error("model failed on image", path=str(chunk[0].prepared.job.path),
+                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        self._fail(chunk[0], f"model error: {type(exc).__name__}: {exc}", transient=False)
+        yield chunk[0], None, 0.0
+
+    def _fail(self, w: Work, reason: str, *, transient: bool) -> None:
+        p = w.prepared
+        self.outbox.put(Failed(p.job, reason, transient, identity=(p.size, p.mtime_ns)))
+
+    def _emit(self, w: Work, tasks, outputs, *, reused: bool, ms: float) -> None:
+        self.outbox.put(Captioned(w.prepared, tasks, tuple(outputs), self.backend.name,
+                                  self.backend.revision, reused, ms))

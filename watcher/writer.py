@@ -1,0 +1,265 @@
+"""The last stage: atomic sidecar write, then index row and job state in one transaction."""
+
+from __future__ import annotations
+
+import errno
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from watcher.config import Config, FolderConfig
+from watcher.decode import file_identity
+from watcher.index import ImageRow, Index, connect, transaction
+from watcher.queue import Job, JobQueue
+from watcher.sidecar import choose_name, decide, text_hash, write_atomic
+from watcher.tasks import clean_caption
+from watcher.worker import STOP, Captioned, Failed
+
+log = structlog.get_logger("watcher.writer")
+
+# Errors that go away by themselves: the job is retried later with backoff.
+TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM,
+                    errno.EIO}
+# Errors that need the user: the caption is kept in the index, the sidecar waits for retry.
+BLOCKED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one image, for progress output, stats and tests."""
+
+    path: str
+    state: str  # done | failed | retry | requeued | gone
+    reason: str | None = None
+    caption: str | None = None
+    sidecar: str | None = None
+    sidecar_state: str | None = None  # written | same | kept | pending
+    reused: bool = False
+
+
+class Writer(threading.Thread):
+    """Consumes Captioned/Failed from `inbox`, batching everything waiting into one
+    transaction (one fsync for many images), then reports Outcomes."""
+
+    def __init__(self, cfg: Config, inbox: queue.Queue, db_path: Path,
+                 on_outcome: Callable[[Outcome], None], on_job_end: Callable[[], None]) -> None:
+        super().__init__(name="writer", daemon=True)
+        self.cfg = cfg
+        self.inbox = inbox
+        self.db_path = db_path
+        self.on_outcome = on_outcome
+        self.on_job_end = on_job_end
+
+    def run(self) -> None:
+        self.db = connect(self.db_path)
+        self.index = Index(self.db)
+        self.jobs = JobQueue(self.db)
+        stop = False
+        while not stop:
+            items = [self.inbox.get()]
+            while len(items) < 256:
+                try:
+                    items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if any(i is STOP for i in items):
+                stop = True
+                items = [i for i in items if i is not STOP]
+            if items:
+                self._write(items)
+        self.db.conn.close()
+
+    # -- one batch ----------------------------------------------------------------------
+    def _write(self, items: list) -> None:
+        outcomes: list[Outcome] = []
+        rows: list[tuple[ImageRow, Job, Captioned]] = []
+        failures: list[Failed] = []
+        for item in items:
+            if isinstance(item, Failed):
+                failures.append(item)
+                continue
+            try:
+                row = self._sidecar(item)
+            except OSError as e:
+                if e.errno in TRANSIENT_ERRNOS:
+                    failures.append(Failed(item.prepared.job, _os_reason("writing sidecar", e),
+                                           transient=True))
+                    continue
+                raise
+            if isinstance(row, Outcome):  # stale or gone: no row
+                outcomes.append(row)
+                continue
+            rows.append((row, item.prepared.job, item))
+        try:
+            with transaction(self.db):
+                finished = []
+                for row, job, item in rows:
+                    self.index.upsert(row)
+                    if self.jobs.finish(job):
+                        finished.append((row, item))
+                    else:
+                        outcomes.append(Outcome(row.path, "requeued", "changed meanwhile"))
+                for f in failures:
+                    outcomes.append(self._failure(f))
+        except sqlite3.OperationalError as e:
+            # Disk full or I/O error on the database: nothing was committed. Sidecars already
+            # written hold the same deterministic text, so the retry finds them "same".
+            self._retry_later(rows, failures, e)
+            for _ in range(len(rows) + len(failures) + len(outcomes)):
+                self.on_job_end()
+            return
+        for row, item in finished:
+            outcomes.append(Outcome(row.path, "done", None, row.caption, row.sidecar,
+                                    row.sidecar_state, item.reused))
+            log.info("captioned", path=row.path, task=row.task, model=row.model,
+                     ms=round(item.model_ms, 1), outcome=row.sidecar_state,
+                     reused=item.reused)
+        for o in outcomes:
+            self.on_outcome(o)
+            self.on_job_end()
+
+    def _retry_later(self, rows, failures, exc: Exception) -> None:
+        reason = f"database write failed: {exc}"
+        log.warning("database write failed; jobs will be retried", error=str(exc))
+        try:
+            with transaction(self.db):
+                for _, job, _ in rows:
+                    self.jobs.fail(job, reason, transient=True,
+                                   max_attempts=self.cfg.max_attempts,
+                                   backoff=self.cfg.retry_backoff)
+                for f in failures:
+                    self.jobs.release(f.job, self.cfg.retry_backoff)
+        except sqlite3.OperationalError:
+            # Still failing: the jobs stay `running` and are recovered at the next start.
+            log.error("database still not writable", error=str(exc))
+
+    def _failure(self, f: Failed) -> Outcome:
+        path = str(f.job.path)
+        if f.vanished:
+            self.jobs.forget(path)
+            self.index.delete(path)
+            log.info("image gone before it was captioned", path=path)
+            return Outcome(path, "gone", f.reason)
+        state = self.jobs.fail(f.job, f.reason, transient=f.transient,
+                               max_attempts=self.cfg.max_attempts,
+                               backoff=self.cfg.retry_backoff, identity=f.identity)
+        if state == "failed":
+            log.warning("image failed", path=path, reason=f.reason, outcome="failed")
+            return Outcome(path, "failed", f.reason)
+        log.info("will retry", path=path, reason=f.reason, outcome="retry")
+        return Outcome(path, "retry", f.reason)
+
+    def _folder(self, job: Job) -> FolderConfig:
+        folder = self.cfg.folder_for(job.path)
+        if folder is None:  # e.g. a job queued under a folder since removed from the config
+            folder = self.cfg.with_folders([job.root]).folders[0]
+        return folder
+
+    def _sidecar(self, item: Captioned) -> ImageRow | Outcome:
+        p = item.prepared
+        job = p.job
+        path = str(job.path)
+        try:
+            now_identity = file_identity(job.path)
+        except FileNotFoundError:
+            self.jobs.forget(path)
+            return Outcome(path, "gone", "image deleted while being captioned")
+        if now_identity != (p.size, p.mtime_ns):
+            # Replaced while the model ran: this caption describes old bytes. Run it again.
+            with transaction(self.db):
+                self.jobs.release(job)
+            log.info("image changed while being captioned; re-queued", path=path)
+            return Outcome(path, "requeued", "image changed while being captioned")
+        folder = self._folder(job)
+        texts = {t.key: clean_caption(o) for t, o in zip(item.tasks, item.outputs, strict=True)}
+        caption = clean_caption(item.outputs[0], folder.prefix, folder.suffix)
+        existing = self.index.get(path)
+        naming = choose_name(job.path, folder.sidecar, folder.extensions,
+                             self.index.sidecar_owner,
+                             existing.sidecar if existing else None)
+        if naming.collision:
+            log.warning("sidecar name taken by another image with the same stem; using the "
+                        "full file name", path=path, sidecar=str(naming.path),
+                        other=naming.collision)
+        sidecar = naming.path
+        text = caption + "\n"
+        ours = existing.sidecar_sha256 if existing else None
+        decision = decide(folder.overwrite, sidecar, ours, text)
+        error = None
+        if decision == "write":
+            try:
+                ours = write_atomic(sidecar, text)
+                state = "written"
+            except OSError as e:
+                if e.errno not in BLOCKED_ERRNOS:
+                    raise
+                state, error = "pending", _os_reason("cannot write sidecar", e)
+                log.warning("sidecar not written; caption kept in the index", path=path,
+                            sidecar=str(sidecar), reason=error)
+        elif decision == "same":
+            ours, state = text_hash(text), "written"
+        else:
+            state = "kept"
+            log.info("kept existing sidecar (not ours)", path=path, sidecar=str(sidecar))
+        now = time.time()
+        return ImageRow(
+            path=path, root=str(job.root), sha256=p.sha256, size=p.size, mtime_ns=p.mtime_ns,
+            width=p.width, height=p.height, caption=caption, task=item.tasks[0].key,
+            outputs=texts, model=item.model, revision=item.revision, sidecar=str(sidecar),
+            sidecar_sha256=ours, sidecar_state=state, sidecar_error=error,
+            created=existing.created if existing else now, updated=now,
+        )
+
+
+def _os_reason(what: str, e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, "")
+    detail = e.strerror or str(e)
+    return f"{what}: {detail}" + (f" ({name})" if name else "")
+
+
+def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
+                           ) -> tuple[int, list[tuple[str, str]]]:
+    """Write sidecars that could not be written before (read-only folder), from the index,
+    without the model. Returns (written, [(path, reason still pending)])."""
+    index = Index(db)
+    sql = "SELECT path FROM images WHERE sidecar_state = 'pending'"
+    candidates = [r[0] for r in db.conn.execute(sql)]
+    if paths is not None:
+        wanted = set(paths)
+        candidates = [p for p in candidates if p in wanted]
+    written, still = 0, []
+    for path in candidates:
+        row = index.get(path)
+        if row is None or row.sidecar is None:
+            continue
+        folder = cfg.folder_for(Path(path))
+        policy = folder.overwrite if folder else "ours"
+        text = row.caption + "\n"
+        sidecar = Path(row.sidecar)
+        decision = decide(policy, sidecar, row.sidecar_sha256, text)
+        try:
+            if decision == "write":
+                sha, state = write_atomic(sidecar, text), "written"
+            elif decision == "same":
+                sha, state = text_hash(text), "written"
+            else:
+                sha, state = row.sidecar_sha256, "kept"
+        except OSError as e:
+            reason = _os_reason("cannot write sidecar", e)
+            still.append((path, reason))
+            with transaction(db):
+                db.conn.execute("UPDATE images SET sidecar_error = ? WHERE path = ?",
+                                (reason, path))
+            continue
+        with transaction(db):
+            db.conn.execute(
+                """UPDATE images SET sidecar_sha256 = ?, sidecar_state = ?, sidecar_error = NULL,
+                   updated = ? WHERE path = ?""", (sha, state, time.time(), path))
+        written += state == "written"
+    return written, still
