@@ -303,6 +303,12 @@ def test_heic_with_pillow_heif_decodes(tmp_path: Path) -> None:
     p = run(path)
     assert p.image.mode == "RGB" and (p.width, p.height) == (64, 48)
     assert close(mean(p.image), images.RED, 15)
+    # An EXIF orientation on a HEIC turns upright once, not twice (libheif applies it).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 48), images.RED).save(path, "HEIF", quality=95, exif=exif.tobytes())
+    p = run(path)
+    assert (p.width, p.height) == p.image.size == (48, 64)
 
 
 def test_eps_is_not_opened(tmp_path: Path) -> None:

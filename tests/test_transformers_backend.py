@@ -6,6 +6,7 @@ word in an output was echoed from the prompt.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,22 @@ def test_folder_without_model_files_is_model_unavailable(tmp_path: Path) -> None
     assert str(empty) in str(err.value)
 
 
+def test_folder_without_weights_is_model_unavailable(tiny_llava: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "partial-copy"
+    shutil.copytree(tiny_llava, partial)
+    for weights in partial.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelUnavailable, match="files missing") as err:
+        TransformersBackend.load(cfg(partial))
+    assert str(partial) in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_missing_device_is_model_unavailable(tiny_llava: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="CUDA is not available"):
+        TransformersBackend.load(cfg(tiny_llava, device="cuda"))
+
+
 def test_uncached_hub_model_offline_is_model_unavailable() -> None:
     # conftest sets HF_HUB_OFFLINE: nothing may be fetched, and this id is not cached.
     model = ModelConfig(backend="transformers", id="nobody-here/no-such-vlm", revision="v1")
@@ -161,7 +178,7 @@ def test_different_images_give_different_text(backend: TransformersBackend) -> N
 def test_task_prompt_changes_the_output(llava: TransformersBackend) -> None:
     for row in llava.describe([picture("red"), picture("teal", shape="stripes")], TASKS):
         assert len(set(row)) == len(TASKS), row  # short, prompt and query all differ
-    (a, b), = llava.describe([picture("red")], [QUERY, QUERY2])
+    ((a, b),) = llava.describe([picture("red")], [QUERY, QUERY2])
     assert a != b  # and so does the question
 
 
@@ -170,14 +187,14 @@ def test_model_without_chat_template_captions_once_for_all_tasks(
 ) -> None:
     # Unconditional captioning: every task gets the same caption, cut at its max_tokens.
     long_short = (Task("long", max_tokens=12), Task("short", max_tokens=5), QUERY)
-    (long, short, query), = blip.describe([picture("blue", shape="circle")], long_short)
+    ((long, short, query),) = blip.describe([picture("blue", shape="circle")], long_short)
     assert len(long.split()) == 12 and len(short.split()) == 5
     assert long.split()[:5] == short.split()
     assert query.split() == long.split()[:TOKENS]
 
 
 def test_max_tokens_is_per_task(llava: TransformersBackend) -> None:
-    (three, ten), = llava.describe([picture("red")], [Task("short", max_tokens=3), QUERY])
+    ((three, ten),) = llava.describe([picture("red")], [Task("short", max_tokens=3), QUERY])
     assert len(three.split()) == 3
     assert len(ten.split()) == TOKENS
 
@@ -187,13 +204,21 @@ def test_llava_next_batches_need_left_padding(tiny_llava_next: Path) -> None:
     processor = AutoProcessor.from_pretrained(tiny_llava_next, local_files_only=True)
     processor.tokenizer.padding_side = "left"
     conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text",
-                                                                       "text": "what ?"}]}]
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": im}, {"type": "text", "text": "what ?"}],
+            }
+        ]
         for im in MIXED
     ]
     inputs = processor.apply_chat_template(
-        conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt", padding=True,
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding=True,
     )
     padding = (inputs["attention_mask"] == 0).sum(dim=1)
     assert len(set(padding.tolist())) > 2, padding
@@ -208,7 +233,16 @@ def test_batch_gives_the_same_text_as_one_at_a_time(backend: TransformersBackend
 
 def test_batches_are_split_at_max_batch(tiny_llava_next: Path, llava_next) -> None:
     small = TransformersBackend.load(cfg(tiny_llava_next, batch_size=4))
+    generate = small._model.generate
+    sizes: list[int] = []
+
+    def spy(**kw):
+        sizes.append(kw["input_ids"].shape[0])
+        return generate(**kw)
+
+    small._model.generate = spy
     assert small.describe(MIXED, [SHORT]) == llava_next.describe(MIXED, [SHORT])
+    assert sizes == [4, 2]
     small.close()
 
 

@@ -215,7 +215,10 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
         elif name == "index_tasks":
             kw[name] = tuple(_choice(v, TASK_KINDS, f"{k}[{i}]", where)
                              for i, v in enumerate(_strings(value, k, where)))
-        elif name in ("question", "prefix", "suffix"):
+        elif name == "question":
+            if value is not None:
+                kw[name] = _typed(value, str, k, where, "a string")
+        elif name in ("prefix", "suffix"):
             kw[name] = _typed(value, str, k, where, "a string")
         elif name == "sidecar":
             s = _typed(value, str, k, where, "a pattern such as '{stem}.txt'")
@@ -251,6 +254,8 @@ def _model(data: Any, where: str) -> ModelConfig:
     kw["backend"] = backend
     for name, value in data.items():
         k = f"model.{name}"
+        if name == "path" and value is None:
+            continue
         if name in ("id", "path"):
             kw[name] = os.path.expanduser(_typed(value, str, k, where, "a string"))
         elif name == "revision":

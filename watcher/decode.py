@@ -36,7 +36,8 @@ try:  # HEIC/HEIF (iPhone photos) need the optional pillow-heif plugin.
 except Exception:  # not installed, or a broken install: HEIC files get a clear reason instead
     HEIF_AVAILABLE = False
 
-HEIF_MISSING = "HEIC/HEIF needs the optional pillow-heif package: pip install 'moondream-watcher[heif]'"
+HEIF_MISSING = ("HEIC/HEIF needs the optional pillow-heif package: "
+                "pip install 'moondream-watcher[heif]'")
 
 # A truncated or empty file modified this recently may still be being written (a slow copy that
 # stalled past the settle time): that failure is transient and retried; once the file is older
@@ -212,8 +213,10 @@ def _decode(data: bytes, *, max_pixels: int, max_side: int,
         raise _unidentified(data, recent) from None
     except MemoryError:
         raise DecodeError("not enough memory to decode the image", transient=True) from None
-    except Exception as e:
-        raise _corrupt(_message(e), recent) from None
+    except Exception as e:  # a known header cut short or malformed
+        fmt = _signature(data)
+        raise _corrupt(f"{fmt} header could not be read" if fmt else _message(e),
+                       recent) from None
     with im:
         w, h = im.size
         if w <= 0 or h <= 0:
@@ -306,12 +309,20 @@ def _unidentified(data: bytes, recent: bool) -> DecodeError:
             return DecodeError(HEIF_MISSING)
         if brands & _AVIF_BRANDS:
             return DecodeError("AVIF images are not supported by this Pillow build")
+    fmt = _signature(data)
+    if fmt:
+        return _corrupt(f"{fmt} header could not be read", recent)
+    return DecodeError("not an image (cannot identify image file)")
+
+
+def _signature(data: bytes) -> str | None:
+    """The format whose magic bytes `data` starts with, if one of the common ones."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return _corrupt("WEBP header could not be read", recent)
+        return "WEBP"
     for magic, fmt in _SIGNATURES:
         if data.startswith(magic):
-            return _corrupt(f"{fmt} header could not be read", recent)
-    return DecodeError("not an image (cannot identify image file)")
+            return fmt
+    return None
 
 
 def _message(e: BaseException) -> str:

@@ -120,7 +120,9 @@ def _isatty(stream: Any) -> bool:
 
 def _dumps(obj: Any, **kw: Any) -> str:
     # Paths, enums, exceptions and the like become their str(); never fail a log line.
-    return json.dumps(obj, default=str, ensure_ascii=False, **kw)
+    kw["default"] = str
+    kw.setdefault("ensure_ascii", False)
+    return json.dumps(obj, **kw)
 
 
 def _lead_keys(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from watcher.config import ModelConfig
 # Moondream2's remote code loads this tokenizer from the Hub at start-up (unpinned, "main").
 MOONDREAM_TOKENIZER = "moondream/starmie-v1"
 FIX = "run `watcher model fetch` on a connected machine, or set model.path to a local copy"
-HUB_PROBE_TIMEOUT = 4.0  # seconds; the whole check stays well under 10 s
+HUB_PROBE_TIMEOUT = 3.0  # seconds; the whole check stays well under 10 s
 _UNPINNED = (None, "", "main", "master")
 # Weight formats we never need; a repo's .bin files are skipped when it has safetensors.
 _IGNORE = ["*.onnx", "*.onnx_data", "*.gguf", "*.h5", "*.msgpack", "*.ot", "*.tflite",

@@ -140,7 +140,8 @@ def _interpreter(python: str) -> str:
 
 
 def _command(python: str, config_path: Path) -> list[str]:
-    return [_interpreter(python), "-m", "watcher", "run", "--config", str(_abs(config_path))]
+    # --config is an option of `watcher` itself, so it comes before the subcommand.
+    return [_interpreter(python), "-m", "watcher", "--config", str(_abs(config_path)), "run"]
 
 
 # --- systemd --------------------------------------------------------------------------------
@@ -196,20 +197,24 @@ def render_systemd(cfg: Config, config_path: Path, python: str = sys.executable,
     # PrivateTmp hides the real /tmp: keep it only if nothing the service needs lives there.
     needed_in_tmp = _under_tmp([*rw, config_path, argv[0],
                                 *([cfg.model.path] if cfg.model.path else [])])
+    rw_lines = [f"ReadWritePaths={systemd_quote('-' + str(p), expand_dollar=False)}"
+                for p in rw]  # "-": a folder missing at start (unmounted disk) is skipped
     if needed_in_tmp:
-        private_tmp = [f"# PrivateTmp=no: {p} is under /tmp" for p in needed_in_tmp]
-        private_tmp = [_check_line(x) for x in private_tmp] + ["PrivateTmp=no"]
+        private_tmp = [_check_line(f"# PrivateTmp=no: {p} is in a temporary folder")
+                       for p in needed_in_tmp]
+        private_tmp.append("PrivateTmp=no")
+        # ProtectSystem=strict would leave the shared /tmp read-only (SQLite, tempfile).
+        rw_lines += ["ReadWritePaths=-/tmp", "ReadWritePaths=-/var/tmp"]
     else:
         private_tmp = ["PrivateTmp=yes"]
     return _fill(template_text(UNIT_NAME), {
-        "CONFIG_COMMENT": _check_line(str(config_path)),
+        # Quoted, so that a trailing backslash cannot continue the comment line.
+        "CONFIG_COMMENT": systemd_quote(str(config_path), expand_dollar=False),
         "EXEC_START": _exec_start(argv),
         "ENVIRONMENT": [f"Environment={systemd_quote(f'{k}={v}', expand_dollar=False)}"
                         for k, v in environment.items()],
         "PRIVATE_TMP": private_tmp,
-        # "-": a folder missing at start (an unmounted disk) is skipped, not fatal.
-        "READ_WRITE_PATHS": [f"ReadWritePaths={systemd_quote('-' + str(p), expand_dollar=False)}"
-                             for p in rw],
+        "READ_WRITE_PATHS": rw_lines,
     })
 
 
@@ -224,7 +229,7 @@ def render_launchd(cfg: Config, config_path: Path, python: str = sys.executable,
                  "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
     values = {
         "PYTHON": argv[0],
-        "CONFIG": argv[-1],
+        "CONFIG": argv[4],
         "HOME": str(home),
         "PATH": ":".join(dict.fromkeys(path_dirs)),
         "LOG_DIR": str(launchd_log_dir(home)),
@@ -332,7 +337,7 @@ def install(cfg: Config, config_path: Path, now: bool = False, out: TextIO | Non
         return host.unsupported()
     if not config_path.is_file():
         host.say(f"error: {config_path}: config file not found. The service runs "
-                 "`watcher run --config` with it; write it first (folders to watch, model).")
+                 "`watcher --config <it> run`; write it first (folders to watch, model).")
         return 2
     if not cfg.folders:
         host.say(f"warning: {config_path} configures no folders; the service will have "

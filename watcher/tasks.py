@@ -61,13 +61,14 @@ class Task:
 def clean_caption(text: str, prefix: str = "", suffix: str = "") -> str:
     """Strip boilerplate openings, collapse whitespace, add trigger words."""
     text = " ".join(text.split())
+    stripped_any = False
     # Strip repeatedly: "Answer: The image shows ..." has two layers.
     for _ in range(3):
         stripped = _BOILERPLATE.sub("", text, count=1)
         if stripped == text:
             break
-        text = stripped
-    if text and text[0].islower() and _BOILERPLATE.pattern:
+        text, stripped_any = stripped, True
+    if stripped_any and text[:1].islower():
         text = text[0].upper() + text[1:]
     parts = [p for p in (prefix.strip(), text.strip(), suffix.strip()) if p]
     return ", ".join(parts) if (prefix or suffix) else text.strip()

@@ -24,14 +24,24 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import torch
 
 from watcher.backends import ModelUnavailable
 from watcher.backends.device import Placement, pick
+from watcher.models import (
+    FIX,
+    cached_snapshot,
+    offline_mode,
+    require_pinned_revision,
+    snapshot_complete,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,19 +49,22 @@ if TYPE_CHECKING:
     from watcher.config import ModelConfig
     from watcher.tasks import Task
 
-_TRUE = {"1", "on", "yes", "true"}
+log = structlog.get_logger()
+_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-def _offline() -> bool:
-    return any(
-        os.environ.get(name, "").strip().lower() in _TRUE
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+def _snapshot_revision(path: Path) -> str | None:
+    """The commit of a local copy that is a Hugging Face cache snapshot, else None."""
+    resolved = path.resolve()
+    if resolved.parent.name == "snapshots" and _SHA.match(resolved.name):
+        return resolved.name
+    return None
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 300) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0].rstrip(". ") if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _takes_token_type_ids(model: Any) -> bool:
@@ -62,6 +75,24 @@ def _takes_token_type_ids(model: Any) -> bool:
         if fn is not None:
             names.update(inspect.signature(fn).parameters)
     return "token_type_ids" in names
+
+
+def _check_device(device: str) -> None:
+    """ModelUnavailable for a configured device this machine does not have."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelUnavailable(f"model.device is {device}, but CUDA is not available here")
+        index = device.partition(":")[2]
+        if index and not index.isdigit():
+            raise ModelUnavailable(f"model.device {device!r}: expected cuda or cuda:N")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelUnavailable(
+                f"model.device is {device}, but there are {torch.cuda.device_count()} CUDA devices"
+            )
+    elif device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if not (mps and mps.is_available()):
+            raise ModelUnavailable("model.device is mps, but MPS is not available here")
 
 
 class TransformersBackend:
@@ -100,52 +131,84 @@ class TransformersBackend:
         """Load processor and model from `cfg.path` or the Hub id `cfg.id` at `cfg.revision`.
 
         Raises ModelUnavailable, naming the model, when the files are missing (a bad path,
-        or a Hub model not in the cache while offline) or the model cannot be loaded.
+        or a Hub model not in the cache while offline), the configured device is not there,
+        or the model cannot be loaded as an image-text-to-text model.
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
+        require_pinned_revision(cfg)
         placement = pick(cfg.device, cfg.dtype)
-        source = cfg.source
+        _check_device(placement.device)
         kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
         if cfg.path:
             path = Path(cfg.path).expanduser()
             if not path.is_dir():
                 what = "is not a directory" if path.exists() else "does not exist"
-                raise ModelUnavailable(f"model path {cfg.path} {what} (model.path)")
-            source = str(path)
+                raise ModelUnavailable(f"model.path: {cfg.path} {what}")
+            if not (path / "config.json").is_file():
+                raise ModelUnavailable(
+                    f"model.path: {cfg.path} is not a model folder (no config.json)"
+                )
+            source, revision = str(path), _snapshot_revision(path) or cfg.revision
+            where, hint = source, ""
             kwargs["local_files_only"] = True
         else:
-            if cfg.revision:
-                kwargs["revision"] = cfg.revision
-            kwargs["local_files_only"] = _offline() or os.path.isdir(source)
-        where = source if cfg.path or not cfg.revision else f"{source}@{cfg.revision}"
+            source, revision = cfg.id, cfg.revision
+            if revision:
+                kwargs["revision"] = revision
+            where = f"{source} at revision {revision}" if revision else source
+            hint = f"; to fix: {FIX}"
+            if os.path.isdir(source) or offline_mode():
+                kwargs["local_files_only"] = True
+            else:
+                snapshot = cached_snapshot(source, revision)
+                # Everything is in the cache: no Hub round trips at start-up.
+                kwargs["local_files_only"] = snapshot is not None and snapshot_complete(snapshot)
+        log.info(
+            "loading model",
+            backend="transformers",
+            model=source,
+            revision=revision,
+            device=placement.device,
+        )
+        started = time.monotonic()
         try:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
             processor = AutoProcessor.from_pretrained(source, **kwargs)
             model = AutoModelForImageTextToText.from_pretrained(
                 source, dtype=placement.dtype, device_map={"": placement.device}, **kwargs
             )
         except OSError as e:
-            hint = (
-                " (offline: only models already in the Hugging Face cache can be loaded)"
-                if kwargs["local_files_only"] and not cfg.path
-                else ""
-            )
             raise ModelUnavailable(
-                f"cannot load model {where}: files missing or unreadable{hint}: {_first_line(e)}"
+                f"cannot load model {where}: files missing or unreadable: {_first_line(e)}{hint}"
             ) from e
         except (ValueError, KeyError, ImportError) as e:
             raise ModelUnavailable(
                 f"cannot load model {where} as an image-text-to-text model: {_first_line(e)}"
             ) from e
+        except torch.cuda.OutOfMemoryError as e:
+            raise ModelUnavailable(
+                f"cannot load model {where}: not enough memory on {placement.device} "
+                f"for {str(placement.dtype).removeprefix('torch.')} weights"
+            ) from e
         model.eval()
-        return cls(
+        backend = cls(
             model,
             processor,
-            name=cfg.source,
-            revision=cfg.revision,
+            name=source,
+            revision=revision,
             max_batch=cfg.batch_size,
             placement=placement,
         )
+        log.info(
+            "model ready",
+            backend="transformers",
+            model=source,
+            revision=revision,
+            placement=placement.describe(),
+            chat_template=backend.chat,
+            seconds=round(time.monotonic() - started, 1),
+        )
+        return backend
 
     # --- inference ----------------------------------------------------------------------
 
@@ -205,7 +268,7 @@ class TransformersBackend:
         if not self._token_type_ids:
             inputs.pop("token_type_ids", None)
         # Moves every tensor to the device; only floating ones (pixels) take the dtype.
-        inputs = inputs.to(self.placement.device, dtype=self.placement.dtype); inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"]) if "attention_mask" in inputs else None
+        inputs = inputs.to(self.placement.device, dtype=self.placement.dtype)
         with torch.inference_mode():
             out = self._model.generate(
                 **inputs,
