@@ -1,0 +1,85 @@
+"""The index: rows, full-text search ranking, schema version, prefix queries."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from watcher.index import SCHEMA_VERSION, ImageRow, Index, connect, transaction
+
+
+def _row(path: str, caption: str, **kw) -> ImageRow:
+    now = time.time()
+    base = dict(path=path, root="/r", sha256=path, size=1, mtime_ns=1, width=1, height=1,
+                caption=caption, task="short", outputs={"short": caption}, model="m",
+                revision=None, sidecar=None, sidecar_sha256=None, sidecar_state="written",
+                sidecar_error=None, created=now, updated=now)
+    base.update(kw)
+    return ImageRow(**base)
+
+
+def test_search_ranks_best_match_first(tmp_path: Path) -> None:
+    ix = Index(connect(tmp_path / "i.db"))
+    with transaction(ix.db):
+        ix.upsert(_row("/r/a.jpg", "a dog on a beach under a grey sky, waves"))
+        ix.upsert(_row("/r/b.jpg", "red bicycle, red bicycle leaning on a red wall"))
+        ix.upsert(_row("/r/c.jpg", "a bicycle shop window with many wheels and a red door"))
+    hits = [r.path for r, _ in ix.search("red bicycle")]
+    assert hits == ["/r/b.jpg", "/r/c.jpg"]
+    assert [r.path for r, _ in ix.search("bicycles")] == ["/r/b.jpg", "/r/c.jpg"]  # porter
+    assert ix.search("dog") and ix.search("dog")[0][0].path == "/r/a.jpg"
+    assert ix.search("elephant") == []
+
+
+def test_search_survives_fts_syntax_in_the_query(tmp_path: Path) -> None:
+    ix = Index(connect(tmp_path / "i.db"))
+    with transaction(ix.db):
+        ix.upsert(_row("/r/a.jpg", "a cat"))
+    for q in ['"unbalanced', "AND OR NOT", "cat*", "(", "col:cat", ""]:
+        ix.search(q)  # no sqlite3.OperationalError
+
+
+def test_fts_follows_updates_and_deletes(tmp_path: Path) -> None:
+    ix = Index(connect(tmp_path / "i.db"))
+    with transaction(ix.db):
+        ix.upsert(_row("/r/a.jpg", "a cat"))
+    with transaction(ix.db):
+        ix.upsert(_row("/r/a.jpg", "a horse"))
+    assert ix.search("cat") == [] and len(ix.search("horse")) == 1
+    with transaction(ix.db):
+        ix.move("/r/a.jpg", "/r/b.jpg", None)
+    assert ix.search("horse")[0][0].path == "/r/b.jpg"
+    with transaction(ix.db):
+        ix.delete("/r/b.jpg")
+    assert ix.search("horse") == []
+
+
+def test_index_only_outputs_are_searchable(tmp_path: Path) -> None:
+    ix = Index(connect(tmp_path / "i.db"))
+    with transaction(ix.db):
+        ix.upsert(_row("/r/a.jpg", "masterpiece, portrait, oil", outputs={
+            "prompt": "masterpiece, portrait, oil", "short": "a woman in a blue hat"}))
+    assert ix.search("hat")[0][0].path == "/r/a.jpg"
+
+
+def test_schema_version_and_wal(tmp_path: Path) -> None:
+    connect(tmp_path / "i.db").conn.close()
+    con = sqlite3.connect(tmp_path / "i.db")
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),)
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    con.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    con.commit()
+    with pytest.raises(RuntimeError, match="newer than this watcher"):
+        connect(tmp_path / "i.db")
+
+
+def test_stats_under_is_exactly_the_subtree(tmp_path: Path) -> None:
+    ix = Index(connect(tmp_path / "i.db"))
+    with transaction(ix.db):
+        for p in ("/r/a/1.jpg", "/r/a/sub/2.jpg", "/r/ab/3.jpg", "/r/a.jpg"):
+            ix.upsert(_row(p, "x"))
+    assert sorted(ix.stats_under("/r/a")) == ["/r/a/1.jpg", "/r/a/sub/2.jpg"]
