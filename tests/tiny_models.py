@@ -10,22 +10,27 @@ the way a real model does:
 
 What the outputs look like:
 
-* The vocabulary is English words. Generation can only produce the *content* words
-  (`CONTENT_WORDS`: colours, objects, materials, ...); special tokens, punctuation and every
-  word used in a prompt are suppressed, and the end-of-sequence token is never generated.
-  So a decoded caption is always `max_new_tokens` space-separated lower-case words, and any
-  prompt word or role marker ("user", "assistant", "describe", ...) found in an output was
-  echoed from the prompt, never generated.
+* The vocabulary is English words. Generation can only produce the content words
+  (`content_words()`: colours, objects, materials, ...); special tokens, punctuation and
+  every word a prompt can contain (`prompt_words()`) are suppressed, and the
+  end-of-sequence token is never generated. So a decoded caption is always exactly
+  `max_new_tokens` space-separated lower-case words, and a prompt word or role marker
+  ("user", "assistant", "describe", ...) found in an output was echoed from the prompt.
 * Weights are random (seeded, `initializer_range` 0.2), so the same inputs always give the
   same words, while different images, and for the chat models different prompts, give
   different words.
 
-`build_tiny_llava`: LlavaForConditionalGeneration (CLIP vision + Llama text) with a chat
-template; every image becomes the same number of image tokens, so a batch never needs
-padding. `build_tiny_llava_next`: LlavaNextForConditionalGeneration, whose number of image
-tokens depends on the image's size and aspect ratio, so a batch of differently shaped images
-is left-padded. `build_tiny_blip`: BlipForConditionalGeneration, no chat template
+`build_tiny_llava`: LlavaForConditionalGeneration (CLIP vision + Llama text) with a
+LLaVA-1.5 style chat template; every image becomes the same number of image tokens, so a
+batch never needs padding. Its image processor does not convert to RGB (grey or RGBA input
+only works if the caller converts it) and its tokenizer returns `token_type_ids`, which
+Llava's forward does not take (the backend must drop them).
+`build_tiny_llava_next`: LlavaNextForConditionalGeneration, whose number of image tokens
+depends on the image's size and aspect ratio, so a batch of differently shaped images is
+left-padded. `build_tiny_blip`: BlipForConditionalGeneration, no chat template
 (unconditional captioning).
+
+`python tests/tiny_models.py DIR` (with the project importable) builds all three into DIR.
 """
 
 from __future__ import annotations

@@ -1,0 +1,135 @@
+"""Run the real daemon in a subprocess and wait on what it does, with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition",
+             interval: float = 0.05):
+    """Poll `predicate` until truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra) -> Path:
+    data = {
+        "model": {"backend": "transformers", "path": str(model_path), "batch_size": 8,
+                  "max_tokens": 6},
+        "database": str(tmp_path / "index.db"),
+        "log": {"level": "info", "format": "json"},
+        "folders": folders,
+        "retry_backoff": 0.2,
+    }
+    data.update(extra)
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+class Daemon:
+    def __init__(self, config: Path, tmp_path: Path, *args: str, env: dict | None = None):
+        self.config = config
+        self.db = Path(yaml.safe_load(config.read_text())["database"])
+        self.log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
+        self.args = args
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                    **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "--config", str(self.config), "run",
+             *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        if wait_ready:
+            wait_for(lambda: self.logged("watching") or self._dead(), 120, "daemon start")
+            assert self.proc.poll() is None, self.log_text()
+        return self
+
+    def _dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def logged(self, event: str, **fields) -> list[dict]:
+        return [e for e in self.events() if e.get("event") == event and all(
+            e.get(k) == v for k, v in fields.items())]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("daemon did not stop in time:\n" + self.log_text()[-3000:])
+        self._log.close()
+        return code
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+    # -- what the user sees -------------------------------------------------------------
+    def rows(self) -> dict[str, dict]:
+        if not self.db.exists():
+            return {}
+        con = sqlite3.connect(self.db, timeout=30)
+        con.row_factory = sqlite3.Row
+        try:
+            return {r["path"]: dict(r) for r in con.execute("SELECT * FROM images")}
+        except sqlite3.OperationalError:
+            return {}
+        finally:
+            con.close()
+
+    def job_state(self, path: Path) -> tuple | None:
+        con = sqlite3.connect(self.db, timeout=30)
+        try:
+            return con.execute("SELECT state, error FROM jobs WHERE path = ?",
+                               (str(path),)).fetchone()
+        finally:
+            con.close()
+
+
+def sidecar_ready(image: Path) -> bool:
+    side = image.with_suffix(".txt")
+    return side.exists() and side.read_text().endswith("\n")
