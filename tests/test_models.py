@@ -255,3 +255,37 @@ def test_fetch_then_load_offline_by_id(tmp_path, tiny_moondream):
     assert textwrap.dedent("""\
         cached models:
           vikhyatk/moondream2: """) in out
+
+
+_LOAD = """
+import sys, time
+from PIL import Image
+from watcher.backends import load_backend
+from watcher.config import ModelConfig
+from watcher.tasks import Task
+t0 = time.monotonic()
+b = load_backend(ModelConfig())
+print("SECONDS", round(time.monotonic() - t0, 2))
+print("VOCAB", b.model.tokenizer.get_vocab_size())
+print("OUT", b.describe([Image.new("RGB", (32, 32), "blue")], [Task("short")]))
+"""
+
+
+def test_cached_model_and_tokenizer_load_without_asking_the_hub(tmp_path, silent_hub):
+    """Like Moondream2, the model fetches its tokenizer while loading; with everything
+    cached that must not wait on a Hub that never answers (offline mode not set)."""
+    from tiny_moondream import build_tiny_moondream
+
+    model = build_tiny_moondream(tmp_path / "tiny-tok", tokenizer=True)
+    hub = tmp_path / "hf" / "hub"
+    install_in_hf_cache(model_files(model), hub, "vikhyatk/moondream2",
+                        ref=DEFAULT_MOONDREAM_REVISION)
+    install_in_hf_cache({"tokenizer.json": tiny_tokenizer_json()}, hub, MOONDREAM_TOKENIZER)
+    env = _env(tmp_path / "hf", HF_ENDPOINT=silent_hub)
+    proc = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seconds = float(proc.stdout.split("SECONDS ")[1].split()[0])
+    assert seconds < 5, proc.stdout
+    assert "VOCAB 4" in proc.stdout
+    assert "OUT [['" in proc.stdout

@@ -89,6 +89,7 @@ class TinyMoondream(PreTrainedModel):
         self.head = nn.Linear(config.dim, vocab)
         self.calls = []
         self.encode_image_calls = 0
+        # TOKENIZER
         self.post_init()
 
     def _init_weights(self, module):
@@ -191,8 +192,20 @@ class TinyMoondream(PreTrainedModel):
 '''
 
 
-def build_tiny_moondream(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny remote-code model into `out_dir` and return it."""
+TOKENIZER_LINE = """\
+        from tokenizers import Tokenizer  # like Moondream2: unpinned, from the Hub
+
+        self.tokenizer = Tokenizer.from_pretrained("moondream/starmie-v1")
+"""
+
+
+def build_tiny_moondream(out_dir: Path, seed: int = 0, *, tokenizer: bool = False) -> Path:
+    """Write the tiny remote-code model into `out_dir` and return it.
+
+    With `tokenizer=True` the model, like Moondream2, loads `moondream/starmie-v1` with
+    `tokenizers.Tokenizer.from_pretrained` when it is built (then it needs that tokenizer
+    cached, or the Hub).
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -200,7 +213,8 @@ def build_tiny_moondream(out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "configuration_tinymoondream.py").write_text(CONFIGURATION, encoding="utf-8")
-    (out_dir / "modeling_tinymoondream.py").write_text(MODELING, encoding="utf-8")
+    plain = MODELING.replace("        # TOKENIZER\n", "")
+    (out_dir / "modeling_tinymoondream.py").write_text(plain, encoding="utf-8")
     config = {
         "model_type": "tinymoondream",
         "architectures": ["TinyMoondream"],
@@ -230,6 +244,9 @@ def build_tiny_moondream(out_dir: Path, seed: int = 0) -> Path:
             scale = 0.5
         state[name] = (torch.randn(param.shape, generator=gen) * scale).contiguous()
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer:
+        modeling = MODELING.replace("        # TOKENIZER\n", TOKENIZER_LINE)
+        (out_dir / "modeling_tinymoondream.py").write_text(modeling, encoding="utf-8")
     return out_dir
 
 

@@ -195,6 +195,7 @@ class Daemon:
         self.config_path = config_path
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
+        self.wake = threading.Event()
         self.notifier = Notifier.from_env()
         self.watches: dict[Path, Watch] = {}
 
@@ -293,9 +294,17 @@ class Daemon:
 
     # -- main loop ----------------------------------------------------------------------
     def _install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
+        def stop(*_) -> None:
+            self.stop_event.set()
+            self.wake.set()
+
+        def reload(*_) -> None:
+            self.reload_event.set()
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
 
     def _loop(self) -> None:
         wd = self.notifier.watchdog_interval()
@@ -313,10 +322,8 @@ class Daemon:
                     next_rescan[f.path] = self._rescan_at(f)
                     threading.Thread(target=self.tracker.scan, args=(f,), daemon=True).start()
             self._heartbeat(wd)
-            self.stop_event.wait(tick)
-            # A signal only sets an event; wake the wait promptly for a reload too.
-            if self.reload_event.is_set():
-                continue
+            self.wake.wait(tick)  # a signal sets it: stop and reload are handled at once
+            self.wake.clear()
 
     def _rescan_at(self, folder: FolderConfig) -> float | None:
         if folder.rescan_minutes <= 0:

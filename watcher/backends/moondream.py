@@ -20,8 +20,8 @@ import structlog
 from watcher.backends import ModelUnavailable
 from watcher.backends.device import pick
 from watcher.models import (
-    MOONDREAM_TOKENIZER,
     FIX,
+    MOONDREAM_TOKENIZER,
     cached_snapshot,
     cached_tokenizer_file,
     require_pinned_revision,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,9 +111,15 @@ def _photon_model_path(cfg: ModelConfig) -> tuple[str | None, str | None]:
 
 
 def _error(f: Future) -> BaseException | None:
-    if f.cancelled():
+    """Wait for `f`; its exception, or None.
+
+    Not concurrent.futures.wait: futures cancelled by shutdown(cancel_futures=True) never
+    wake its waiters, while Future.exception() does return for them.
+    """
+    try:
+        return f.exception()
+    except CancelledError:
         return RuntimeError("request cancelled: the photon backend was closed")
-    return f.exception()
 
 
 class PhotonBackend:
@@ -188,7 +194,6 @@ class PhotonBackend:
         # Encode each image once (Photon: one JPEG encode instead of one per task).
         if encoder is not None and len(tasks) > 1:
             enc_futures = [self._submit(encoder, image) for image in images]
-            wait(enc_futures)
             encoded: list[Any] = []
             for i, (image, f) in enumerate(zip(images, enc_futures, strict=True)):
                 exc = _error(f)
@@ -203,7 +208,6 @@ class PhotonBackend:
                 continue
             for j, task in enumerate(tasks):
                 futures[(i, j)] = self._submit(self._run, item, task)
-        wait(futures.values())
         results: list[list[str]] = [["" for _ in tasks] for _ in images]
         for (i, j), f in futures.items():
             exc = _error(f)
