@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 from daemon_harness import Daemon, sidecar_ready, wait_for, write_config
