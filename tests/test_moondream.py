@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from watcher.backends import ModelUnavailable, load_backend
+from watcher.backends.device import pick
 from watcher.backends.moondream import MoondreamBackend
 from watcher.config import ModelConfig
 from watcher.tasks import PROMPT_INSTRUCTION, Task
@@ -48,7 +49,7 @@ def test_loads_through_remote_code(backend, tiny_moondream):
     assert backend.name == str(tiny_moondream)
     assert backend.revision is None  # a local copy that is not a cache snapshot
     assert backend.max_batch == 1
-    assert backend.placement.device == "cpu"
+    assert backend.placement == pick("auto", "auto")  # cuda > mps > cpu
 
 
 def test_caption_lengths_and_exact_settings(backend, model):

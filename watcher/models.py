@@ -281,14 +281,17 @@ def cmd_info(cfg: ModelConfig, out: TextIO) -> int:
         state = f"{_human(_size(p))}" if p.is_dir() else "missing"
         print(f"model.path: {p} ({state})", file=out)
     else:
-        ready = not missing_files(cfg) if cfg.backend != "photon" else None
         folder = cached_snapshot(cfg.id, cfg.revision)
         status = "cached" if folder is not None and snapshot_complete(folder) else "not cached"
         print(f"configured: {cfg.backend} {cfg.id} at revision {cfg.revision or 'main'}: "
               f"{status}", file=out)
-        if ready is not None:
-            print("ready to run offline" if ready else f"not ready offline; to fix: {FIX}",
+    if cfg.backend != "photon":
+        missing = missing_files(cfg)
+        if missing:
+            print(f"not ready offline: missing {' and '.join(missing)}; to fix: {FIX}",
                   file=out)
+        else:
+            print("ready to run offline", file=out)
     try:
         info = scan_cache_dir(cache)
     except CacheNotFound:

@@ -101,6 +101,9 @@ def walk(filt: Filter, top: Path | None = None) -> Iterator[tuple[Path, os.stat_
                         if filt.wants_dir(p):
                             stack.append(p)
                         continue
+                    if is_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                        _remove_stale_temp(p)
+                        continue
                     if not filt.wants(p):
                         continue
                     if entry.is_symlink():
@@ -114,6 +117,16 @@ def walk(filt: Filter, top: Path | None = None) -> Iterator[tuple[Path, os.stat_
                 if not _regular(st):
                     continue
                 yield p, st
+
+
+def _remove_stale_temp(path: Path) -> None:
+    """A sidecar temp file found by a scan was left by a killed process (writes finish in
+    milliseconds and scans run under the database lock): remove it."""
+    try:
+        path.unlink()
+        log.info("removed a temp file left by an interrupted write", path=str(path))
+    except OSError:
+        pass
 
 
 def _regular(st: os.stat_result) -> bool:

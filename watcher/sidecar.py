@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from watcher import faults
+
 TEMP_SUFFIX = ".watcher-tmp"
 
 
@@ -112,6 +114,7 @@ def write_atomic(path: Path, text: str) -> str:
         try:
             view = memoryview(data)
             while view:
+                faults.hit("sidecar_write", (str(path),))  # test-only seam; no-op normally
                 view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:

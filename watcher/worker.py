@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from watcher import faults
 from watcher.backends import Backend
 from watcher.decode import Prepared
 from watcher.index import Index, connect
@@ -182,6 +183,8 @@ class ModelWorker(threading.Thread):
         t0 = time.perf_counter()
         try:
             self.model_calls += 1
+            # Test-only seam (watcher.faults): a no-op unless WATCHER_FAULTS is set.
+            faults.hit("model", [str(w.prepared.job.path) for w in chunk], len(chunk))
             results = self.backend.describe([w.prepared.image for w in chunk], tasks)
             if len(results) != len(chunk):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(chunk)}")
