@@ -223,10 +223,7 @@ class Daemon:
                 log.error("model unavailable", reason=str(e))
                 print(f"watcher: {e}", file=self.err)
                 return 2
-            placement = getattr(backend, "placement", None)
-            log.info("model ready", model=backend.name, revision=backend.revision,
-                     device=placement.describe() if placement else None,
-                     batch=backend.max_batch)
+            # The backend has logged device, dtype and memory in use ("model ready").
             self.pipeline = Pipeline(cfg, backend)
             self.tracker = Tracker(cfg, Settler)
             self.tracker.on_enqueued = self.pipeline.wake

@@ -184,7 +184,8 @@ class ModelWorker(threading.Thread):
         try:
             self.model_calls += 1
             # Test-only seam (watcher.faults): a no-op unless WATCHER_FAULTS is set.
-            faults.hit("model", [str(w.prepared.job.path) for w in chunk], len(chunk))
+            if faults.active():
+                faults.hit("model", [str(w.prepared.job.path) for w in chunk], len(chunk))
             results = self.backend.describe([w.prepared.image for w in chunk], tasks)
             if len(results) != len(chunk):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(chunk)}")
