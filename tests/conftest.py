@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -35,3 +36,13 @@ def tiny_moondream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_moondream import build_tiny_moondream
 
     return build_tiny_moondream(tmp_path_factory.mktemp("tiny-moondream"))
+
+
+@pytest.fixture
+def silent_hub():
+    """An endpoint that accepts connections and never answers: a hanging Hub."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()

@@ -91,7 +91,8 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("daemon did not stop in time:\n" + self.log_text()[-3000:])
+            tail = self.log_text()[-3000:]
+            raise AssertionError("daemon did not stop in time:\n" + tail) from None
         self._log.close()
         return code
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -37,16 +36,6 @@ def _env(hf_home: Path, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def silent_hub():
-    """An endpoint that accepts connections and never answers: a hanging Hub."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -79,16 +78,6 @@ def test_daemon_with_moondream(tmp_path, tiny_moondream):
         assert (watched / "a.txt").read_text() != (watched / "b.txt").read_text()
         [ready] = d.logged("model ready")
         assert ready["model"] == str(tiny_moondream) and "cpu" in ready["placement"]
-
-
-@pytest.fixture
-def silent_hub():
-    """An endpoint that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
 
 
 @pytest.mark.parametrize("command", ["caption", "run"])

@@ -130,16 +130,15 @@ class Index:
         self.db = db
 
     def get(self, path: str) -> ImageRow | None:
-        cur = self.db.conn.execute("SELECT * FROM images WHERE path = ?", (path,))
-        row = cur.fetchone()
-        if row is None:
-            return None
-        return ImageRow.from_row(dict(zip([c[0] for c in cur.description], row, strict=True)))
+        return self._one("SELECT * FROM images WHERE path = ?", (path,))
 
     def by_hash(self, sha256: str) -> ImageRow | None:
-        cur = self.db.conn.execute(
+        return self._one(
             "SELECT * FROM images WHERE sha256 = ? ORDER BY updated DESC LIMIT 1", (sha256,)
         )
+
+    def _one(self, sql: str, args: tuple) -> ImageRow | None:
+        cur = self.db.conn.execute(sql, args)
         row = cur.fetchone()
         if row is None:
             return None

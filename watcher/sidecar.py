@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,11 +20,29 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# What file_hash says of a symlink, folder or pipe at a sidecar's name: it is never ours
+# (so never replaced unless `overwrite: always`), and it is not opened (a FIFO would block
+# the writer; a symlink may lead out of the watched folder).
+NOT_A_FILE = "not a regular file"
+
+
 def file_hash(path: Path) -> str | None:
+    """sha256 of the regular file at `path`, None if nothing is there, NOT_A_FILE for
+    anything else."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
+    if not stat.S_ISREG(st.st_mode):
+        return NOT_A_FILE
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def render(pattern: str, image: Path) -> Path:

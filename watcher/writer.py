@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 
+from watcher import faults
 from watcher.config import Config, FolderConfig
 from watcher.decode import file_identity
 from watcher.index import ImageRow, Index, connect, transaction
@@ -26,8 +27,8 @@ log = structlog.get_logger("watcher.writer")
 # Errors that go away by themselves: the job is retried later with backoff.
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM,
                     errno.EIO}
-# Errors that need the user: the caption is kept in the index, the sidecar waits for retry.
-BLOCKED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+# Any other error writing a sidecar (EACCES, EPERM, EROFS, ENAMETOOLONG, ...) needs the user:
+# the caption is kept in the index and the sidecar waits for `watcher retry`.
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Writer(threading.Thread):
         self.db_path = db_path
         self.on_outcome = on_outcome
         self.on_job_end = on_job_end
+        self._deferred: list = []  # a batch the database refused, to be written again
+        self._deferred_at = 0.0
+        self._db_failures = 0
 
     def run(self) -> None:
         self.db = connect(self.db_path)
@@ -62,7 +66,13 @@ class Writer(threading.Thread):
         self.jobs = JobQueue(self.db)
         stop = False
         while not stop:
-            items = [self.inbox.get()]
+            timeout = None
+            if self._deferred:
+                timeout = max(0.0, self._deferred_at - time.monotonic())
+            try:
+                items = [self.inbox.get(timeout=timeout)]
+            except queue.Empty:
+                items = []
             while len(items) < 256:
                 try:
                     items.append(self.inbox.get_nowait())
@@ -71,33 +81,55 @@ class Writer(threading.Thread):
             if any(i is STOP for i in items):
                 stop = True
                 items = [i for i in items if i is not STOP]
+            if self._deferred and (stop or time.monotonic() >= self._deferred_at):
+                items, self._deferred = self._deferred + items, []
             if items:
-                self._write(items)
+                try:
+                    self._write(items, last_chance=stop)
+                except Exception as e:  # a bug here must not stop the writer for good
+                    log.error("unexpected error in the writer; jobs will be retried",
+                              exc_info=e)
+                    self._end(items)
         self.db.conn.close()
 
     # -- one batch ----------------------------------------------------------------------
-    def _write(self, items: list) -> None:
+    def _write(self, items: list, *, last_chance: bool = False) -> None:
+        """Write one batch. Every item ends its job exactly once (on_job_end), except when
+        the database cannot be written: then the batch is kept and written again later."""
         outcomes: list[Outcome] = []
         rows: list[tuple[ImageRow, Job, Captioned]] = []
         failures: list[Failed] = []
+        requeue: list[Job] = []  # changed while being captioned: run again
+        gone: list[str] = []  # deleted while being captioned: forget
         for item in items:
             if isinstance(item, Failed):
                 failures.append(item)
                 continue
+            p = item.prepared
             try:
                 row = self._sidecar(item)
-            except OSError as e:
-                if e.errno in TRANSIENT_ERRNOS:
-                    failures.append(Failed(item.prepared.job, _os_reason("writing sidecar", e),
-                                           transient=True))
-                    continue
-                raise
+            except OSError as e:  # disk full, I/O error: nothing was left; try again later
+                failures.append(Failed(p.job, _os_reason("writing sidecar", e),
+                                       transient=True, identity=(p.size, p.mtime_ns)))
+                continue
+            except Exception as e:
+                log.error("unexpected error writing a sidecar", path=str(p.job.path),
+                          exc_info=e)
+                failures.append(Failed(p.job, f"unexpected error writing the sidecar: "
+                                       f"{type(e).__name__}: {e}",
+                                       identity=(p.size, p.mtime_ns)))
+                continue
             if isinstance(row, Outcome):  # stale or gone: no row
+                (gone.append(row.path) if row.state == "gone" else requeue.append(p.job))
                 outcomes.append(row)
                 continue
-            rows.append((row, item.prepared.job, item))
+            rows.append((row, p.job, item))
         try:
             with transaction(self.db):
+                for job in requeue:
+                    self.jobs.release(job)
+                for path in gone:
+                    self.jobs.forget(path)
                 finished = []
                 for row, job, item in rows:
                     self.index.upsert(row)
@@ -107,13 +139,17 @@ class Writer(threading.Thread):
                         outcomes.append(Outcome(row.path, "requeued", "changed meanwhile"))
                 for f in failures:
                     outcomes.append(self._failure(f))
+                # Test-only seam (watcher.faults) where SQLite reports a full disk: COMMIT.
+                faults.hit("db_commit", [r.path for r, _, _ in rows])
         except sqlite3.OperationalError as e:
             # Disk full or I/O error on the database: nothing was committed. Sidecars already
-            # written hold the same deterministic text, so the retry finds them "same".
-            self._retry_later(rows, failures, e)
-            for _ in range(len(rows) + len(failures) + len(outcomes)):
-                self.on_job_end()
+            # written hold the same deterministic text, so the next attempt finds them "same".
+            if not last_chance and self._defer(items, e):
+                return
+            self._retry_later(rows, failures, requeue, e)
+            self._end(items)
             return
+        self._db_failures = 0
         for row, item in finished:
             outcomes.append(Outcome(row.path, "done", None, row.caption, row.sidecar,
                                     row.sidecar_state, item.reused))
@@ -122,9 +158,26 @@ class Writer(threading.Thread):
                      reused=item.reused)
         for o in outcomes:
             self.on_outcome(o)
+        self._end(items)
+
+    def _end(self, items: list) -> None:
+        for _ in items:
             self.on_job_end()
 
-    def _retry_later(self, rows, failures, exc: Exception) -> None:
+    def _defer(self, items: list, exc: Exception) -> bool:
+        """Keep the batch (captions included) in memory and write it again after a pause, so
+        a full disk costs no model work. False once that has failed max_attempts times."""
+        self._db_failures += 1
+        if self._db_failures > self.cfg.max_attempts:
+            return False
+        delay = min(60.0, max(0.1, self.cfg.retry_backoff) * 2 ** (self._db_failures - 1))
+        log.warning("database write failed; will write again", error=str(exc),
+                    images=len(items), seconds=round(delay, 1))
+        self._deferred = items + self._deferred
+        self._deferred_at = time.monotonic() + delay
+        return True
+
+    def _retry_later(self, rows, failures, requeue, exc: Exception) -> None:
         reason = f"database write failed: {exc}"
         log.warning("database write failed; jobs will be retried", error=str(exc))
         try:
@@ -135,6 +188,8 @@ class Writer(threading.Thread):
                                    backoff=self.cfg.retry_backoff)
                 for f in failures:
                     self.jobs.release(f.job, self.cfg.retry_backoff)
+                for job in requeue:
+                    self.jobs.release(job)
         except sqlite3.OperationalError:
             # Still failing: the jobs stay `running` and are recovered at the next start.
             log.error("database still not writable", error=str(exc))
@@ -167,13 +222,11 @@ class Writer(threading.Thread):
         path = str(job.path)
         try:
             now_identity = file_identity(job.path)
-        except FileNotFoundError:
-            self.jobs.forget(path)
+        except (FileNotFoundError, NotADirectoryError):
+            log.info("image deleted while being captioned", path=path)
             return Outcome(path, "gone", "image deleted while being captioned")
         if now_identity != (p.size, p.mtime_ns):
             # Replaced while the model ran: this caption describes old bytes. Run it again.
-            with transaction(self.db):
-                self.jobs.release(job)
             log.info("image changed while being captioned; re-queued", path=path)
             return Outcome(path, "requeued", "image changed while being captioned")
         folder = self._folder(job)
@@ -190,23 +243,24 @@ class Writer(threading.Thread):
         sidecar = naming.path
         text = caption + "\n"
         ours = existing.sidecar_sha256 if existing else None
-        decision = decide(folder.overwrite, sidecar, ours, text)
         error = None
-        if decision == "write":
-            try:
-                ours = write_atomic(sidecar, text)
-                state = "written"
-            except OSError as e:
-                if e.errno not in BLOCKED_ERRNOS:
-                    raise
-                state, error = "pending", _os_reason("cannot write sidecar", e)
-                log.warning("sidecar not written; caption kept in the index", path=path,
-                            sidecar=str(sidecar), reason=error)
-        elif decision == "same":
-            ours, state = text_hash(text), "written"
-        else:
-            state = "kept"
-            log.info("kept existing sidecar (not ours)", path=path, sidecar=str(sidecar))
+        try:
+            decision = decide(folder.overwrite, sidecar, ours, text)
+            if decision == "write":
+                ours, state = write_atomic(sidecar, text), "written"
+            elif decision == "same":
+                ours, state = text_hash(text), "written"
+            else:
+                state = "kept"
+                log.info("kept existing sidecar (not ours)", path=path, sidecar=str(sidecar))
+        except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS:
+                raise  # disk full and the like: the job is retried later, nothing kept
+            # Read-only folder, permissions, a name too long...: the caption is not lost, it
+            # goes in the index; the sidecar waits for `watcher retry`.
+            state, error = "pending", _os_reason("cannot write sidecar", e)
+            log.warning("sidecar not written; caption kept in the index", path=path,
+                        sidecar=str(sidecar), reason=error)
         now = time.time()
         return ImageRow(
             path=path, root=str(job.root), sha256=p.sha256, size=p.size, mtime_ns=p.mtime_ns,
