@@ -179,6 +179,10 @@ def test_three_copies_captioned_once(tmp_path, tiny_llava):
         wait_for(lambda: all(sidecar_ready(watched / f"{n}.jpg") for n in names), 60,
                  "three sidecars")
         wait_for(lambda: len(d.logged("captioned")) == 3, 30, "three log lines")
+        for e in d.logged("captioned"):  # every image: path, task, model, ms, outcome
+            assert e["path"].startswith(str(watched)) and e["task"] == "short"
+            assert e["model"] == str(tiny_llava) and e["outcome"] == "written"
+            assert isinstance(e["ms"], float) and e["level"] == "info" and e["timestamp"]
         ran = [e for e in d.logged("captioned") if not e["reused"]]
         assert len(ran) == 1, "the model ran more than once for identical bytes"
         assert len({(watched / f"{n}.txt").read_text() for n in names}) == 1
