@@ -71,14 +71,17 @@ def service_section(unit: str) -> list[tuple[str, str]]:
 # --- systemd ----------------------------------------------------------------------------------
 
 def test_render_systemd(cfg):
-    unit = render_systemd(cfg, CONFIG)
+    # A fixed interpreter path: where this checkout lives (under /tmp in some CI runs) must
+    # not change what is asserted; the verify tests below use the real interpreter.
+    python = "/opt/watcher/bin/python"
+    unit = render_systemd(cfg, CONFIG, python, env={})
     assert "@" not in unit.replace("$MAINPID", "")  # every placeholder filled
     assert not any(line.startswith("#@") for line in unit.splitlines())
     pairs = service_section(unit)
     kv = dict(pairs)
     assert kv["Type"] == "notify"
     assert kv["NotifyAccess"] == "main"
-    assert kv["ExecStart"] == f'"{PYTHON}" -m watcher --config {CONFIG} run'
+    assert kv["ExecStart"] == f'"{python}" -m watcher --config {CONFIG} run'
     assert kv["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert kv["Restart"] == "on-failure"
     assert kv["WatchdogSec"] == "120"
