@@ -44,8 +44,11 @@ def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra)
 
 
 class Daemon:
-    def __init__(self, config: Path, tmp_path: Path, *args: str, env: dict | None = None):
+    def __init__(self, config: Path, tmp_path: Path, *args: str, env: dict | None = None,
+                 wrapper: tuple[str, ...] = ()):
+        """`wrapper`: a command the daemon runs under (e.g. setpriv dropping capabilities)."""
         self.config = config
+        self.wrapper = tuple(wrapper)
         self.db = Path(yaml.safe_load(config.read_text())["database"])
         self.log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
         self.args = args
@@ -56,7 +59,7 @@ class Daemon:
     def start(self, wait_ready: bool = True) -> Daemon:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "--config", str(self.config), "run",
+            [*self.wrapper, sys.executable, "-m", "watcher", "--config", str(self.config), "run",
              *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         if wait_ready:
             wait_for(lambda: self.logged("watching") or self._dead(), 120, "daemon start")

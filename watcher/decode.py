@@ -110,7 +110,7 @@ def file_identity(path: Path) -> tuple[int, int]:
 def prepare(job: Job, *, max_pixels: int, max_side: int, now: float | None = None) -> Prepared:
     """Read, hash and decode `job.path`. Raises DecodeError."""
     now = time.time() if now is None else now
-    data, st = _read_file(Path(job.path), max_pixels)
+    data, st = _read_file(_confined(Path(job.path), Path(job.root)), max_pixels)
     recent = abs(now - st.st_mtime_ns / 1e9) <= RECENT_SECONDS
     if not data:
         raise DecodeError("empty file (0 bytes)", transient=recent)
@@ -122,6 +122,17 @@ def prepare(job: Job, *, max_pixels: int, max_side: int, now: float | None = Non
 
 
 # --- reading ----------------------------------------------------------------------------
+
+def _confined(path: Path, root: Path) -> Path:
+    """`path` with symlinks resolved, refused if that leads out of the watched `root`: nothing
+    outside the watched folders is ever opened. (The scan and the file events already skip
+    such links; this is the last check, right before the open.)"""
+    real = os.path.realpath(path)
+    top = os.path.realpath(root)
+    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+        raise DecodeError("symbolic link points outside the watched folder; not followed")
+    return Path(real)
+
 
 def _read_file(path: Path, max_pixels: int) -> tuple[bytes, os.stat_result]:
     """All bytes of the regular file `path`, read through one open, and its stat. The file must

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,21 @@ class Filter:
             return False
         return real == root or root in real.parents
 
+    def refused_link(self, path: Path) -> str | None:
+        """Why the symlink at `path` is not followed (None: not a symlink, or one that stays
+        inside the root). Nothing outside the watched folder is opened, not even to look."""
+        if not os.path.islink(path):
+            return None
+        try:
+            os.path.realpath(path, strict=True)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "symbolic link loop (too many levels of symbolic links)"
+            return None  # dangling: there is nothing to caption, nor to read
+        if not self.inside(path):
+            return "symbolic link points outside the watched folder; not followed"
+        return None
+
 
 @dataclass
 class ScanResult:
@@ -107,7 +124,9 @@ def walk(filt: Filter, top: Path | None = None) -> Iterator[tuple[Path, os.stat_
                     if not filt.wants(p):
                         continue
                     if entry.is_symlink():
-                        if not filt.inside(p):
+                        refused = filt.refused_link(p)
+                        if refused is not None:
+                            log.warning("skipped", path=str(p), reason=refused)
                             continue
                         st = entry.stat(follow_symlinks=True)
                     else:
@@ -130,8 +149,6 @@ def _remove_stale_temp(path: Path) -> None:
 
 
 def _regular(st: os.stat_result) -> bool:
-    import stat
-
     return stat.S_ISREG(st.st_mode)
 
 
@@ -186,6 +203,21 @@ class FolderHandler:
         except Exception:
             log.exception("error handling a file event", event=repr(event))
 
+    def _followable(self, path: Path) -> bool:
+        """Not a symlink out of the root or in a loop, and not a named pipe, socket or
+        device (opening a FIFO blocks until someone writes to it)."""
+        refused = self.filter.refused_link(path)
+        if refused is None:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                return True  # gone already, or not readable: the later stages say so
+            if not stat.S_ISREG(mode):
+                refused = "not a regular file"
+        if refused is not None:
+            log.warning("skipped", path=str(path), reason=refused)
+        return refused is None
+
     def _dispatch(self, event) -> None:
         kind = event.event_type
         if kind in ("opened", "closed_no_write"):
@@ -207,7 +239,7 @@ class FolderHandler:
         if getattr(event, "is_synthetic", False):
             return  # sub-events of a directory move; the dir_appeared scan covers them
         if kind in ("created", "modified", "closed"):
-            if self.filter.wants(src):
+            if self.filter.wants(src) and self._followable(src):
                 self.sink.file_touched(src, self.folder)
         elif kind == "deleted":
             if self.filter.wants(src):
@@ -215,7 +247,10 @@ class FolderHandler:
         elif kind == "moved" and dest is not None:
             src_ok = self.filter.wants(src)
             dest_ok = self.filter.wants(dest) and self.filter.relative(dest) is not None
-            if src_ok and dest_ok:
+            if dest_ok and not self._followable(dest):
+                if src_ok:
+                    self.sink.file_deleted(src, self.folder)
+            elif src_ok and dest_ok:
                 self.sink.file_moved(src, dest, self.folder)
             elif dest_ok:  # atomic save: `photo.jpg.part` -> `photo.jpg`, or moved in
                 self.sink.file_touched(dest, self.folder)

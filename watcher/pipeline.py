@@ -48,7 +48,9 @@ class Pipeline:
         self._stopping = threading.Event()
         self.work_q: queue.Queue = queue.Queue()
         self.write_q: queue.Queue = queue.Queue()
-        self.worker = ModelWorker(backend, self.work_q, self.write_q, cfg.database)
+        self._decoding = 0  # claimed jobs not yet handed to the worker (or failed)
+        self.worker = ModelWorker(backend, self.work_q, self.write_q, cfg.database,
+                                  incoming=lambda: self._decoding)
         self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
@@ -126,6 +128,7 @@ class Pipeline:
                 if claimed:
                     with self._lock:
                         self._in_flight += len(claimed)
+                        self._decoding += len(claimed)
                     for job in claimed:
                         self._pool.submit(self._decode, job)
                     continue
@@ -137,6 +140,13 @@ class Pipeline:
             db.conn.close()
 
     def _decode(self, job: Job) -> None:
+        try:
+            self._prepare(job)
+        finally:  # after the hand-off: the worker may stop waiting for more
+            with self._lock:
+                self._decoding -= 1
+
+    def _prepare(self, job: Job) -> None:
         if self._stopping.is_set():
             self._cancelled.append(job)
             self._job_end()

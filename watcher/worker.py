@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from watcher.tasks import Task
 log = structlog.get_logger("watcher.worker")
 
 STOP = object()
+# The longest wait for a batch to fill before the first model call (later: one call's time).
+FILL_WAIT = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,13 +81,16 @@ class ModelWorker(threading.Thread):
     """
 
     def __init__(self, backend: Backend, inbox: queue.Queue, outbox: queue.Queue,
-                 db_path: Path, *, cache_size: int = 4096) -> None:
+                 db_path: Path, *, cache_size: int = 4096,
+                 incoming: Callable[[], int] = lambda: 0) -> None:
         super().__init__(name="model-worker", daemon=True)
         self.backend = backend
         self.inbox = inbox
         self.outbox = outbox
         self.db_path = db_path
         self.batch_limit = max(1, backend.max_batch)
+        self.incoming = incoming  # images claimed and still being decoded: more work coming
+        self._last_call = 0.0  # seconds the last model call took
         self._cache: OrderedDict[tuple, tuple[str, ...]] = OrderedDict()
         self._cache_size = cache_size
         self.model_calls = 0  # batches sent to the model
@@ -106,16 +112,7 @@ class ModelWorker(threading.Thread):
             self.heartbeat = time.monotonic()
             if first is STOP:
                 break
-            batch = [first]
-            while len(batch) < self.batch_limit:
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is STOP:
-                    draining = True
-                    break
-                batch.append(item)
+            batch, draining = self._gather(first)
             self._process(batch)
             if draining:
                 break
@@ -130,6 +127,35 @@ class ModelWorker(threading.Thread):
         self.index.db.conn.close()
 
     # -- batching -----------------------------------------------------------------------
+    def _gather(self, first: Work) -> tuple[list[Work], bool]:
+        """`first` and whatever is waiting, up to the batch limit; (batch, STOP seen).
+
+        While images the feeder has claimed are still being decoded (`incoming()`), wait for
+        them, so that a burst starts with a full batch instead of a batch of one, but never
+        longer than one model call took (or FILL_WAIT before the first): when decoding is the
+        slower side, waiting longer could only leave the model idle."""
+        batch = [first]
+        deadline = None
+        while len(batch) < self.batch_limit:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                if self.incoming() <= 0:
+                    break
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + (self._last_call if self._last_call else FILL_WAIT)
+                if now >= deadline:
+                    break
+                try:
+                    item = self.inbox.get(timeout=min(deadline - now, 0.005))
+                except queue.Empty:
+                    continue
+            if item is STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
     def _process(self, batch: list[Work]) -> None:
         groups: dict[tuple, list[Work]] = {}
         for w in batch:
@@ -160,10 +186,14 @@ class ModelWorker(threading.Thread):
             self._cache.popitem(last=False)
 
     def _process_group(self, tasks: tuple[Task, ...], works: list[Work]) -> None:
-        # Identical bytes run once: copies take the first one's outputs.
+        # Identical bytes run once: copies take the first one's outputs (or its failure).
         todo: dict[str, list[Work]] = {}
         for w in works:
-            known = self._known(w.prepared.sha256, tasks)
+            try:
+                known = self._known(w.prepared.sha256, tasks)
+            except Exception as e:  # the index is busy or unreadable: run the model instead
+                log.warning("could not look up earlier captions", error=str(e))
+                known = None
             if known is not None:
                 self._emit(w, tasks, known, reused=True, ms=0.0)
             else:
@@ -172,14 +202,17 @@ class ModelWorker(threading.Thread):
         for start in range(0, len(unique), self.batch_limit):
             chunk = unique[start:start + self.batch_limit]
             for w, outputs, ms in self._run(tasks, chunk):
-                if outputs is None:
+                copies = todo[w.prepared.sha256]
+                if isinstance(outputs, Failed):
+                    for copy in copies:
+                        self._fail(copy, outputs.reason, transient=outputs.transient)
                     continue
                 self._remember(self._cache_key(w.prepared.sha256, tasks), outputs)
-                for i, copy in enumerate(todo[w.prepared.sha256]):
+                for i, copy in enumerate(copies):
                     self._emit(copy, tasks, outputs, reused=i > 0, ms=ms)
 
     def _run(self, tasks: tuple[Task, ...], chunk: list[Work]):
-        """Yield (work, outputs or None, ms per image). Failures are sent to the outbox."""
+        """Yield (work, outputs or a Failed, ms per image) for every work in `chunk`."""
         t0 = time.perf_counter()
         try:
             self.model_calls += 1
@@ -196,6 +229,7 @@ class ModelWorker(threading.Thread):
             return
         elapsed = time.perf_counter() - t0
         self.busy_seconds += elapsed
+        self._last_call = elapsed
         self.images_run += len(chunk)
         self.heartbeat = time.monotonic()
         for w, outputs in zip(chunk, results, strict=True):
@@ -212,8 +246,9 @@ class ModelWorker(threading.Thread):
                 yield from self._run(tasks, chunk[:half])
                 yield from self._run(tasks, chunk[half:])
                 return
-            self._fail(chunk[0], "out of memory running the model", transient=True)
-            yield chunk[0], None, 0.0
+            log.error("out of memory on a single image", path=str(chunk[0].prepared.job.path))
+            yield chunk[0], Failed(chunk[0].prepared.job, "out of memory running the model",
+                                   transient=True), 0.0
             return
         if len(chunk) > 1:
             log.warning("model error on a batch; retrying one image at a time",
@@ -223,8 +258,8 @@ class ModelWorker(threading.Thread):
             return
         log.error("model failed on image", path=str(chunk[0].prepared.job.path),
                   error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-        self._fail(chunk[0], f"model error: {type(exc).__name__}: {exc}", transient=False)
-        yield chunk[0], None, 0.0
+        yield chunk[0], Failed(chunk[0].prepared.job, _first_line(
+            f"model error: {type(exc).__name__}: {exc}")), 0.0
 
     def _fail(self, w: Work, reason: str, *, transient: bool) -> None:
         p = w.prepared
@@ -233,3 +268,9 @@ class ModelWorker(threading.Thread):
     def _emit(self, w: Work, tasks, outputs, *, reused: bool, ms: float) -> None:
         self.outbox.put(Captioned(w.prepared, tasks, tuple(outputs), self.backend.name,
                                   self.backend.revision, reused, ms))
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """A reason for `watcher status`: one line, bounded (model errors can be pages long)."""
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -100,7 +100,7 @@ class Writer(threading.Thread):
         rows: list[tuple[ImageRow, Job, Captioned]] = []
         failures: list[Failed] = []
         requeue: list[Job] = []  # changed while being captioned: run again
-        gone: list[str] = []  # deleted while being captioned: forget
+        gone: list[Job] = []  # deleted while being captioned: forget
         for item in items:
             if isinstance(item, Failed):
                 failures.append(item)
@@ -120,7 +120,7 @@ class Writer(threading.Thread):
                                        identity=(p.size, p.mtime_ns)))
                 continue
             if isinstance(row, Outcome):  # stale or gone: no row
-                (gone.append(row.path) if row.state == "gone" else requeue.append(p.job))
+                (gone if row.state == "gone" else requeue).append(p.job)
                 outcomes.append(row)
                 continue
             rows.append((row, p.job, item))
@@ -128,8 +128,9 @@ class Writer(threading.Thread):
             with transaction(self.db):
                 for job in requeue:
                     self.jobs.release(job)
-                for path in gone:
-                    self.jobs.forget(path)
+                for job in gone:  # as when decode finds the file gone: forget it
+                    self.jobs.forget(str(job.path))
+                    self.index.delete(str(job.path))
                 finished = []
                 for row, job, item in rows:
                     self.index.upsert(row)
@@ -146,13 +147,13 @@ class Writer(threading.Thread):
             # written hold the same deterministic text, so the next attempt finds them "same".
             if not last_chance and self._defer(items, e):
                 return
-            self._retry_later(rows, failures, requeue, e)
+            self._retry_later(rows, failures, requeue + gone, e)
             self._end(items)
             return
         self._db_failures = 0
         for row, item in finished:
-            outcomes.append(Outcome(row.path, "done", None, row.caption, row.sidecar,
-                                    row.sidecar_state, item.reused))
+            outcomes.append(Outcome(row.path, "done", row.sidecar_error, row.caption,
+                                    row.sidecar, row.sidecar_state, item.reused))
             log.info("captioned", path=row.path, task=row.task, model=row.model,
                      ms=round(item.model_ms, 1), outcome=row.sidecar_state,
                      reused=item.reused)
@@ -177,7 +178,7 @@ class Writer(threading.Thread):
         self._deferred_at = time.monotonic() + delay
         return True
 
-    def _retry_later(self, rows, failures, requeue, exc: Exception) -> None:
+    def _retry_later(self, rows, failures, recheck, exc: Exception) -> None:
         reason = f"database write failed: {exc}"
         log.warning("database write failed; jobs will be retried", error=str(exc))
         try:
@@ -188,7 +189,7 @@ class Writer(threading.Thread):
                                    backoff=self.cfg.retry_backoff)
                 for f in failures:
                     self.jobs.release(f.job, self.cfg.retry_backoff)
-                for job in requeue:
+                for job in recheck:  # changed or gone: the next run sees which
                     self.jobs.release(job)
         except sqlite3.OperationalError:
             # Still failing: the jobs stay `running` and are recovered at the next start.
