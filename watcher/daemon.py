@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ class Tracker(Sink):
         self.lock = threading.Lock()
         self.settler: Settler = settler_factory(self.enqueue_ready)
         self.on_enqueued = lambda: None
+        self.stopping = threading.Event()
 
     # -- from the settler ---------------------------------------------------------------
     def enqueue_ready(self, ready: list[Ready]) -> None:
@@ -120,6 +122,19 @@ class Tracker(Sink):
 
     # -- catch-up scan ------------------------------------------------------------------
     def scan(self, folder: FolderConfig, top: Path | None = None) -> None:
+        """Catch-up scan; a database error (disk full) is retried with backoff."""
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                self._scan(folder, top)
+                return
+            except sqlite3.Error as e:
+                log.warning("scan could not write to the database; will retry",
+                            folder=str(top or folder.path), error=str(e), seconds=delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _scan(self, folder: FolderConfig, top: Path | None = None) -> None:
         t0 = time.perf_counter()
         with self.lock:
             indexed = self.index.stats_under(str(top or folder.path))
@@ -238,6 +253,7 @@ class Daemon:
             self._loop()
             self.notifier.stopping()
             log.info("stopping")
+            self.tracker.stopping.set()
             for w in self.watches.values():
                 w.stop()
             self.tracker.settler.stop()
@@ -328,14 +344,19 @@ class Daemon:
         return time.monotonic() + folder.rescan_minutes * 60
 
     def _heartbeat(self, wd: float | None) -> None:
-        with self.tracker.lock:
-            counts = self.tracker.jobs.counts()
-            with transaction(self.tracker.db):
-                self.tracker.db.conn.execute(
-                    "UPDATE daemon SET heartbeat = ? WHERE id = 1", (time.time(),))
-        self.notifier.status(
-            f"{counts['pending'] + self.tracker.settler.pending()} queued, "
-            f"{counts['running']} running, {counts['done']} done, {counts['failed']} failed")
+        try:
+            with self.tracker.lock:
+                counts = self.tracker.jobs.counts()
+                with transaction(self.tracker.db):
+                    self.tracker.db.conn.execute(
+                        "UPDATE daemon SET heartbeat = ? WHERE id = 1", (time.time(),))
+        except sqlite3.Error as e:  # disk full under the database: keep running, say so
+            log.warning("cannot write to the database", error=str(e))
+        else:
+            self.notifier.status(
+                f"{counts['pending'] + self.tracker.settler.pending()} queued, "
+                f"{counts['running']} running, {counts['done']} done, "
+                f"{counts['failed']} failed")
         # Only a worker that is alive and not stuck in one model call pets the watchdog.
         worker = self.pipeline.worker
         stuck_after = wd if wd else 600

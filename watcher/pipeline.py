@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -122,7 +123,13 @@ class Pipeline:
                         want = 1
                     else:
                         continue
-                claimed = jobs.claim(want, self.roots)
+                try:
+                    claimed = jobs.claim(want, self.roots)
+                except sqlite3.Error as e:  # disk full or locked: keep the thread, retry
+                    log.warning("cannot claim jobs from the database; will retry",
+                                error=str(e))
+                    claimed = []
+                    self._stopping.wait(1.0)
                 for _ in range(want - len(claimed)):
                     self._slots.release()
                 if claimed:
@@ -132,7 +139,10 @@ class Pipeline:
                     for job in claimed:
                         self._pool.submit(self._decode, job)
                     continue
-                due = jobs.next_due()
+                try:
+                    due = jobs.next_due()
+                except sqlite3.Error:
+                    due = None
                 wait = 1.0 if due is None else min(1.0, max(0.02, due - time.time()))
                 self._wake.wait(wait)
                 self._wake.clear()

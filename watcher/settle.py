@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -92,8 +93,11 @@ class Settler(threading.Thread):
             if ready:
                 try:
                     self.on_ready(ready)
-                except Exception:
-                    log.exception("could not queue settled files; will try again")
+                except Exception as e:  # e.g. disk full under the database
+                    log.warning("could not queue settled files; will try again",
+                                error=f"{type(e).__name__}: {e}")
+                    with self._cond:
+                        self._cond.wait(1.0)
                     continue
                 with self._cond:
                     for r in ready:
@@ -115,6 +119,9 @@ class Settler(threading.Thread):
                 gone.append(path)
                 continue
             except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device to "check" it
+                gone.append(path)
                 continue
             identity = (st.st_size, st.st_mtime_ns)
             if identity != w.identity:
