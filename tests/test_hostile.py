@@ -339,6 +339,10 @@ def test_awkward_file_names(tmp_path, tiny_llava, recorder):
     assert "sidecars pending" in status and f"{long_png}: {reason}" in status
     assert not [p for p in tmp_path.rglob("pwned*")], "a file name reached a shell"
     assert not _temp_files(pics)
+    # A newline in a name is escaped on screen, so each image stays on one line.
+    code, found, _ = _run("--config", str(cfg), "search", rows[str(pics / "new\nline.jpg")][
+        "caption"])
+    assert code == 0 and f"{pics}/new\\x0aline.jpg" in found.splitlines()
 
 
 # --- files and folders: case 13 ---------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from watcher.config import Config, ConfigError, default_config_path, load_config
+from watcher.status import shown
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -137,7 +138,7 @@ class Progress:
             else:
                 detail = outcome.sidecar if outcome.state == "done" else outcome.reason
                 self.stream.write(f"[{self.done}/{self.total}] {outcome.state}: "
-                                  f"{outcome.path} ({detail})\n")
+                                  f"{shown(outcome.path)} ({detail})\n")
             self.stream.flush()
 
 
@@ -217,9 +218,9 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         line += f", {len(failed)} failed"
         print(line, file=out)
         for o in blocked:
-            print(f"sidecar pending: {o.path}: {o.reason or 'not writable'}", file=out)
+            print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
         for f in failed:
-            print(f"failed: {f.path}: {f.error}", file=out)
+            print(f"failed: {shown(f.path)}: {f.error}", file=out)
         return EXIT_FAILED if failed else EXIT_OK
     finally:
         lock.release()
@@ -248,7 +249,7 @@ def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         out.write("\n")
     else:
         for row, _ in hits:
-            print(row.path, file=out)
+            print(shown(row.path), file=out)
             print(f"    {row.caption}", file=out)
         if not hits:
             print("no matches", file=err)
@@ -281,7 +282,7 @@ def cmd_retry(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     written, still = write_pending_sidecars(db, cfg, paths)
     print(f"{n} failed images queued again; {written} pending sidecars written", file=out)
     for path, reason in still:
-        print(f"sidecar still pending: {path}: {reason}", file=out)
+        print(f"sidecar still pending: {shown(path)}: {reason}", file=out)
     _signal_daemon(cfg, None)
     return EXIT_OK if not still else EXIT_FAILED
 

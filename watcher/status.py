@@ -74,13 +74,20 @@ def collect(db_path: Path) -> dict:
         db.conn.close()
 
 
+def shown(path: str) -> str:
+    """A path for a terminal line: control characters (a newline in a file name) escaped so
+    one entry stays on one line. --json output keeps the exact path."""
+    return "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in path)
+
+
 def render(report: dict) -> str:
     lines = [f"database: {report['database']}"]
     d = report.get("daemon")
     if d and d["running"]:
         lines.append(f"daemon: running (pid {d['pid']}), watching {len(d['folders'])} folders")
         for f in d["folders"]:
-            lines.append(f"  {f['path']}" + (f"  [{f['error']}]" if f.get("error") else ""))
+            lines.append(f"  {shown(f['path'])}"
+                         + (f"  [{f['error']}]" if f.get("error") else ""))
     else:
         lines.append("daemon: not running")
     q = report.get("queue") or {}
@@ -92,9 +99,9 @@ def render(report: dict) -> str:
         lines.append(f"sidecars pending (folder not writable; `watcher retry --all` once it is):"
                      f" {report['sidecars_pending']}")
         for s in report.get("sidecars_pending_list", []):
-            lines.append(f"  {s['path']}: {s['reason']}")
+            lines.append(f"  {shown(s['path'])}: {s['reason']}")
     if report["failures"]:
         lines.append("last failures:")
         for f in report["failures"]:
-            lines.append(f"  {f['path']}: {f['reason']}")
+            lines.append(f"  {shown(f['path'])}: {f['reason']}")
     return "\n".join(lines) + "\n"
