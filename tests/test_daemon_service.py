@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import yaml
 from daemon_harness import Daemon, sidecar_ready, wait_for, write_config
@@ -154,3 +155,55 @@ def test_failed_files_show_in_status_and_retry_requeues(tmp_path, tiny_llava):
         wait_for(lambda: (d.job_state(watched / "bad2.png") or ("",))[0] == "failed"
                  and len(d.logged("image failed", path=str(watched / "bad2.png"))) == 2, 60,
                  "retried and failed again, with its reason")
+
+
+def test_hung_model_worker_stops_the_watchdog_pings_and_idle_does_not(tmp_path, tiny_llava):
+    """WATCHDOG=1 comes only while the model worker makes progress: a model call that hangs
+    (held at the test-only gate) stops the pings so systemd restarts the service; an idle
+    worker keeps them coming."""
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    gate = tmp_path / "gate"
+    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}])
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000",
+           "WATCHER_FAULTS": json.dumps({"model": {"gate": str(gate), "times": 1}})}
+
+    def next_datagram() -> list[str]:
+        return sock.recv(4096).decode().splitlines()
+
+    try:
+        with Daemon(cfg, tmp_path, env=env) as d:
+            # Idle: pings arrive.
+            wait_for(lambda: "WATCHDOG=1" in next_datagram(), 30, "pings while idle")
+            distinct_image(1, watched / "a.jpg")
+            wait_for(lambda: gate.with_name("gate.reached").exists(), 60, "model call held")
+            stuck = "model worker is not responding; not confirming the watchdog"
+            wait_for(lambda: d.logged(stuck), 30, "the hang to be noticed")
+            # From now until the gate opens, no ping: drain what is queued, then listen.
+            sock.settimeout(0.01)
+            while True:
+                try:
+                    sock.recv(4096)
+                except TimeoutError:
+                    break
+            received: list[str] = []
+            listen_until = time.monotonic() + 2.5  # the loop ticks every 1/6 s: many ticks
+            while (left := listen_until - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    received += next_datagram()
+                except TimeoutError:
+                    break
+            assert "WATCHDOG=1" not in received and any(
+                r.startswith("STATUS=") for r in received), received
+            gate.touch()
+            wait_for(lambda: sidecar_ready(watched / "a.jpg"), 60, "caption after release")
+            sock.settimeout(30)
+            wait_for(lambda: "WATCHDOG=1" in next_datagram(), 30, "pings again")
+            assert len(d.logged(stuck)) == 1 and d.logged("model worker responding again")
+    finally:
+        sock.close()

@@ -213,6 +213,7 @@ class Daemon:
         self.wake = threading.Event()
         self.notifier = Notifier.from_env()
         self.watches: dict[Path, Watch] = {}
+        self._worker_stuck = False
 
     def run(self) -> int:
         from watcher.backends import ModelUnavailable, load_backend
@@ -360,11 +361,16 @@ class Daemon:
         # Only a worker that is alive and not stuck in one model call pets the watchdog.
         worker = self.pipeline.worker
         stuck_after = wd if wd else 600
-        if worker.is_alive() and time.monotonic() - worker.heartbeat < stuck_after:
+        silent = time.monotonic() - worker.heartbeat
+        if worker.is_alive() and silent < stuck_after:
             self.notifier.watchdog()
-        else:
-            log.error("model worker is not responding", seconds=round(
-                time.monotonic() - worker.heartbeat))
+            if self._worker_stuck:
+                log.info("model worker responding again")
+                self._worker_stuck = False
+        elif not self._worker_stuck:  # said once, not at every tick
+            self._worker_stuck = True
+            log.error("model worker is not responding; not confirming the watchdog",
+                      seconds=round(silent), alive=worker.is_alive())
 
     def _write_daemon_row(self, *, started: bool = False, stopped: bool = False) -> None:
         folders = json.dumps([w.describe() for w in self.watches.values()])
