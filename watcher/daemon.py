@@ -70,23 +70,30 @@ class Tracker(Sink):
 
     def file_moved(self, src: Path, dest: Path, folder: FolderConfig) -> None:
         self.settler.forget(src)
-        with self.lock:
+        # One write transaction from reading the row to moving it: the writer cannot commit
+        # this image's row in between (it would be left behind under the old name).
+        with self.lock, transaction(self.db):
             row = self.index.get(str(src))
-            if row is None:  # never captioned (or still queued): treat as new
-                with transaction(self.db):
-                    self.jobs.forget(str(src))
+            if row is None:
+                # Not captioned yet, perhaps in flight: the job follows the file and runs
+                # again under the new name; a result in flight for the old name is dropped.
+                moved = self.jobs.move(str(src), str(dest), rerun=True)
+                new_sidecar = None
             else:
+                moved = False
                 new_sidecar = self._move_sidecar(row, dest, folder)
-                with transaction(self.db):
-                    self.index.delete(str(dest))
-                    self.index.move(str(src), str(dest), new_sidecar)
-                    self.jobs.move(str(src), str(dest))
-                log.info("image moved; index row follows", src=str(src), dest=str(dest),
-                         sidecar=new_sidecar)
-                if new_sidecar is not None:
-                    return
-        # No sidecar followed: queue it; identical bytes are known, so no model work.
-        self.settler.touch(dest, folder.path, folder.settle_seconds)
+                self.index.delete(str(dest))
+                self.index.move(str(src), str(dest), new_sidecar)
+                self.jobs.move(str(src), str(dest))
+        if row is not None:
+            log.info("image moved; index row follows", src=str(src), dest=str(dest),
+                     sidecar=new_sidecar)
+        if moved:
+            self.on_enqueued()
+        elif new_sidecar is None:
+            # No sidecar followed (or never captioned): queue the new name; identical bytes
+            # are known, so no model work.
+            self.settler.touch(dest, folder.path, folder.settle_seconds)
 
     def _move_sidecar(self, row, dest: Path, folder: FolderConfig) -> str | None:
         if not row.sidecar or not row.sidecar_sha256:

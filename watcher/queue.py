@@ -150,9 +150,18 @@ class JobQueue:
     def forget(self, path: str) -> None:
         self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (path,))
 
-    def move(self, src: str, dest: str) -> None:
+    def move(self, src: str, dest: str, *, rerun: bool = False) -> bool:
+        """The job follows its file. With `rerun` it is pending again (and a result already
+        in flight for the old name is stale). True if there was a job to move."""
         self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (dest,))
-        self.db.conn.execute("UPDATE jobs SET path = ? WHERE path = ?", (dest, src))
+        if rerun:
+            return self.db.conn.execute(
+                """UPDATE jobs SET path = ?, gen = gen + 1, attempts = 0, error = NULL,
+                   next_try = 0, updated = ?,
+                   state = CASE WHEN state = 'running' THEN 'running' ELSE 'pending' END
+                   WHERE path = ?""", (dest, time.time(), src)).rowcount > 0
+        return self.db.conn.execute(
+            "UPDATE jobs SET path = ? WHERE path = ?", (dest, src)).rowcount > 0
 
     def retry(self, paths: Iterable[str] | None = None) -> int:
         """Re-queue failed jobs (all of them, or those for `paths`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import sqlite3
 import threading
@@ -59,6 +60,7 @@ class Writer(threading.Thread):
         self._deferred: list = []  # a batch the database refused, to be written again
         self._deferred_at = 0.0
         self._db_failures = 0
+        self._created: set[str] = set()  # sidecars this batch created (none existed before)
 
     def run(self) -> None:
         self.db = connect(self.db_path)
@@ -132,12 +134,17 @@ class Writer(threading.Thread):
                     self.jobs.forget(str(job.path))
                     self.index.delete(str(job.path))
                 finished = []
+                orphans = []
                 for row, job, item in rows:
-                    self.index.upsert(row)
+                    # Only a job still current gets its row: one re-queued, moved or deleted
+                    # while it ran must not leave a row (for a path that may be gone).
                     if self.jobs.finish(job):
+                        self.index.upsert(row)
                         finished.append((row, item))
                     else:
-                        outcomes.append(Outcome(row.path, "requeued", "changed meanwhile"))
+                        outcomes.append(Outcome(row.path, "requeued",
+                                                "changed, moved or deleted meanwhile"))
+                        orphans.append(row)
                 for f in failures:
                     outcomes.append(self._failure(f))
                 # Test-only seam (watcher.faults) where SQLite reports a full disk: COMMIT.
@@ -151,6 +158,9 @@ class Writer(threading.Thread):
             self._end(items)
             return
         self._db_failures = 0
+        for row in orphans:
+            self._remove_orphan(row)
+        self._created.clear()
         for row, item in finished:
             outcomes.append(Outcome(row.path, "done", row.sidecar_error, row.caption,
                                     row.sidecar, row.sidecar_state, item.reused))
@@ -160,6 +170,17 @@ class Writer(threading.Thread):
         for o in outcomes:
             self.on_outcome(o)
         self._end(items)
+
+    def _remove_orphan(self, row: ImageRow) -> None:
+        """A sidecar this batch created for an image that moved or vanished before its row
+        was committed describes nothing now: remove it (the new name gets its own)."""
+        if row.sidecar in self._created and not os.path.lexists(row.path):
+            try:
+                os.unlink(row.sidecar)
+                log.info("image moved or deleted while its sidecar was written; sidecar "
+                         "removed", path=row.path, sidecar=row.sidecar)
+            except OSError:
+                pass
 
     def _end(self, items: list) -> None:
         for _ in items:
@@ -248,7 +269,10 @@ class Writer(threading.Thread):
         try:
             decision = decide(folder.overwrite, sidecar, ours, text)
             if decision == "write":
+                fresh = not os.path.lexists(sidecar)
                 ours, state = write_atomic(sidecar, text), "written"
+                if fresh:
+                    self._created.add(str(sidecar))
             elif decision == "same":
                 ours, state = text_hash(text), "written"
             else:
