@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -26,6 +27,15 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """`watcher ARGV...` in-process, as the CLI runner: (exit code, stdout, stderr)."""
+    from watcher.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
 
 
 def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra) -> Path:

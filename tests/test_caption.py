@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sqlite3
 from collections import Counter
@@ -10,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import run_cli as _run
 from images import distinct_image, write_empty, write_text_as_png
-
-from watcher.cli import main
 
 
 def _config(tmp_path: Path, model: Path, **extra) -> Path:
@@ -29,12 +27,6 @@ def _config(tmp_path: Path, model: Path, **extra) -> Path:
     p = tmp_path / "config.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
-
-
-def _run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _rows(db: Path) -> dict[str, tuple]:

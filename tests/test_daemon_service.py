@@ -16,15 +16,21 @@ from daemon_harness import Daemon, sidecar_ready, wait_for, write_config
 from images import distinct_image, write_text_as_png
 
 
+def _notify_socket(tmp_path) -> tuple[str, socket.socket]:
+    """A real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(60)
+    return str(path), sock
+
+
 def test_notify_ready_status_watchdog_stopping_in_order(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     watched.mkdir()
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(60)
+    sock_path, sock = _notify_socket(tmp_path)
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched)}])
-    d = Daemon(cfg, tmp_path, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1500000"})
+    d = Daemon(cfg, tmp_path, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1500000"})
     d.start(wait_ready=False)
     seen: list[str] = []
 
@@ -163,13 +169,10 @@ def test_hung_model_worker_stops_the_watchdog_pings_and_idle_does_not(tmp_path, 
     worker keeps them coming."""
     watched = tmp_path / "watched"
     watched.mkdir()
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(60)
+    sock_path, sock = _notify_socket(tmp_path)
     gate = tmp_path / "gate"
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}])
-    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000",
+    env = {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000",
            "WATCHER_FAULTS": json.dumps({"model": {"gate": str(gate), "times": 1}})}
 
     def next_datagram() -> list[str]:

@@ -15,7 +15,6 @@ import ast
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -29,11 +28,11 @@ import images
 import pytest
 import yaml
 from daemon_harness import Daemon, sidecar_ready, wait_for, write_config
+from daemon_harness import run_cli as _run
 from images import distinct_image
 from PIL import Image
 
 from watcher import faults
-from watcher.cli import main
 from watcher.config import ConfigError, parse_config
 from watcher.decode import HEIF_AVAILABLE, HEIF_MISSING
 from watcher.sidecar import TEMP_SUFFIX
@@ -61,12 +60,6 @@ def _config(tmp_path: Path, model: Path, *, batch_size: int = 4, **extra) -> Pat
     p = tmp_path / "config.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
-
-
-def _run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _events(log_text: str, event: str) -> list[dict]:
