@@ -24,8 +24,9 @@ UNREADABLE_GRACE = 10.0
 class _Watch:
     root: Path
     settle: float
-    identity: tuple[int, int] | None
+    identity: tuple[int, int] | None  # (size, mtime_ns) when last seen
     stable_since: float
+    check_at: float  # when to look at it next
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,23 @@ class Settler(threading.Thread):
         self._pending: dict[Path, _Watch] = {}
         self._cond = threading.Condition()
         self._stop = False
+        self._wake_at = float("inf")  # when the loop's current wait ends
+        self._checked_at = 0.0
 
     def touch(self, path: Path, root: Path, settle_seconds: float) -> None:
-        """An event for `path`: (re)start its stability timer."""
+        """An event for `path`: (re)start its stability timer. The file is stat'ed now, so
+        one that does not change again is ready exactly `settle_seconds` later."""
+        identity = _identity(path)
         with self._cond:
-            w = self._pending.get(path)
             now = time.monotonic()
+            w = self._pending.get(path)
             if w is None:
-                self._pending[path] = _Watch(root, settle_seconds, None, now)
-            else:
-                w.stable_since = now
-            self._cond.notify()
+                w = self._pending[path] = _Watch(root, settle_seconds, identity, now, 0.0)
+            w.identity, w.stable_since, w.check_at = identity, now, now + settle_seconds
+            # Wake the loop only if this is due before what it is waiting for: a burst of
+            # events then costs no wake-ups.
+            if w.check_at < self._wake_at:
+                self._cond.notify()
 
     def forget(self, path: Path) -> None:
         with self._cond:
@@ -81,15 +88,15 @@ class Settler(threading.Thread):
             with self._cond:
                 if self._stop:
                     return
-                if not self._pending:
-                    self._cond.wait()
+                now = time.monotonic()
+                due = [(p, w) for p, w in self._pending.items() if w.check_at <= now]
+                if not due:
+                    self._wake_at = min((w.check_at for w in self._pending.values()),
+                                        default=now + 3600.0)
+                    self._cond.wait(max(self._wake_at - now, 0.0))
+                    self._wake_at = float("inf")
                     continue
-                tick = min(0.25, max(0.02, min(w.settle for w in self._pending.values()) / 4))
-                self._cond.wait(tick)
-                if self._stop:
-                    return
-                items = list(self._pending.items())
-            ready = self._check(items)
+            ready = self._check(due)
             if ready:
                 try:
                     self.on_ready(ready)
@@ -97,47 +104,67 @@ class Settler(threading.Thread):
                     log.warning("could not queue settled files; will try again",
                                 error=f"{type(e).__name__}: {e}")
                     with self._cond:
-                        self._cond.wait(1.0)
+                        for r in ready:
+                            if (w := self._pending.get(r.path)) is not None:
+                                w.check_at = time.monotonic() + 1.0
                     continue
                 with self._cond:
                     for r in ready:
                         # Only drop it if no new event arrived meanwhile.
                         w = self._pending.get(r.path)
-                        if w is not None and w.identity is not None and w.stable_since <= \
-                                self._checked_at:
+                        if w is not None and w.stable_since <= self._checked_at:
                             del self._pending[r.path]
+            # Look again in a little while rather than at once: due files arriving over a
+            # burst are then handled in groups.
+            with self._cond:
+                self._cond.wait(0.01)
 
     def _check(self, items: list[tuple[Path, _Watch]]) -> list[Ready]:
+        """Stat the due files: ready, changed (wait again), or gone."""
         now = time.monotonic()
         self._checked_at = now
         ready: list[Ready] = []
         gone: list[Path] = []
+        later: list[tuple[_Watch, tuple[int, int] | None, float]] = []
         for path, w in items:
             try:
                 st = os.stat(path)
             except FileNotFoundError:
                 gone.append(path)
                 continue
-            except OSError:
+            except OSError:  # unreadable for now: look again after a settle period
+                later.append((w, w.identity, now + w.settle))
                 continue
             if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device to "check" it
                 gone.append(path)
                 continue
             identity = (st.st_size, st.st_mtime_ns)
-            if identity != w.identity:
-                w.identity = identity
-                w.stable_since = now
+            if identity != w.identity:  # changed without an event (or since it): wait again
+                later.append((w, identity, now + w.settle))
                 continue
             stable_for = now - w.stable_since
-            if stable_for < w.settle:
-                continue
             if _opens_as_image(path) or stable_for >= max(UNREADABLE_GRACE, w.settle):
                 ready.append(Ready(path, w.root))
-        if gone:
-            with self._cond:
-                for p in gone:
-                    self._pending.pop(p, None)
+            else:  # stable but not an image yet: maybe a writer that pauses; look again
+                later.append((w, identity, now + min(1.0, w.settle)))
+        with self._cond:
+            for p in gone:
+                self._pending.pop(p, None)
+            for w, identity, check_at in later:
+                if w.check_at > now:  # a new event arrived meanwhile: it decides
+                    continue
+                if identity != w.identity:
+                    w.identity, w.stable_since = identity, now
+                w.check_at = check_at
         return ready
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _opens_as_image(path: Path) -> bool:
