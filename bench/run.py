@@ -1353,6 +1353,13 @@ def record(results: list[Result], info: dict, commit: str, command: str, started
     return "\n".join(lines) + "\n"
 
 
+def _load() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
@@ -1377,6 +1384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in args.benchmarks:
             log(f"--- {name}")
+            load0 = _load()
             t0 = time.perf_counter()
             try:
                 res = fns[name](args, work)
@@ -1384,6 +1392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res = Result(name, [f"FAILED (no speed reported): {e}"], {"error": str(e)},
                              ok=False)
             res.data["seconds"] = round(time.perf_counter() - t0, 1)
+            load1 = _load()
+            res.data["load_avg"] = [load0, load1]
+            res.lines.append(f"Machine load (1-minute average, other users included): {load0:.2f} "
+                             f"at the start, {load1:.2f} at the end, on {os.cpu_count()} cores.")
             results.append(res)
             print(f"\n### {res.name}\n\n" + "\n".join(res.lines) + "\n", flush=True)
     finally:
