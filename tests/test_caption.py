@@ -213,3 +213,30 @@ def test_python_dash_m_works(tmp_path, tiny_llava, task):
                        timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     assert "1 new, 0 up to date, 0 failed" in r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_unexpected_writer_error_gives_jobs_back_and_caption_finishes(tmp_path, tiny_llava,
+                                                                      monkeypatch):
+    """A bug that escapes the writer's batch must not leave jobs `running` (caption would
+    wait on them forever): they are retried, and here the retry succeeds."""
+    from watcher.index import Index
+
+    pics = tmp_path / "pics"
+    for i in range(3):
+        distinct_image(i, pics / f"{i}.jpg")
+    cfg = _config(tmp_path, tiny_llava, retry_backoff=0.05)
+    real_upsert, calls = Index.upsert, []
+
+    def flaky(self, row):
+        calls.append(row.path)
+        if len(calls) == 1:
+            raise RuntimeError("simulated bug in the writer")
+        return real_upsert(self, row)
+
+    monkeypatch.setattr(Index, "upsert", flaky)
+    code, out, _ = _run("--config", str(cfg), "caption", str(pics))
+    assert code == 0, out
+    assert "3 new, 0 up to date" in out and "0 failed" in out
+    assert len(_rows(tmp_path / "index.db")) == 3
+    assert len(calls) > 3  # the first batch really failed and was redone

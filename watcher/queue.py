@@ -116,7 +116,7 @@ class JobQueue:
             delay = backoff * (2 ** (job.attempts - 1))
             self.db.conn.execute(
                 """UPDATE jobs SET state = 'pending', error = ?, next_try = ?, updated = ?
-                   WHERE id = ?""",
+                   WHERE id = ? AND state = 'running'""",
                 (reason, now + delay, now, job.id),
             )
             return "pending"
@@ -124,7 +124,7 @@ class JobQueue:
             reason = f"{reason} (gave up after {job.attempts} attempts)"
         cur = self.db.conn.execute(
             """UPDATE jobs SET state = 'failed', error = ?, updated = ?, size = ?, mtime_ns = ?
-               WHERE id = ? AND gen = ?""",
+               WHERE id = ? AND gen = ? AND state = 'running'""",
             (reason, now, *(identity or (None, None)), job.id, job.gen),
         )
         if cur.rowcount == 0:

@@ -91,6 +91,8 @@ class Writer(threading.Thread):
                 except Exception as e:  # a bug here must not stop the writer for good
                     log.error("unexpected error in the writer; jobs will be retried",
                               exc_info=e)
+                    self._give_back(items, f"unexpected error writing results: "
+                                           f"{type(e).__name__}: {e}")
                     self._end(items)
         self.db.conn.close()
 
@@ -181,6 +183,19 @@ class Writer(threading.Thread):
                          "removed", path=row.path, sidecar=row.sidecar)
             except OSError:
                 pass
+
+    def _give_back(self, items: list, reason: str) -> None:
+        """Jobs still `running` after an unexpected error go back to the queue (with backoff,
+        up to max_attempts), so neither the daemon nor `watcher caption` waits on them."""
+        try:
+            with transaction(self.db):
+                for item in items:
+                    job = item.job if isinstance(item, Failed) else item.prepared.job
+                    self.jobs.fail(job, reason, transient=True,
+                                   max_attempts=self.cfg.max_attempts,
+                                   backoff=self.cfg.retry_backoff)
+        except sqlite3.Error as e:
+            log.error("cannot give jobs back to the queue", error=str(e))
 
     def _end(self, items: list) -> None:
         for _ in items:
