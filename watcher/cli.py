@@ -104,8 +104,7 @@ def _folders_for(cfg: Config, dirs: list[Path], args: argparse.Namespace) -> Con
                                                  or cfg.defaults.get("question")):
         raise ConfigError("--task query needs --question")
     extra = [d for d in dirs if cfg.folder_for(d) is None]
-    merged = cfg.with_folders(extra) if extra else dataclasses.replace(cfg, folders=())
-    folders = cfg.folders + merged.folders
+    folders = cfg.folders + cfg.with_folders(extra).folders
     if overrides:
         folders = tuple(dataclasses.replace(f, **overrides) if any(
             d == f.path or f.path in d.parents or d in f.path.parents for d in dirs) else f
@@ -315,7 +314,7 @@ def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
     if args.folders:
         dirs = [Path(os.path.abspath(d.expanduser())) for d in args.folders]
-        cfg = dataclasses.replace(cfg.with_folders(dirs))
+        cfg = cfg.with_folders(dirs)
     if not cfg.folders:
         print("watcher: no folders to watch: give them on the command line or under "
               f"`folders:` in {cfg.source or default_config_path()}", file=err)

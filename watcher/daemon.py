@@ -212,8 +212,9 @@ def _watch_error(folder: FolderConfig, e: OSError) -> str:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: Path | None) -> None:
+    def __init__(self, cfg: Config, config_path: Path | None, err: TextIO) -> None:
         self.cfg = cfg
+        self.err = err  # where refusals go for the user, besides the log
         self.config_path = config_path
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
@@ -273,8 +274,6 @@ class Daemon:
             return 0
         finally:
             lock.release()
-
-    err: TextIO
 
     # -- folders ------------------------------------------------------------------------
     def _add_folder(self, folder: FolderConfig) -> None:
@@ -400,6 +399,4 @@ def run_daemon(cfg: Config, config_path: Path | None, err: TextIO) -> int:
     # The daemon never talks to the Hub: weights come from the local cache or model.path.
     # Set before transformers/huggingface_hub are imported (they read it at import).
     os.environ["HF_HUB_OFFLINE"] = "1"
-    d = Daemon(cfg, config_path)
-    d.err = err
-    return d.run()
+    return Daemon(cfg, config_path, err).run()
