@@ -29,6 +29,34 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
         time.sleep(interval)
 
 
+def children(pid: int) -> list[int]:
+    """Living child processes of `pid` (the daemon's model process), from /proc (Linux)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry))
+    return kids
+
+
+def memory_mib(pid: int, key: str) -> float:
+    """VmRSS (now) or VmHWM (the peak so far), in MiB, of `pid` plus its children: the
+    daemon and its model process. (Summed peaks: never less than the peak of the sum.)"""
+    total = 0.0
+    for p in (pid, *children(pid)):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next(int(ln.split()[1]) for ln in lines if ln.startswith(key + ":")) / 1024
+    return total
+
+
 def run_cli(*argv: str) -> tuple[int, str, str]:
     """`watcher ARGV...` in-process, as the CLI runner: (exit code, stdout, stderr)."""
     from watcher.cli import main

@@ -70,10 +70,10 @@ def test_caption_twenty_images_search_and_second_run(tmp_path, tiny_llava, monke
     # Second run: nothing to do, and the model is not even loaded.
     import watcher.backends as backends
 
-    def no_model(_cfg):
+    def no_model(_cfg, _log_cfg=None):
         raise AssertionError("the model was loaded on a run with nothing to do")
 
-    monkeypatch.setattr(backends, "load_backend", no_model)
+    monkeypatch.setattr(backends, "open_backend", no_model)
     code, out, _ = _run("--config", str(cfg), "caption", str(pics))
     assert (code, out.strip()) == (0, "0 new, 20 up to date")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import images
 import pytest
 import yaml
-from daemon_harness import Daemon, sidecar_ready, wait_for, write_config
+from daemon_harness import Daemon, memory_mib, sidecar_ready, wait_for, write_config
 from daemon_harness import run_cli as _run
 from images import distinct_image
 from PIL import Image
@@ -159,7 +159,7 @@ def recorder(monkeypatch):
     real_load = backends.load_backend
     rec = Recording()
 
-    def load(cfg):
+    def load(cfg, _log_cfg=None):  # in this process, to see what the model was given
         hold = rec._hold if rec.queued_before_first_call else None
         rec.backend = Recorder(real_load(cfg), hold)
         return rec.backend
@@ -170,7 +170,7 @@ def recorder(monkeypatch):
         rec.pipeline = self
         real_start(self)
 
-    monkeypatch.setattr(backends, "load_backend", load)
+    monkeypatch.setattr(backends, "open_backend", load)
     monkeypatch.setattr(Pipeline, "start", start)
     return rec
 
@@ -648,14 +648,6 @@ def test_trust_remote_code_is_refused_for_an_unpinned_revision(revision, message
 
 # --- the daemon -------------------------------------------------------------------------------
 
-def _proc_status_mb(pid: int, key: str) -> float:
-    """VmRSS (now) or VmHWM (the peak) of a process, in MiB, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {key} in /proc/{pid}/status")
-
-
 def _status(cfg: Path) -> str:
     code, out, _ = _run("--config", str(cfg), "status")
     assert code == 0
@@ -674,7 +666,7 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
         with Daemon(cfg, tmp_path) as d:
             distinct_image(1, watched / "before.jpg")
             wait_for(lambda: sidecar_ready(watched / "before.jpg"), 60, "first sidecar")
-            base_peak = _proc_status_mb(d.proc.pid, "VmHWM")
+            base_peak = memory_mib(d.proc.pid, "VmHWM")
             bad = {
                 "empty.jpg": (images.write_empty, "empty file (0 bytes)"),
                 "truncated.jpg": (images.write_truncated_jpeg, "truncated or corrupt image: "),
@@ -716,7 +708,7 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
             }
             # The bomb was refused by max_pixels, not by running out of memory: decoding it
             # would take 900 MB.
-            grown = _proc_status_mb(d.proc.pid, "VmHWM") - base_peak
+            grown = memory_mib(d.proc.pid, "VmHWM") - base_peak
             assert grown < 200, f"peak RSS grew by {grown:.0f} MiB"
         assert d.proc.returncode == 0
         _assert_outside_untouched(outside, listing, watch)

@@ -40,12 +40,12 @@ def test_caption_with_moondream_encodes_each_image_once(tmp_path, tiny_moondream
     loaded = []
     real = backends.load_backend
 
-    def spy(model_cfg):
+    def spy(model_cfg, _log_cfg=None):  # in this process, to count the model's calls
         b = real(model_cfg)
         loaded.append(b.model)  # close() drops the backend's reference
         return b
 
-    monkeypatch.setattr(backends, "load_backend", spy)
+    monkeypatch.setattr(backends, "open_backend", spy)
     out = io.StringIO()
     assert main(["--config", str(cfg), "caption", str(pics)], out=out, err=io.StringIO()) == 0
     assert "4 new, 0 up to date, 0 failed" in out.getvalue()

@@ -142,7 +142,7 @@ class Progress:
 
 
 def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.backends import ModelUnavailable, load_backend
+    from watcher.backends import ModelUnavailable, open_backend
     from watcher.index import Index, connect, transaction
     from watcher.lock import AlreadyRunning, DatabaseLock
     from watcher.observer import Filter, scan
@@ -185,7 +185,7 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
             print(f"0 new, {up_to_date} up to date", file=out)
             return EXIT_OK
         try:
-            backend = load_backend(cfg.model)
+            backend = open_backend(cfg.model, cfg.log)
         except ModelUnavailable as e:
             print(f"watcher: {e}", file=err)
             return EXIT_USAGE

@@ -37,6 +37,8 @@ class ModelConfig:
     batch_size: int = 8
     max_tokens: int = 120
     trust_remote_code: bool = False  # only for backend transformers; moondream always needs it
+    # Run the model in a child process of its own (see watcher.backends.process).
+    isolate: bool = True
 
     @property
     def source(self) -> str:
@@ -271,7 +273,7 @@ def _model(data: Any, where: str) -> ModelConfig:
             kw[name] = _choice(value, ("auto", "float32", "float16", "bfloat16"), k, where)
         elif name in ("batch_size", "max_tokens"):
             kw[name] = _number(value, k, where, minimum=1, integer=True)
-        elif name == "trust_remote_code":
+        elif name in ("trust_remote_code", "isolate"):
             kw[name] = _typed(value, bool, k, where, "true or false")
     if backend == "transformers" and "id" not in data and "path" not in data:
         raise ConfigError(f"{where}: model.id: missing; backend 'transformers' needs id or path")

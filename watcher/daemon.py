@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -38,7 +39,7 @@ class Tracker(Sink):
         self.jobs = JobQueue(self.db)
         self.lock = threading.Lock()
         self.settler: Settler = settler_factory(self.enqueue_ready)
-        self.on_enqueued = lambda: None
+        self.on_enqueued: Callable[[int], None] = lambda queued: None
         self.stopping = threading.Event()
 
     # -- from the settler ---------------------------------------------------------------
@@ -47,7 +48,7 @@ class Tracker(Sink):
             n = self.jobs.enqueue_many((r.path, r.root) for r in ready)
         if n:
             log.debug("queued", files=n)
-            self.on_enqueued()
+            self.on_enqueued(n)
 
     # -- from the observers -------------------------------------------------------------
     def file_touched(self, path: Path, folder: FolderConfig) -> None:
@@ -89,7 +90,7 @@ class Tracker(Sink):
             log.info("image moved; index row follows", src=str(src), dest=str(dest),
                      sidecar=new_sidecar)
         if moved:
-            self.on_enqueued()
+            self.on_enqueued(0)
         elif new_sidecar is None:
             # No sidecar followed (or never captioned): queue the new name; identical bytes
             # are known, so no model work.
@@ -158,7 +159,7 @@ class Tracker(Sink):
                  removed=len(result.removed), failed_before=result.failed_before,
                  seconds=round(time.perf_counter() - t0, 3))
         if n:
-            self.on_enqueued()
+            self.on_enqueued(n)
 
     def close(self) -> None:
         with self.lock:
@@ -224,7 +225,7 @@ class Daemon:
         self._worker_stuck = False
 
     def run(self) -> int:
-        from watcher.backends import ModelUnavailable, load_backend
+        from watcher.backends import ModelUnavailable, open_backend
         from watcher.pipeline import Pipeline
 
         cfg = self.cfg
@@ -242,7 +243,7 @@ class Daemon:
                 log.info("re-queued jobs interrupted by the last run", jobs=recovered)
             db.conn.close()
             try:
-                backend = load_backend(cfg.model)
+                backend = open_backend(cfg.model, cfg.log)
             except ModelUnavailable as e:
                 log.error("model unavailable", reason=str(e))
                 print(f"watcher: {e}", file=self.err)
@@ -251,6 +252,7 @@ class Daemon:
             self.pipeline = Pipeline(cfg, backend)
             self.tracker = Tracker(cfg, Settler)
             self.tracker.on_enqueued = self.pipeline.wake
+            self.pipeline.upstream = self.tracker.settler.due_within
             self.pipeline.start()
             self.tracker.settler.start()
             self._install_signals()

@@ -53,8 +53,12 @@ class Pipeline:
         self.work_q: queue.Queue = queue.Queue()
         self.write_q: queue.Queue = queue.Queue()
         self._decoding = 0  # claimed jobs not yet handed to the worker (or failed)
+        self._queued = 0  # jobs announced by wake() and not claimed yet (a hint)
+        # Work not yet queued that will be within the given seconds (the daemon: settling
+        # files); the worker waits for it to fill a batch.
+        self.upstream: Callable[[float], int] = lambda within: 0
         self.worker = ModelWorker(backend, self.work_q, self.write_q, cfg.database,
-                                  incoming=lambda: self._decoding)
+                                  incoming=self._incoming)
         self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
@@ -67,9 +71,15 @@ class Pipeline:
         self.writer.start()
         self._feeder.start()
 
-    def wake(self) -> None:
-        """New jobs were queued: claim them now rather than at the next poll."""
+    def wake(self, queued: int = 0) -> None:
+        """`queued` new jobs were queued: claim them now rather than at the next poll."""
+        if queued:
+            with self._lock:
+                self._queued += queued
         self._wake.set()
+
+    def _incoming(self, within: float) -> int:
+        return self._decoding + self._queued + self.upstream(within)
 
     def set_config(self, cfg: Config) -> None:
         """A reloaded config: folder settings apply to jobs written from now on."""
@@ -135,6 +145,10 @@ class Pipeline:
                     self._stopping.wait(1.0)
                 for _ in range(want - len(claimed)):
                     self._slots.release()
+                with self._lock:
+                    # Fewer than asked for: nothing else is queued, whatever was announced.
+                    self._queued = (max(0, self._queued - len(claimed))
+                                    if len(claimed) == want else 0)
                 if claimed:
                     with self._lock:
                         self._in_flight += len(claimed)

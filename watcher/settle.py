@@ -78,6 +78,12 @@ class Settler(threading.Thread):
         with self._cond:
             return len(self._pending)
 
+    def due_within(self, seconds: float) -> int:
+        """Files whose settle time ends within `seconds` (or has ended): soon queued."""
+        with self._cond:
+            limit = time.monotonic() + seconds
+            return sum(1 for w in self._pending.values() if w.check_at <= limit)
+
     def stop(self) -> None:
         with self._cond:
             self._stop = True

@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from watcher import faults
-from watcher.backends import Backend
+from watcher.backends import Backend, is_out_of_memory
 from watcher.decode import Prepared
 from watcher.index import Index, connect
 from watcher.queue import Job
@@ -58,19 +58,6 @@ class Work:
     tasks: tuple[Task, ...]
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    try:
-        import torch
-
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 class ModelWorker(threading.Thread):
     """Takes Work from `inbox`, sends Captioned/Failed to `outbox`.
 
@@ -82,14 +69,16 @@ class ModelWorker(threading.Thread):
 
     def __init__(self, backend: Backend, inbox: queue.Queue, outbox: queue.Queue,
                  db_path: Path, *, cache_size: int = 4096,
-                 incoming: Callable[[], int] = lambda: 0) -> None:
+                 incoming: Callable[[float], int] = lambda within: 0) -> None:
         super().__init__(name="model-worker", daemon=True)
         self.backend = backend
         self.inbox = inbox
         self.outbox = outbox
         self.db_path = db_path
         self.batch_limit = max(1, backend.max_batch)
-        self.incoming = incoming  # images claimed and still being decoded: more work coming
+        # How many images will reach the inbox within the given seconds, as far as the stages
+        # before can tell (being decoded, queued, settling): worth waiting for.
+        self.incoming = incoming
         self._last_call = 0.0  # seconds the last model call took
         self._cache: OrderedDict[tuple, tuple[str, ...]] = OrderedDict()
         self._cache_size = cache_size
@@ -130,22 +119,21 @@ class ModelWorker(threading.Thread):
     def _gather(self, first: Work) -> tuple[list[Work], bool]:
         """`first` and whatever is waiting, up to the batch limit; (batch, STOP seen).
 
-        While images the feeder has claimed are still being decoded (`incoming()`), wait for
-        them, so that a burst starts with a full batch instead of a batch of one, but never
-        longer than one model call took (or FILL_WAIT before the first): when decoding is the
-        slower side, waiting longer could only leave the model idle."""
+        While more images are on their way (`incoming`: being decoded, queued, or settling
+        and due), wait for them, so that a burst starts with a full batch instead of a batch
+        of one, but never longer than one model call took (or FILL_WAIT before the first):
+        when the stages before are the slower side, waiting longer only idles the model. A
+        lone image, with nothing behind it, goes at once."""
         batch = [first]
         deadline = None
         while len(batch) < self.batch_limit:
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
-                if self.incoming() <= 0:
-                    break
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + (self._last_call if self._last_call else FILL_WAIT)
-                if now >= deadline:
+                if now >= deadline or self.incoming(deadline - now) <= 0:
                     break
                 try:
                     item = self.inbox.get(timeout=min(deadline - now, 0.005))
@@ -252,14 +240,14 @@ class ModelWorker(threading.Thread):
             return
         if len(chunk) > 1:
             log.warning("model error on a batch; retrying one image at a time",
-                        error=f"{type(exc).__name__}: {exc}", batch=len(chunk))
+                        error=_described(exc), batch=len(chunk))
             for w in chunk:
                 yield from self._run(tasks, [w])
             return
         log.error("model failed on image", path=str(chunk[0].prepared.job.path),
-                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                  error=_described(exc), exc_info=exc)
         yield chunk[0], Failed(chunk[0].prepared.job, _first_line(
-            f"model error: {type(exc).__name__}: {exc}")), 0.0
+            f"model error: {_described(exc)}")), 0.0
 
     def _fail(self, w: Work, reason: str, *, transient: bool) -> None:
         p = w.prepared
@@ -268,6 +256,11 @@ class ModelWorker(threading.Thread):
     def _emit(self, w: Work, tasks, outputs, *, reused: bool, ms: float) -> None:
         self.outbox.put(Captioned(w.prepared, tasks, tuple(outputs), self.backend.name,
                                   self.backend.revision, reused, ms))
+
+
+def _described(exc: BaseException) -> str:
+    # A ModelError from the model process carries the type name of the original exception.
+    return f"{getattr(exc, 'type_name', type(exc).__name__)}: {exc}"
 
 
 def _first_line(text: str, limit: int = 300) -> str:

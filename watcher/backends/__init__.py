@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from watcher.config import ModelConfig
+    from watcher.config import LogConfig, ModelConfig
     from watcher.tasks import Task
 
 
@@ -33,6 +34,31 @@ class Backend(Protocol):
     ) -> list[list[str]]: ...
 
     def close(self) -> None: ...
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` means the model ran out of memory (then a smaller batch may fit)."""
+    if isinstance(exc, MemoryError) or getattr(exc, "out_of_memory", False):
+        return True
+    torch = sys.modules.get("torch")  # no torch imported: no torch error can have happened
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def open_backend(cfg: ModelConfig, log_cfg: LogConfig | None = None) -> Backend:
+    """The backend the pipeline runs: in a child process when `model.isolate` (the default),
+    else in this one. Raises ModelUnavailable with a user-facing message."""
+    if not cfg.isolate:
+        return load_backend(cfg)
+    if cfg.backend in ("moondream", "transformers"):
+        # Here too, before a child spends seconds importing torch only to find no weights.
+        from watcher.models import ensure_available
+
+        ensure_available(cfg)
+    from watcher.backends.process import ModelProcess
+
+    return ModelProcess.start(cfg, log_cfg)
 
 
 def load_backend(cfg: ModelConfig) -> Backend:
