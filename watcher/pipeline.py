@@ -54,9 +54,9 @@ class Pipeline:
         self.write_q: queue.Queue = queue.Queue()
         self._decoding = 0  # claimed jobs not yet handed to the worker (or failed)
         self._queued = 0  # jobs announced by wake() and not claimed yet (a hint)
-        # Work not yet queued that will be within the given seconds (the daemon: settling
+        # Whether work not yet queued will be within the given seconds (the daemon: settling
         # files); the worker waits for it to fill a batch.
-        self.upstream: Callable[[float], int] = lambda within: 0
+        self.upstream: Callable[[float], bool] = lambda within: False
         self.worker = ModelWorker(backend, self.work_q, self.write_q, cfg.database,
                                   incoming=self._incoming)
         self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
@@ -79,7 +79,8 @@ class Pipeline:
         self._wake.set()
 
     def _incoming(self, within: float) -> int:
-        return self._decoding + self._queued + self.upstream(within)
+        known = self._decoding + self._queued
+        return known if known else int(self.upstream(within))
 
     def set_config(self, cfg: Config) -> None:
         """A reloaded config: folder settings apply to jobs written from now on."""

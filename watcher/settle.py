@@ -78,11 +78,12 @@ class Settler(threading.Thread):
         with self._cond:
             return len(self._pending)
 
-    def due_within(self, seconds: float) -> int:
-        """Files whose settle time ends within `seconds` (or has ended): soon queued."""
+    def due_within(self, seconds: float) -> bool:
+        """Whether a file's settle time ends within `seconds` (or has ended): soon queued.
+        (A yes/no that stops at the first: the worker asks every few ms while it waits.)"""
         with self._cond:
             limit = time.monotonic() + seconds
-            return sum(1 for w in self._pending.values() if w.check_at <= limit)
+            return any(w.check_at <= limit for w in self._pending.values())
 
     def stop(self) -> None:
         with self._cond:

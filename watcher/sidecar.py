@@ -87,18 +87,28 @@ def choose_name(
 
 
 def _earlier_sibling(image: Path, extensions: tuple[str, ...]) -> Path | None:
-    """An image with the same stem whose name sorts before ours (a few stats, no listdir)."""
+    """An image with the same stem whose name sorts before ours (a few stats, no listdir).
+    Plain strings and os.stat: this runs for every image the writer handles."""
+    name, folder = image.name, os.path.dirname(image)
+    stem = name[: len(name) - len(image.suffix)] if image.suffix else name
+    mine = None
+    seen = set()
     for ext in extensions:
         for variant in (ext, ext.upper()):
-            other = image.with_name(image.stem + variant)
-            if other.name >= image.name:
+            other = stem + variant
+            if other >= name or other in seen:
                 continue
+            seen.add(other)
+            path = os.path.join(folder, other)
             try:
-                # samefile: on case-insensitive filesystems `.JPG` may be this very file.
-                if other.exists() and not other.samefile(image):
-                    return other
+                st = os.stat(path)
+                if mine is None:
+                    mine = os.stat(image)
             except OSError:
                 continue
+            # samestat: on case-insensitive filesystems `.JPG` may be this very file.
+            if not os.path.samestat(st, mine):
+                return Path(path)
     return None
 
 
@@ -119,7 +129,7 @@ def decide(policy: str, sidecar: Path, ours_sha256: str | None, new_text: str) -
     return "keep"
 
 
-def write_atomic(path: Path, text: str) -> str:
+def write_atomic(path: Path, text: str, *, sync_dir: bool = True) -> str:
     """Write via a temp file in the same folder, fsync, rename, fsync the folder.
 
     A reader sees the old file or the new one, never half. The temp name is short and hidden
@@ -145,11 +155,12 @@ def write_atomic(path: Path, text: str) -> str:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:  # a caller writing many files in one folder syncs it once (fsync_dir)
+        fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

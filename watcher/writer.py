@@ -19,7 +19,7 @@ from watcher.config import Config, FolderConfig
 from watcher.decode import file_identity
 from watcher.index import ImageRow, Index, connect, transaction
 from watcher.queue import Job, JobQueue
-from watcher.sidecar import choose_name, decide, text_hash, write_atomic
+from watcher.sidecar import choose_name, decide, fsync_dir, text_hash, write_atomic
 from watcher.tasks import clean_caption
 from watcher.worker import STOP, Captioned, Failed
 
@@ -61,6 +61,9 @@ class Writer(threading.Thread):
         self._deferred_at = 0.0
         self._db_failures = 0
         self._created: set[str] = set()  # sidecars this batch created (none existed before)
+        # Folders this batch renamed sidecars into: each is fsynced once, before the rows
+        # that point at them commit (one per sidecar cost 0.4 ms each on ext4 here).
+        self._dirty: set[Path] = set()
 
     def run(self) -> None:
         self.db = connect(self.db_path)
@@ -105,6 +108,7 @@ class Writer(threading.Thread):
         failures: list[Failed] = []
         requeue: list[Job] = []  # changed while being captioned: run again
         gone: list[Job] = []  # deleted while being captioned: forget
+        self._dirty.clear()
         for item in items:
             if isinstance(item, Failed):
                 failures.append(item)
@@ -128,6 +132,11 @@ class Writer(threading.Thread):
                 outcomes.append(row)
                 continue
             rows.append((row, p.job, item))
+        for folder in self._dirty:  # the renames are durable before the rows say so
+            try:
+                fsync_dir(folder)
+            except OSError as e:
+                log.warning("cannot sync folder", folder=str(folder), error=str(e))
         try:
             with transaction(self.db):
                 for job in requeue:
@@ -285,7 +294,8 @@ class Writer(threading.Thread):
             decision = decide(folder.overwrite, sidecar, ours, text)
             if decision == "write":
                 fresh = not os.path.lexists(sidecar)
-                ours, state = write_atomic(sidecar, text), "written"
+                ours, state = write_atomic(sidecar, text, sync_dir=False), "written"
+                self._dirty.add(sidecar.parent)
                 if fresh:
                     self._created.add(str(sidecar))
             elif decision == "same":
