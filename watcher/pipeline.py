@@ -150,10 +150,9 @@ class Pipeline:
                     # Fewer than asked for: nothing else is queued, whatever was announced.
                     self._queued = (max(0, self._queued - len(claimed))
                                     if len(claimed) == want else 0)
+                    self._in_flight += len(claimed)
+                    self._decoding += len(claimed)
                 if claimed:
-                    with self._lock:
-                        self._in_flight += len(claimed)
-                        self._decoding += len(claimed)
                     for job in claimed:
                         self._pool.submit(self._decode, job)
                     continue

@@ -219,8 +219,8 @@ class ModelProcess:
         _, self.name, self.revision, self.max_batch = reply
         self.pid = proc.pid
 
-    def _reap(self, timeout: float = 0.0) -> str:
-        """Close our end, wait (then kill) the child; how it ended, in words."""
+    def _reap(self, timeout: float = 5.0) -> str:
+        """Close our end, wait for the child (killed after `timeout`); how it ended, in words."""
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
         if conn is not None:
@@ -228,7 +228,7 @@ class ModelProcess:
         if proc is None:
             return "not running"
         try:
-            code = proc.wait(timeout=timeout if timeout else 5.0)
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
