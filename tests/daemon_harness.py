@@ -163,6 +163,12 @@ class Daemon:
         finally:
             con.close()
 
+    def captioned(self, image: Path) -> bool:
+        """The image's sidecar is complete and its job is done. (The writer renames the
+        sidecar into place before it commits the row and the job: a test that reads the
+        index must wait for this, not for the sidecar alone.)"""
+        return sidecar_ready(image) and self.job_state(image) == ("done", None)
+
     def job_state(self, path: Path) -> tuple | None:
         con = sqlite3.connect(self.db, timeout=30)
         try:

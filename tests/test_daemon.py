@@ -83,7 +83,7 @@ def test_move_within_tree_and_delete(tmp_path, tiny_llava):
     with Daemon(cfg, tmp_path) as d:
         distinct_image(1, watched / "a.jpg")
         distinct_image(2, watched / "b.jpg")
-        wait_for(lambda: sidecar_ready(watched / "a.jpg") and sidecar_ready(watched / "b.jpg"),
+        wait_for(lambda: d.captioned(watched / "a.jpg") and d.captioned(watched / "b.jpg"),
                  60, "first sidecars")
         caption = (watched / "a.txt").read_text()
         os.rename(watched / "a.jpg", watched / "sub" / "renamed.jpg")
@@ -98,7 +98,7 @@ def test_move_within_tree_and_delete(tmp_path, tiny_llava):
         wait_for(lambda: not (watched / "b.txt").exists(), 10, "our sidecar removed")
         # A user's sidecar is never removed.
         distinct_image(3, watched / "c.jpg")
-        wait_for(lambda: sidecar_ready(watched / "c.jpg"), 60, "c sidecar")
+        wait_for(lambda: d.captioned(watched / "c.jpg"), 60, "c sidecar")
         (watched / "c.txt").write_text("edited\n")
         (watched / "c.jpg").unlink()
         wait_for(lambda: str(watched / "c.jpg") not in d.rows(), 30, "c row removed")
@@ -113,8 +113,8 @@ def test_modified_image_recaptioned_only_if_sidecar_is_ours(tmp_path, tiny_llava
     with Daemon(cfg, tmp_path) as d:
         distinct_image(1, watched / "ours.jpg")
         distinct_image(2, watched / "theirs.jpg")
-        wait_for(lambda: sidecar_ready(watched / "ours.jpg")
-                 and sidecar_ready(watched / "theirs.jpg"), 60, "sidecars")
+        wait_for(lambda: d.captioned(watched / "ours.jpg")
+                 and d.captioned(watched / "theirs.jpg"), 60, "sidecars")
         before = (watched / "ours.txt").read_text()
         (watched / "theirs.txt").write_text("my words\n")
         distinct_image(11, watched / "ours.jpg")
@@ -176,7 +176,7 @@ def test_three_copies_captioned_once(tmp_path, tiny_llava):
         for name in ("one.jpg", "two.jpg", "three.jpg"):
             shutil.copy(src, watched / name)
         names = ("one", "two", "three")
-        wait_for(lambda: all(sidecar_ready(watched / f"{n}.jpg") for n in names), 60,
+        wait_for(lambda: all(d.captioned(watched / f"{n}.jpg") for n in names), 60,
                  "three sidecars")
         wait_for(lambda: len(d.logged("captioned")) == 3, 30, "three log lines")
         for e in d.logged("captioned"):  # every image: path, task, model, ms, outcome
@@ -215,5 +215,5 @@ def test_folders_on_the_command_line(tmp_path, tiny_llava):
     cfg = write_config(tmp_path, tiny_llava, [])
     with Daemon(cfg, tmp_path, str(watched)) as d:
         distinct_image(1, watched / "a.jpg")
-        wait_for(lambda: sidecar_ready(watched / "a.jpg"), 60, "sidecar")
+        wait_for(lambda: d.captioned(watched / "a.jpg"), 60, "sidecar")
         assert str(watched / "a.jpg") in d.rows()

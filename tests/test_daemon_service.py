@@ -12,7 +12,7 @@ import sys
 import time
 
 import yaml
-from daemon_harness import Daemon, sidecar_ready, wait_for, write_config
+from daemon_harness import Daemon, wait_for, write_config
 from images import distinct_image, write_text_as_png
 
 
@@ -70,7 +70,7 @@ def test_sighup_adds_a_folder_and_refuses_a_broken_config(tmp_path, tiny_llava):
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: d.logged("config reloaded"), 30, "reload")
         distinct_image(2, b / "after.jpg")
-        wait_for(lambda: sidecar_ready(b / "after.jpg") and sidecar_ready(b / "before.jpg"),
+        wait_for(lambda: d.captioned(b / "after.jpg") and d.captioned(b / "before.jpg"),
                  60, "sidecars in the added folder")
         assert d.rows()[str(b / "after.jpg")]["task"] == "long"
 
@@ -82,7 +82,7 @@ def test_sighup_adds_a_folder_and_refuses_a_broken_config(tmp_path, tiny_llava):
         assert d.proc.poll() is None
         distinct_image(3, a / "still.jpg")
         distinct_image(4, b / "still.jpg")
-        wait_for(lambda: sidecar_ready(a / "still.jpg") and sidecar_ready(b / "still.jpg"),
+        wait_for(lambda: d.captioned(a / "still.jpg") and d.captioned(b / "still.jpg"),
                  60, "old config still running")
 
         # `watcher reload` sends the same signal to the daemon found in the database.
@@ -135,7 +135,7 @@ def test_failed_files_show_in_status_and_retry_requeues(tmp_path, tiny_llava):
         distinct_image(1, watched / "good.jpg")
         wait_for(lambda: d.job_state(watched / "notes.png")
                  and d.job_state(watched / "notes.png")[0] == "failed", 60, "failure")
-        wait_for(lambda: sidecar_ready(watched / "good.jpg"), 60, "good sidecar")
+        wait_for(lambda: d.captioned(watched / "good.jpg"), 60, "good sidecar")
         assert d.proc.poll() is None, "a bad file stopped the daemon"
         run = [sys.executable, "-m", "watcher", "--config", str(cfg)]
         st = subprocess.run(run + ["status", "--json"], capture_output=True, text=True,
@@ -151,7 +151,7 @@ def test_failed_files_show_in_status_and_retry_requeues(tmp_path, tiny_llava):
         # Fix the file, then retry: it is captioned.
         distinct_image(2, tmp_path / "fixed.png")
         (tmp_path / "fixed.png").rename(watched / "notes.png")
-        wait_for(lambda: sidecar_ready(watched / "notes.png"), 60, "captioned after fix")
+        wait_for(lambda: d.captioned(watched / "notes.png"), 60, "captioned after fix")
         write_text_as_png(watched / "bad2.png")
         wait_for(lambda: (d.job_state(watched / "bad2.png") or ("",))[0] == "failed", 60,
                  "bad2 failed")
@@ -204,7 +204,7 @@ def test_hung_model_worker_stops_the_watchdog_pings_and_idle_does_not(tmp_path, 
             assert "WATCHDOG=1" not in received and any(
                 r.startswith("STATUS=") for r in received), received
             gate.touch()
-            wait_for(lambda: sidecar_ready(watched / "a.jpg"), 60, "caption after release")
+            wait_for(lambda: d.captioned(watched / "a.jpg"), 60, "caption after release")
             sock.settimeout(30)
             wait_for(lambda: "WATCHDOG=1" in next_datagram(), 30, "pings again")
             assert len(d.logged(stuck)) == 1 and d.logged("model worker responding again")

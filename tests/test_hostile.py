@@ -665,7 +665,7 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
     try:
         with Daemon(cfg, tmp_path) as d:
             distinct_image(1, watched / "before.jpg")
-            wait_for(lambda: sidecar_ready(watched / "before.jpg"), 60, "first sidecar")
+            wait_for(lambda: d.captioned(watched / "before.jpg"), 60, "first sidecar")
             base_peak = memory_mib(d.proc.pid, "VmHWM")
             bad = {
                 "empty.jpg": (images.write_empty, "empty file (0 bytes)"),
@@ -689,7 +689,7 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
                                  and s[0] == "failed" and s, 60, f"{name} to fail")
                 assert state[1].startswith(reason), (name, state)
             distinct_image(2, watched / "after.jpg")
-            wait_for(lambda: sidecar_ready(watched / "after.jpg"), 60, "a sidecar after them")
+            wait_for(lambda: d.captioned(watched / "after.jpg"), 60, "a sidecar after them")
 
             assert d.proc.poll() is None, "the daemon died"
             status = _status(cfg)
@@ -852,7 +852,7 @@ def test_disk_full_while_writing_a_sidecar_is_retried_once_there_is_space(tmp_pa
             if real:
                 (small / "filler").unlink()
             freed.touch()
-            wait_for(lambda: sidecar_ready(image), 60, "the sidecar once there is space")
+            wait_for(lambda: d.captioned(image), 60, "the sidecar once there is space")
             row = wait_for(lambda: d.rows().get(str(image)), 30, "the index row")
             assert _sidecar_matches_row(row)
             assert d.job_state(image) == ("done", None)
@@ -901,7 +901,7 @@ def test_image_deleted_or_replaced_while_the_model_works(tmp_path, tiny_llava):
         assert requeued in lines and "captioned" not in lines[:lines.index(requeued)], lines
         # What the stale caption would have been: the old bytes, captioned (from the cache).
         (watched / "old-copy.jpg").write_bytes(old_bytes)
-        wait_for(lambda: sidecar_ready(watched / "old-copy.jpg"), 60, "old-copy sidecar")
+        wait_for(lambda: d.captioned(watched / "old-copy.jpg"), 60, "old-copy sidecar")
         assert (watched / "old-copy.txt").read_text() != (watched / "swapped.txt").read_text()
         assert d.proc.poll() is None
     assert d.proc.returncode == 0

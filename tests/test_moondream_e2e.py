@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_harness import Daemon, sidecar_ready, wait_for
+from daemon_harness import Daemon, wait_for
 from images import distinct_image
 
 import watcher.backends as backends
@@ -73,7 +73,7 @@ def test_daemon_with_moondream(tmp_path, tiny_moondream):
     with Daemon(cfg, tmp_path) as d:
         distinct_image(1, watched / "a.jpg")
         distinct_image(2, watched / "b.jpg")
-        wait_for(lambda: sidecar_ready(watched / "a.jpg") and sidecar_ready(watched / "b.jpg"),
+        wait_for(lambda: d.captioned(watched / "a.jpg") and d.captioned(watched / "b.jpg"),
                  60, "moondream sidecars")
         assert (watched / "a.txt").read_text() != (watched / "b.txt").read_text()
         [ready] = d.logged("model ready")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_harness import Daemon, children, sidecar_ready, wait_for, write_config
+from daemon_harness import Daemon, children, wait_for, write_config
 from images import distinct_image
 from PIL import Image
 
@@ -132,7 +132,7 @@ def test_killing_the_daemon_takes_its_model_process_along(tmp_path, tiny_llava) 
     d = Daemon(cfg, tmp_path).start()
     try:
         distinct_image(0, pics / "a.jpg")
-        wait_for(lambda: sidecar_ready(pics / "a.txt"), 60, "a caption from the child")
+        wait_for(lambda: d.captioned(pics / "a.jpg"), 60, "a caption from the child")
         [child] = children(d.proc.pid)
         assert _alive(child)
         d.kill9()
