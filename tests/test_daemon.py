@@ -217,3 +217,21 @@ def test_folders_on_the_command_line(tmp_path, tiny_llava):
         distinct_image(1, watched / "a.jpg")
         wait_for(lambda: d.captioned(watched / "a.jpg"), 60, "sidecar")
         assert str(watched / "a.jpg") in d.rows()
+
+
+def test_rescan_finds_what_the_watch_missed(tmp_path, tiny_llava):
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    # A polling watch that does not look again within the test: only `rescan_minutes` (1.2 s)
+    # can find a file added after start, as it would after an inotify queue overflow.
+    cfg = write_config(tmp_path, tiny_llava, [{
+        "path": str(watched), "polling": True, "poll_interval": 3600,
+        "rescan_minutes": 0.02, "settle_seconds": 0.1}])
+    with Daemon(cfg, tmp_path) as d:
+        wait_for(lambda: d.logged("scan done"), 60, "the start-up scan")
+        [startup] = d.logged("scan done")
+        assert startup["new"] == 0
+        distinct_image(1, watched / "missed.jpg")
+        wait_for(lambda: d.captioned(watched / "missed.jpg"), 60, "the rescan to find it")
+        assert [e["new"] for e in d.logged("scan done")].count(1) == 1
+        assert str(watched / "missed.jpg") in d.rows()
