@@ -551,6 +551,34 @@ def test_sidecar_write_hits_a_full_disk_then_succeeds_on_retry(
     assert not _temp_files(pics)
 
 
+@pytest.mark.parametrize("under_systemd", [False, True])
+def test_read_only_file_system_keeps_the_caption_and_says_how_to_fix_it(
+        tmp_path, tiny_llava, inject, monkeypatch, under_systemd):
+    # A folder added to the running service by `watcher reload` is outside the unit's
+    # ReadWritePaths: writing there fails with EROFS. (Seam: mounting needs privileges.)
+    pics = tmp_path / "pics"
+    distinct_image(0, pics / "new.jpg")
+    cfg = _config(tmp_path, tiny_llava)
+    if under_systemd:
+        monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    else:
+        monkeypatch.delenv("INVOCATION_ID", raising=False)
+    inject({"sidecar_write": {"errno": "EROFS"}})
+
+    code, out, _ = _run("--config", str(cfg), "caption", str(pics))
+
+    assert code == 0, out
+    reason = "cannot write sidecar: Read-only file system (EROFS)"
+    if under_systemd:
+        reason += ("; the service can write only the folders it was installed with: run "
+                   "`watcher service install --now` (it restarts the service), then "
+                   "`watcher retry --all`")
+    assert f"sidecar pending: {pics / 'new.jpg'}: {reason}" in out.splitlines()
+    row = _rows(tmp_path / "index.db")[str(pics / "new.jpg")]
+    assert (row["sidecar_state"], row["sidecar_error"]) == ("pending", reason)
+    assert row["caption"] and not (pics / "new.txt").exists()
+
+
 def test_database_full_at_commit_keeps_the_captions_and_writes_them_later(
         tmp_path, tiny_llava, recorder, inject):
     pics = tmp_path / "pics"

@@ -308,7 +308,7 @@ class Writer(threading.Thread):
                 raise  # disk full and the like: the job is retried later, nothing kept
             # Read-only folder, permissions, a name too long...: the caption is not lost, it
             # goes in the index; the sidecar waits for `watcher retry`.
-            state, error = "pending", _os_reason("cannot write sidecar", e)
+            state, error = "pending", _os_reason("cannot write sidecar", e) + _sandbox_hint(e)
             log.warning("sidecar not written; caption kept in the index", path=path,
                         sidecar=str(sidecar), reason=error)
         now = time.time()
@@ -325,6 +325,16 @@ def _os_reason(what: str, e: OSError) -> str:
     name = errno.errorcode.get(e.errno or 0, "")
     detail = e.strerror or str(e)
     return f"{what}: {detail}" + (f" ({name})" if name else "")
+
+
+def _sandbox_hint(e: OSError) -> str:
+    """Under the systemd unit (ProtectSystem=strict), only the folders it was installed with
+    are writable: one added later by `watcher reload` is a read-only file system to us."""
+    if e.errno == errno.EROFS and os.environ.get("INVOCATION_ID"):  # set by systemd
+        return ("; the service can write only the folders it was installed with: run "
+                "`watcher service install --now` (it restarts the service), then "
+                "`watcher retry --all`")
+    return ""
 
 
 def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
