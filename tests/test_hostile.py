@@ -429,6 +429,25 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path, tiny_llava, recorder)
                                   "not followed",
     }
     assert sorted(im.size for im in recorder.backend.seen) == [(96, 72)] * 3
+    # What the user sees: each skipped name and why, on stdout and in `watcher status`
+    # (skipped is not failed: the exit code stays 0).
+    assert "0 failed, 4 skipped" in out
+    expected = [f"{pics / name}: {reason}" for name, reason in sorted(
+        (Path(p).name, r) for p, r in skipped.items())]
+    assert [ln.removeprefix("skipped: ") for ln in out.splitlines()
+            if ln.startswith("skipped: ")] == expected
+    _, status, _ = _run("--config", str(cfg), "status")
+    assert "skipped, not captioned: 4" in status
+    assert sorted(ln.strip() for ln in status.splitlines() if ln.startswith("  ")
+                  and "symbolic link" in ln) == expected
+
+    # Fixed: the loop becomes a real image. The next run captions it and forgets the skip.
+    (pics / "loop.jpg").unlink()
+    distinct_image(4, pics / "loop.jpg")
+    code, out, _ = _run("--config", str(cfg), "caption", str(pics))
+    assert code == 0 and "1 new, 4 up to date" in out and "3 skipped" in out, out
+    _, status, _ = _run("--config", str(cfg), "status")
+    assert "skipped, not captioned: 3" in status and f"{pics / 'loop.jpg'}:" not in status
 
 
 def test_decode_refuses_a_link_out_of_the_root_without_opening_it(tmp_path):
@@ -725,6 +744,13 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
             for name, (_, reason) in bad.items():
                 assert f"  {watched / name}: {reason}" in status, status
                 assert not (watched / name).with_suffix(".txt").exists()
+            assert "skipped, not captioned: 3" in status, status
+            for line in (f"  {watched / 'pipe.jpg'}: not a regular file",
+                         f"  {watched / 'loop.jpg'}: symbolic link loop (too many levels of "
+                         "symbolic links)",
+                         f"  {watched / 'escape.jpg'}: symbolic link points outside the "
+                         "watched folder; not followed"):
+                assert line in status.splitlines(), status
             assert sorted(d.rows()) == [str(watched / "after.jpg"), str(watched / "before.jpg")]
             skipped = {e["path"]: e["reason"] for e in d.logged("skipped")}
             assert skipped == {

@@ -168,6 +168,7 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         index, jobs = Index(db), JobQueue(db)
         jobs.recover()
         todo, up_to_date = 0, 0
+        skipped: list[tuple[Path, str]] = []
         for d in dirs:
             folder = cfg.folder_for(d)
             assert folder is not None
@@ -177,12 +178,15 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
                 for gone in result.removed:
                     index.delete(gone)
                     jobs.forget(gone)
+                jobs.set_skipped(d, folder.path, result.skipped)
             todo += jobs.enqueue_many((p, folder.path) for p in result.queue)
             up_to_date += result.up_to_date
+            skipped += result.skipped
         roots = tuple(dirs)
         pending = _open_jobs(jobs, roots)
         if pending == 0:
-            print(f"0 new, {up_to_date} up to date", file=out)
+            print(f"0 new, {up_to_date} up to date" + _skipped_count(skipped), file=out)
+            _print_skipped(skipped, out)
             return EXIT_OK
         try:
             backend = open_backend(cfg.model, cfg.log)
@@ -214,15 +218,26 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
             line += f" ({reused} copies of identical images, no model work)"
         if kept:
             line += f", {kept} existing sidecars left alone"
-        line += f", {len(failed)} failed"
+        line += f", {len(failed)} failed" + _skipped_count(skipped)
         print(line, file=out)
         for o in blocked:
             print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
         for f in failed:
             print(f"failed: {shown(f.path)}: {f.error}", file=out)
+        _print_skipped(skipped, out)
         return EXIT_FAILED if failed else EXIT_OK
     finally:
         lock.release()
+
+
+def _skipped_count(skipped: list[tuple[Path, str]]) -> str:
+    return f", {len(skipped)} skipped" if skipped else ""
+
+
+def _print_skipped(skipped: list[tuple[Path, str]], out: TextIO) -> None:
+    # Not failures (the exit code ignores them): names we will not open, and why.
+    for path, reason in sorted(skipped):
+        print(f"skipped: {shown(str(path))}: {reason}", file=out)
 
 
 def _open_jobs(jobs, roots) -> int:

@@ -54,6 +54,11 @@ class Tracker(Sink):
     def file_touched(self, path: Path, folder: FolderConfig) -> None:
         self.settler.touch(path, folder.path, folder.settle_seconds)
 
+    def file_skipped(self, path: Path, folder: FolderConfig, reason: str) -> None:
+        self.settler.forget(path)
+        with self.lock, transaction(self.db):
+            self.jobs.skip(path, folder.path, reason)
+
     def file_deleted(self, path: Path, folder: FolderConfig) -> None:
         self.settler.forget(path)
         with self.lock, transaction(self.db):
@@ -153,11 +158,12 @@ class Tracker(Sink):
                 for p in result.removed:
                     self.index.delete(p)
                     self.jobs.forget(p)
+                self.jobs.set_skipped(top or folder.path, folder.path, result.skipped)
             n = self.jobs.enqueue_many((p, folder.path) for p in result.queue)
         log.info("scan done", folder=str(top or folder.path), new=result.new,
                  changed=result.changed, up_to_date=result.up_to_date,
                  removed=len(result.removed), failed_before=result.failed_before,
-                 seconds=round(time.perf_counter() - t0, 3))
+                 skipped=len(result.skipped), seconds=round(time.perf_counter() - t0, 3))
         if n:
             self.on_enqueued(n)
 

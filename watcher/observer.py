@@ -15,6 +15,8 @@ import structlog
 from watcher.config import FolderConfig
 from watcher.sidecar import is_temp
 
+NOT_REGULAR = "not a regular file"  # a named pipe (opening it would block), socket, device
+
 log = structlog.get_logger("watcher.observer")
 
 # Names browsers and editors write before an atomic rename to the final name.
@@ -97,11 +99,17 @@ class ScanResult:
     removed: list[str] = field(default_factory=list)
     new: int = 0
     changed: int = 0
+    # Image names that are not captioned, and why: links out of the root or in a loop,
+    # named pipes, sockets, devices. Kept as `skipped` jobs so `watcher status` shows them.
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def walk(filt: Filter, top: Path | None = None) -> Iterator[tuple[Path, os.stat_result]]:
+def walk(filt: Filter, top: Path | None = None,
+         skipped: list[tuple[Path, str]] | None = None
+         ) -> Iterator[tuple[Path, os.stat_result]]:
     """Every wanted image under the folder with its stat: one stat per file, no more.
-    Directory symlinks are not followed; file symlinks only when they stay inside the root."""
+    Directory symlinks are not followed; file symlinks only when they stay inside the root.
+    Image names refused (see ScanResult.skipped) are logged and added to `skipped`."""
     stack = [top or filt.root]
     while stack:
         d = stack.pop()
@@ -123,17 +131,17 @@ def walk(filt: Filter, top: Path | None = None) -> Iterator[tuple[Path, os.stat_
                         continue
                     if not filt.wants(p):
                         continue
-                    if entry.is_symlink():
-                        refused = filt.refused_link(p)
-                        if refused is not None:
-                            log.warning("skipped", path=str(p), reason=refused)
-                            continue
+                    refused = filt.refused_link(p) if entry.is_symlink() else None
+                    if refused is None:
                         st = entry.stat(follow_symlinks=True)
-                    else:
-                        st = entry.stat(follow_symlinks=False)
+                        if not _regular(st):
+                            refused = NOT_REGULAR
                 except OSError:
                     continue
-                if not _regular(st):
+                if refused is not None:
+                    log.warning("skipped", path=str(p), reason=refused)
+                    if skipped is not None:
+                        skipped.append((p, refused))
                     continue
                 yield p, st
 
@@ -158,7 +166,7 @@ def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
     """Compare the folder with the index: an unchanged file costs one stat."""
     result = ScanResult()
     seen: set[str] = set()
-    for path, st in walk(filt, top):
+    for path, st in walk(filt, top, result.skipped):
         key = str(path)
         seen.add(key)
         known = indexed.get(key)
@@ -187,6 +195,7 @@ class Sink:
     def file_moved(self, src: Path, dest: Path, folder: FolderConfig) -> None: ...
     def dir_appeared(self, path: Path, folder: FolderConfig) -> None: ...
     def dir_deleted(self, path: Path, folder: FolderConfig) -> None: ...
+    def file_skipped(self, path: Path, folder: FolderConfig, reason: str) -> None: ...
 
 
 class FolderHandler:
@@ -213,9 +222,10 @@ class FolderHandler:
             except OSError:
                 return True  # gone already, or not readable: the later stages say so
             if not stat.S_ISREG(mode):
-                refused = "not a regular file"
+                refused = NOT_REGULAR
         if refused is not None:
             log.warning("skipped", path=str(path), reason=refused)
+            self.sink.file_skipped(path, self.folder, refused)
         return refused is None
 
     def _dispatch(self, event) -> None:

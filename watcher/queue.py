@@ -62,6 +62,43 @@ class JobQueue:
                 n += cur.rowcount
         return n
 
+    def skip(self, path: Path, root: Path, reason: str) -> None:
+        """Record an image name that is not captioned (a link out of the root, a named
+        pipe), and why: state `skipped`, shown by `watcher status`, never claimed. Queuing
+        the path again (it became a regular file) makes it pending. Runs inside the caller's
+        transaction."""
+        now = time.time()
+        self.db.conn.execute(
+            """INSERT INTO jobs (path, root, state, error, enqueued, updated)
+               VALUES (?, ?, 'skipped', ?, ?, ?)
+               ON CONFLICT(path) DO UPDATE SET state = 'skipped', error = excluded.error,
+                 root = excluded.root, updated = excluded.updated
+               WHERE state != 'running'""",
+            (str(path), str(root), reason, now, now))
+
+    def set_skipped(self, under: Path, root: Path, found: Iterable[tuple[Path, str]]) -> None:
+        """A scan of `under` found exactly these skipped names: record them, and forget
+        skipped entries it no longer found (gone, or a regular file now). Runs inside the
+        caller's transaction."""
+        keep = set()
+        for path, reason in found:
+            self.skip(path, root, reason)
+            keep.add(str(path))
+        rows = self.db.conn.execute(
+            "SELECT path FROM jobs WHERE state = 'skipped' AND path >= ? AND path < ?",
+            prefix_range(under)).fetchall()
+        self.db.conn.executemany("DELETE FROM jobs WHERE path = ? AND state = 'skipped'",
+                                 [(p,) for (p,) in rows if p not in keep])
+
+    def skipped(self, limit: int = 10) -> tuple[int, list[tuple[str, str]]]:
+        """How many image names are skipped, and the newest `limit` as (path, reason)."""
+        n = self.db.conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'skipped'").fetchone()[0]
+        rows = self.db.conn.execute(
+            "SELECT path, error FROM jobs WHERE state = 'skipped' ORDER BY updated DESC, path "
+            "LIMIT ?", (limit,)).fetchall()
+        return n, [(p, r) for p, r in rows]
+
     def enqueue(self, path: Path, root: Path) -> bool:
         return self.enqueue_many([(path, root)]) > 0
 

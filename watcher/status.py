@@ -59,6 +59,7 @@ def collect(db_path: Path) -> dict:
             "ORDER BY updated DESC LIMIT 10").fetchall()
         n_pending_sidecars = db.conn.execute(
             "SELECT count(*) FROM images WHERE sidecar_state = 'pending'").fetchone()[0]
+        n_skipped, skipped = jobs.skipped(10)
         return {
             "database": str(db_path),
             "images": images,
@@ -69,6 +70,8 @@ def collect(db_path: Path) -> dict:
                           "when": f.updated} for f in jobs.failures(10)],
             "sidecars_pending": n_pending_sidecars,
             "sidecars_pending_list": [{"path": p, "reason": r} for p, r in pending_sidecars],
+            "skipped": n_skipped,
+            "skipped_list": [{"path": p, "reason": r} for p, r in skipped],
         }
     finally:
         db.conn.close()
@@ -99,6 +102,10 @@ def render(report: dict) -> str:
         lines.append(f"sidecars pending (folder not writable; `watcher retry --all` once it is):"
                      f" {report['sidecars_pending']}")
         for s in report.get("sidecars_pending_list", []):
+            lines.append(f"  {shown(s['path'])}: {s['reason']}")
+    if report.get("skipped"):
+        lines.append(f"skipped, not captioned: {report['skipped']}")
+        for s in report.get("skipped_list", []):
             lines.append(f"  {shown(s['path'])}: {s['reason']}")
     if report["failures"]:
         lines.append("last failures:")
