@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_models, images
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models, images, daemon_harness
 sys.path.insert(0, str(ROOT))
 # Never the Hub: every model here is built locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -45,6 +45,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
+from daemon_harness import children  # noqa: E402  (the daemon's model process)
 
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 THREAD_ENV: dict[str, str] = {}  # torch/OpenMP threads for the daemons (--torch-threads)
@@ -221,7 +222,7 @@ def tree_status(pid: int) -> dict[str, int]:
     """proc_status summed over `pid` and its children: the daemon with its model process.
     (Summed peaks: never less than the peak of the sum.)"""
     total: dict[str, int] = {}
-    for p in (pid, *children_of(pid)):
+    for p in (pid, *children(pid)):
         for k, v in proc_status(p).items():
             total[k] = total.get(k, 0) + v
     return total
@@ -414,23 +415,9 @@ def cpu_of(pid: int) -> float:
         return float("nan")
 
 
-def children_of(pid: int) -> list[int]:
-    """Living children of `pid` (the daemon's model process), from /proc (Linux)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                kids.append(int(entry.name))
-    return kids
-
-
 def cpu_tree(pid: int) -> float:
     """CPU seconds used so far by process `pid` and its living children."""
-    return cpu_of(pid) + sum(cpu_of(k) for k in children_of(pid))
+    return cpu_of(pid) + sum(cpu_of(k) for k in children(pid))
 
 
 class ThreadCpu:

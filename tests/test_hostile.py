@@ -26,7 +26,6 @@ from pathlib import Path
 
 import images
 import pytest
-import yaml
 from daemon_harness import Daemon, memory_mib, sidecar_ready, wait_for, write_config
 from daemon_harness import run_cli as _run
 from images import distinct_image
@@ -48,18 +47,13 @@ pytestmark = pytest.mark.timeout(240)
 # --- helpers ----------------------------------------------------------------------------------
 
 def _config(tmp_path: Path, model: Path, *, batch_size: int = 4, **extra) -> Path:
-    data = {
+    """The harness's config with this file's defaults: a smaller max_pixels, quick retries."""
+    return write_config(tmp_path, model, [], **{
         "model": {"backend": "transformers", "path": str(model), "batch_size": batch_size,
                   "max_tokens": 4},
-        "database": str(tmp_path / "index.db"),
-        "log": {"level": "info", "format": "json"},
         "max_pixels": MAX_PIXELS,
         "retry_backoff": 0.05,
-    }
-    data.update(extra)
-    p = tmp_path / "config.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
+        **extra})
 
 
 def _events(log_text: str, event: str) -> list[dict]:

@@ -308,7 +308,7 @@ class Writer(threading.Thread):
                 raise  # disk full and the like: the job is retried later, nothing kept
             # Read-only folder, permissions, a name too long...: the caption is not lost, it
             # goes in the index; the sidecar waits for `watcher retry`.
-            state, error = "pending", _os_reason("cannot write sidecar", e) + _sandbox_hint(e)
+            state, error = "pending", _os_reason("cannot write sidecar", e)
             log.warning("sidecar not written; caption kept in the index", path=path,
                         sidecar=str(sidecar), reason=error)
         now = time.time()
@@ -324,7 +324,7 @@ class Writer(threading.Thread):
 def _os_reason(what: str, e: OSError) -> str:
     name = errno.errorcode.get(e.errno or 0, "")
     detail = e.strerror or str(e)
-    return f"{what}: {detail}" + (f" ({name})" if name else "")
+    return f"{what}: {detail}" + (f" ({name})" if name else "") + _sandbox_hint(e)
 
 
 def _sandbox_hint(e: OSError) -> str:
