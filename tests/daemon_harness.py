@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from watcher.paths import decode, encode
+
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition",
              interval: float = 0.05):
@@ -157,7 +159,8 @@ class Daemon:
         con = sqlite3.connect(self.db, timeout=30)
         con.row_factory = sqlite3.Row
         try:
-            return {r["path"]: dict(r) for r in con.execute("SELECT * FROM images")}
+            # Keyed by the real path (stored paths are encoded: watcher.paths).
+            return {decode(r["path"]): dict(r) for r in con.execute("SELECT * FROM images")}
         except sqlite3.OperationalError:
             return {}
         finally:
@@ -173,7 +176,7 @@ class Daemon:
         con = sqlite3.connect(self.db, timeout=30)
         try:
             return con.execute("SELECT state, error FROM jobs WHERE path = ?",
-                               (str(path),)).fetchone()
+                               (encode(path),)).fetchone()
         finally:
             con.close()
 

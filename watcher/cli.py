@@ -136,6 +136,7 @@ class Progress:
                     self.stream.write("\n")
             else:
                 detail = outcome.sidecar if outcome.state == "done" else outcome.reason
+                detail = shown(detail) if detail else detail
                 self.stream.write(f"[{self.done}/{self.total}] {outcome.state}: "
                                   f"{shown(outcome.path)} ({detail})\n")
             self.stream.flush()
@@ -145,7 +146,7 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.backends import ModelUnavailable, open_backend
     from watcher.index import Index, connect, transaction
     from watcher.lock import AlreadyRunning, DatabaseLock
-    from watcher.observer import Filter, scan
+    from watcher.observer import Filter, PassedOver, scan
     from watcher.pipeline import Pipeline
     from watcher.queue import JobQueue
 
@@ -169,6 +170,7 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         jobs.recover()
         todo, up_to_date = 0, 0
         skipped: list[tuple[Path, str]] = []
+        passed = PassedOver()
         for d in dirs:
             folder = cfg.folder_for(d)
             assert folder is not None
@@ -182,11 +184,13 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
             todo += jobs.enqueue_many((p, folder.path) for p in result.queue)
             up_to_date += result.up_to_date
             skipped += result.skipped
+            passed.merge(result.passed_over)
         roots = tuple(dirs)
         pending = _open_jobs(jobs, roots)
         if pending == 0:
             print(f"0 new, {up_to_date} up to date" + _skipped_count(skipped), file=out)
             _print_skipped(skipped, out)
+            _print_passed_over(passed, dirs, out)
             return EXIT_OK
         try:
             backend = open_backend(cfg.model, cfg.log)
@@ -225,6 +229,7 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         for f in failed:
             print(f"failed: {shown(f.path)}: {f.error}", file=out)
         _print_skipped(skipped, out)
+        _print_passed_over(passed, dirs, out)
         return EXIT_FAILED if failed else EXIT_OK
     finally:
         lock.release()
@@ -238,6 +243,16 @@ def _print_skipped(skipped: list[tuple[Path, str]], out: TextIO) -> None:
     # Not failures (the exit code ignores them): names we will not open, and why.
     for path, reason in sorted(skipped):
         print(f"skipped: {shown(str(path))}: {reason}", file=out)
+
+
+def _print_passed_over(passed, dirs: list[Path], out: TextIO) -> None:
+    # Files not captioned because of their name (no extension, not an image extension,
+    # AVIF this Pillow cannot read): a count and a few names per reason.
+    from watcher.status import passed_over_lines
+
+    root = str(dirs[0]) if len(dirs) == 1 else None
+    for line in passed_over_lines(passed.to_json(), root):
+        print(line, file=out)
 
 
 def _open_jobs(jobs, roots) -> int:
@@ -325,16 +340,15 @@ def _signal_daemon(cfg: Config, sig) -> int | None:
 # -- run / model / service -------------------------------------------------------------
 
 def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.daemon import run_daemon
+    from watcher.daemon import run_daemon, with_command_line
 
-    if args.folders:
-        dirs = [Path(os.path.abspath(d.expanduser())) for d in args.folders]
-        cfg = cfg.with_folders(dirs)
-    if not cfg.folders:
+    # Folders given here are watched besides the config's, and stay watched across reloads.
+    dirs = [Path(os.path.abspath(d.expanduser())) for d in args.folders]
+    if not with_command_line(cfg, dirs).folders:
         print("watcher: no folders to watch: give them on the command line or under "
               f"`folders:` in {cfg.source or default_config_path()}", file=err)
         return EXIT_USAGE
-    return run_daemon(cfg, args.config, err)
+    return run_daemon(cfg, args.config, err, dirs)
 
 
 def cmd_model(args, cfg: Config, out: TextIO, err: TextIO) -> int:

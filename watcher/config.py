@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +13,24 @@ import yaml
 
 from watcher.tasks import TASK_KINDS, Task
 
+
+@functools.cache
+def avif_readable() -> bool:
+    """Whether this Pillow decodes AVIF (built with libavif, as Pillow >= 11.2 wheels are).
+    Asked of the import system, not by importing Pillow: every command loads the config."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec("PIL._avif") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# AVIF only where Pillow reads it: elsewhere an .avif file is reported as passed over (with
+# how to get a Pillow that reads it), not failed at every scan.
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif",
-)
+) + ((".avif",) if avif_readable() else ())
 OVERWRITE_POLICIES = ("never", "ours", "always")
 ON_DELETE = ("keep", "remove-ours")
 BACKENDS = ("moondream", "transformers", "photon")

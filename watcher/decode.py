@@ -39,6 +39,16 @@ except Exception:  # not installed, or a broken install: HEIC files get a clear 
 HEIF_MISSING = ("HEIC/HEIF needs the optional pillow-heif package: "
                 "pip install 'moondream-watcher[heif]'")
 
+try:  # AVIF: Pillow >= 11.2 built with libavif (its wheels are) decodes it itself.
+    from PIL import features
+
+    AVIF_AVAILABLE = bool(features.check_module("avif"))
+except Exception:  # an older Pillow has no such feature
+    AVIF_AVAILABLE = False
+
+AVIF_MISSING = ("AVIF needs a Pillow built with AVIF support (Pillow >= 11.2 wheels are): "
+                "pip install -U 'pillow>=11.2'")
+
 # A truncated or empty file modified this recently may still be being written (a slow copy that
 # stalled past the settle time): that failure is transient and retried; once the file is older
 # the same failure is permanent.
@@ -319,11 +329,23 @@ def _unidentified(data: bytes, recent: bool) -> DecodeError:
         if brands & _HEIF_BRANDS and not brands & _AVIF_BRANDS and not HEIF_AVAILABLE:
             return DecodeError(HEIF_MISSING)
         if brands & _AVIF_BRANDS:
-            return DecodeError("AVIF images are not supported by this Pillow build")
+            return DecodeError(AVIF_MISSING)
     fmt = _signature(data)
     if fmt:
         return _corrupt(f"{fmt} header could not be read", recent)
     return DecodeError("not an image (cannot identify image file)")
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format the first bytes of a file announce (JPEG, PNG, GIF, TIFF, WEBP,
+    HEIF, AVIF), or None: a cheap look, for files whose name says nothing."""
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _AVIF_BRANDS:
+            return "AVIF"
+        if brand in _HEIF_BRANDS:
+            return "HEIF"
+    return _signature(head)
 
 
 def _signature(data: bytes) -> str | None:

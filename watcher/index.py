@@ -13,6 +13,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from watcher.paths import decode, encode
+
 SCHEMA_VERSION = 1
 
 
@@ -41,14 +43,25 @@ class ImageRow:
 
     @classmethod
     def from_row(cls, row: dict) -> ImageRow:
+        """From a database row: paths decoded back to the exact file names (watcher.paths)."""
         row = dict(row)
         row["outputs"] = json.loads(row.get("outputs") or "{}")
+        for k in _PATH_COLUMNS:
+            if row.get(k) is not None:
+                row[k] = decode(row[k])
         return cls(**{k: row[k] for k in cls.__dataclass_fields__})
 
     def to_row(self) -> dict:
+        """For the database: paths encoded so that any file name can be stored."""
         row = dict(self.__dict__)
         row["outputs"] = json.dumps(self.outputs, ensure_ascii=False, sort_keys=True)
+        for k in _PATH_COLUMNS:
+            if row[k] is not None:
+                row[k] = encode(row[k])
         return row
+
+
+_PATH_COLUMNS = ("path", "root", "sidecar")
 
 
 def connect(path: Path) -> sqlite_utils.Database:
@@ -131,7 +144,7 @@ class Index:
         self.db = db
 
     def get(self, path: str) -> ImageRow | None:
-        return self._one("SELECT * FROM images WHERE path = ?", (path,))
+        return self._one("SELECT * FROM images WHERE path = ?", (encode(path),))
 
     def by_hash(self, sha256: str) -> ImageRow | None:
         return self._one(
@@ -147,9 +160,9 @@ class Index:
 
     def sidecar_owner(self, sidecar: str) -> str | None:
         row = self.db.conn.execute(
-            "SELECT path FROM images WHERE sidecar = ? LIMIT 1", (sidecar,)
+            "SELECT path FROM images WHERE sidecar = ? LIMIT 1", (encode(sidecar),)
         ).fetchone()
-        return row[0] if row else None
+        return decode(row[0]) if row else None
 
     def upsert(self, row: ImageRow) -> None:
         # One prepared statement: sqlite-utils' upsert re-reads the table schema on every
@@ -157,12 +170,13 @@ class Index:
         self.db.conn.execute(_UPSERT, row.to_row())
 
     def delete(self, path: str) -> None:
-        self.db.conn.execute("DELETE FROM images WHERE path = ?", (path,))
+        self.db.conn.execute("DELETE FROM images WHERE path = ?", (encode(path),))
 
     def move(self, src: str, dest: str, sidecar: str | None) -> None:
         self.db.conn.execute(
             "UPDATE images SET path = ?, sidecar = ?, updated = ? WHERE path = ?",
-            (dest, sidecar, time.time(), src),
+            (encode(dest), None if sidecar is None else encode(sidecar), time.time(),
+             encode(src)),
         )
 
     def stats_under(self, root: str) -> dict[str, tuple[int, int]]:
@@ -171,7 +185,7 @@ class Index:
             "SELECT path, size, mtime_ns FROM images WHERE path >= ? AND path < ?",
             prefix_range(root),
         )
-        return {p: (s, m) for p, s, m in cur}
+        return {decode(p): (s, m) for p, s, m in cur}
 
     def count(self) -> int:
         return self.db.conn.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -201,9 +215,10 @@ _UPSERT = (f"INSERT INTO images ({', '.join(_COLUMNS)}) "
 
 
 def prefix_range(root: str | Path) -> tuple[str, str]:
-    """Bounds selecting every path under `root` through the primary-key index: '0' is the
-    character right after '/', so [root/, root0) is exactly the subtree."""
-    prefix = str(root).rstrip("/") + "/"
+    """Bounds selecting every stored path under `root` through the primary-key index: '0' is
+    the character right after '/', so [root/, root0) is exactly the subtree. (The stored form
+    of a path under root starts with the stored form of root: watcher.paths.)"""
+    prefix = encode(root).rstrip("/") + "/"
     return prefix, prefix[:-1] + "0"
 
 

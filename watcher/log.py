@@ -79,6 +79,7 @@ def configure_logging(cfg: LogConfig | None = None, stream: TextIO | None = None
             _add_logger_name,
             timestamper,
             structlog.processors.StackInfoRenderer(),
+            _escape_names,
             *finish,
             renderer,
         ],
@@ -123,6 +124,24 @@ def _dumps(obj: Any, **kw: Any) -> str:
     kw["default"] = str
     kw.setdefault("ensure_ascii", False)
     return json.dumps(obj, **kw)
+
+
+def _escape_names(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """File names (and errors quoting them) as watcher.paths.shown writes them: an
+    undecodable byte as `\\xe9`, a newline as `\\x0a`, so a hostile name can neither
+    break a log line nor fail to be written."""
+    from pathlib import PurePath
+
+    from watcher.paths import shown
+
+    for k, v in event_dict.items():
+        if k in ("exception", "exc_info", "stack", "event"):
+            continue
+        if isinstance(v, PurePath):
+            event_dict[k] = shown(v)
+        elif isinstance(v, str) and not v.isprintable():
+            event_dict[k] = shown(v)
+    return event_dict
 
 
 def _lead_keys(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import structlog
 
-from watcher.config import FolderConfig
+from watcher.config import FolderConfig, avif_readable
+from watcher.decode import image_format
+from watcher.paths import shown
 from watcher.sidecar import is_temp
 
 NOT_REGULAR = "not a regular file"  # a named pipe (opening it would block), socket, device
@@ -21,6 +23,15 @@ log = structlog.get_logger("watcher.observer")
 
 # Names browsers and editors write before an atomic rename to the final name.
 PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download", ".swp")
+
+# Why a file that is not hidden, ignored or a sidecar is passed over (not captioned).
+NOT_IMAGE_EXTENSION = "not an image extension"
+NO_EXTENSION = "no extension"
+NO_EXTENSION_IMAGE = "no extension, but image bytes: add an extension (e.g. .jpg) to caption it"
+AVIF_UNREADABLE = ("AVIF, which this Pillow cannot read: install a Pillow built with AVIF "
+                   "(pip install -U 'pillow>=11.2')")
+EXAMPLES = 5  # names kept per reason
+SNIFF_BYTES = 32
 
 
 class Filter:
@@ -53,6 +64,46 @@ class Filter:
             if fnmatch.fnmatch(rel_s, pattern) or fnmatch.fnmatch(name, pattern):
                 return False
         return True
+
+    def passed_over(self, path: Path, *, sniff: bool = False) -> str | None:
+        """Why a file that `wants` refuses is not captioned, if that is worth telling the
+        user: a name with an extension not configured, or none. Hidden files, our temp
+        files, partial downloads and ignore globs are deliberate: None. Only the name is
+        looked at, except that with `sniff` a regular file without an extension has its
+        first bytes read (one small read: such files are rare, and the answer says whether
+        it is an image that only lacks its extension)."""
+        rel = self.relative(path)
+        if rel is None or not rel.parts:
+            return None
+        name = rel.name
+        if any(part.startswith(".") for part in rel.parts) or is_temp(name) or \
+                name.lower().endswith(PARTIAL_SUFFIXES) or name.startswith(".~"):
+            return None
+        rel_s = rel.as_posix()
+        if any(fnmatch.fnmatch(rel_s, p) or fnmatch.fnmatch(name, p)
+               for p in self.folder.ignore):
+            return None
+        ext = os.path.splitext(name)[1].lower()
+        if ext in self.extensions:
+            return None
+        if ext == ".avif" and not avif_readable():
+            return AVIF_UNREADABLE
+        if ext:
+            return NOT_IMAGE_EXTENSION
+        if sniff and _sniff_image(path):
+            return NO_EXTENSION_IMAGE
+        return NO_EXTENSION
+
+    def sidecar_names(self, image_name: str) -> tuple[str, ...]:
+        """The names this image's sidecar may have (its own, and the full-name variant used
+        when two images share a stem): such files are not reported as passed over."""
+        stem = os.path.splitext(image_name)[0]
+        pattern = self.folder.sidecar
+        try:
+            return (pattern.format(stem=stem, name=image_name),
+                    pattern.replace("{stem}", "{name}").format(stem=stem, name=image_name))
+        except (IndexError, KeyError, ValueError):
+            return ()
 
     def wants_dir(self, path: Path) -> bool:
         rel = self.relative(path)
@@ -89,6 +140,54 @@ class Filter:
         return None
 
 
+def _sniff_image(path: Path) -> bool:
+    """Whether the regular file at `path` starts like an image. Never follows a link and
+    never blocks (a named pipe renamed in between), and reads SNIFF_BYTES at most."""
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return image_format(os.read(fd, SNIFF_BYTES)) is not None
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class PassedOver:
+    """Files not captioned because of their name, counted per reason with a few examples:
+    no row per file, so a folder of 100,000 documents costs a counter."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, path: Path | str, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        names = self.examples.setdefault(reason, [])
+        if len(names) < EXAMPLES:
+            names.append(str(path))
+
+    def merge(self, other: PassedOver) -> None:
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            names = self.examples.setdefault(reason, [])
+            names.extend(other.examples.get(reason, [])[:EXAMPLES - len(names)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_json(self) -> list[dict]:
+        return [{"reason": r, "count": n, "examples": self.examples.get(r, [])}
+                for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
+
+
 @dataclass
 class ScanResult:
     """A catch-up scan: what needs captioning, what is up to date, what disappeared."""
@@ -102,22 +201,34 @@ class ScanResult:
     # Image names that are not captioned, and why: links out of the root or in a loop,
     # named pipes, sockets, devices. Kept as `skipped` jobs so `watcher status` shows them.
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # Other files not captioned because of their name (see Filter.passed_over).
+    passed_over: PassedOver = field(default_factory=PassedOver)
+    # Folders that could not be listed: what the index holds under them is not "removed".
+    unreadable: list[Path] = field(default_factory=list)
 
 
 def walk(filt: Filter, top: Path | None = None,
-         skipped: list[tuple[Path, str]] | None = None
+         skipped: list[tuple[Path, str]] | None = None,
+         passed_over: PassedOver | None = None, unreadable: list[Path] | None = None,
          ) -> Iterator[tuple[Path, os.stat_result]]:
     """Every wanted image under the folder with its stat: one stat per file, no more.
     Directory symlinks are not followed; file symlinks only when they stay inside the root.
-    Image names refused (see ScanResult.skipped) are logged and added to `skipped`."""
+    Image names refused (see ScanResult.skipped) are logged and added to `skipped`; other
+    files passed over by name are counted in `passed_over` (sidecars excepted); folders that
+    cannot be listed go in `unreadable`. An unexpected error on one entry is logged and
+    recorded against that entry (as skipped): it never stops the walk."""
     stack = [top or filt.root]
     while stack:
         d = stack.pop()
         try:
             it = os.scandir(d)
         except OSError as e:
-            log.warning("cannot read folder", folder=str(d), reason=e.strerror)
+            log.warning("cannot read folder", folder=shown(d), reason=e.strerror)
+            if unreadable is not None:
+                unreadable.append(d)
             continue
+        others: list[Path] = []  # not images by name: passed over unless a sidecar
+        sidecars: set[str] = set()
         with it:
             for entry in it:
                 p = Path(entry.path)
@@ -130,7 +241,11 @@ def walk(filt: Filter, top: Path | None = None,
                         _remove_stale_temp(p)
                         continue
                     if not filt.wants(p):
+                        if passed_over is not None:
+                            others.append(p)
                         continue
+                    if passed_over is not None:
+                        sidecars.update(filt.sidecar_names(entry.name))
                     refused = filt.refused_link(p) if entry.is_symlink() else None
                     if refused is None:
                         st = entry.stat(follow_symlinks=True)
@@ -138,12 +253,26 @@ def walk(filt: Filter, top: Path | None = None,
                             refused = NOT_REGULAR
                 except OSError:
                     continue
+                except Exception as e:  # a bug must cost this one file, not the scan
+                    refused = f"unexpected error: {type(e).__name__}: {e}"
+                    log.error("error looking at a file", path=shown(p), reason=refused)
                 if refused is not None:
-                    log.warning("skipped", path=str(p), reason=refused)
+                    log.warning("skipped", path=shown(p), reason=refused)
                     if skipped is not None:
                         skipped.append((p, refused))
                     continue
                 yield p, st
+        for p in others:
+            if p.name in sidecars:
+                continue
+            try:
+                reason = filt.passed_over(p, sniff=True)
+            except Exception as e:
+                log.error("error looking at a file", path=shown(p),
+                          reason=f"{type(e).__name__}: {e}")
+                continue
+            if reason is not None and passed_over is not None:
+                passed_over.add(p, reason)
 
 
 def _remove_stale_temp(path: Path) -> None:
@@ -151,7 +280,7 @@ def _remove_stale_temp(path: Path) -> None:
     milliseconds and scans run under the database lock): remove it."""
     try:
         path.unlink()
-        log.info("removed a temp file left by an interrupted write", path=str(path))
+        log.info("removed a temp file left by an interrupted write", path=shown(path))
     except OSError:
         pass
 
@@ -166,7 +295,7 @@ def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
     """Compare the folder with the index: an unchanged file costs one stat."""
     result = ScanResult()
     seen: set[str] = set()
-    for path, st in walk(filt, top, result.skipped):
+    for path, st in walk(filt, top, result.skipped, result.passed_over, result.unreadable):
         key = str(path)
         seen.add(key)
         known = indexed.get(key)
@@ -183,7 +312,11 @@ def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
         else:
             result.changed += 1
     prefix = str(top or filt.root).rstrip("/") + "/"
-    result.removed = [p for p in indexed if p not in seen and p.startswith(prefix)]
+    # A folder that could not be listed (the root gone, permissions) says nothing about the
+    # files under it: they are not "removed".
+    blind = tuple(str(u).rstrip("/") + "/" for u in result.unreadable)
+    result.removed = [p for p in indexed if p not in seen and p.startswith(prefix)
+                      and not p.startswith(blind)]
     return result
 
 
@@ -196,6 +329,7 @@ class Sink:
     def dir_appeared(self, path: Path, folder: FolderConfig) -> None: ...
     def dir_deleted(self, path: Path, folder: FolderConfig) -> None: ...
     def file_skipped(self, path: Path, folder: FolderConfig, reason: str) -> None: ...
+    def file_passed_over(self, path: Path, folder: FolderConfig, reason: str) -> None: ...
 
 
 class FolderHandler:
@@ -205,6 +339,9 @@ class FolderHandler:
         self.folder = folder
         self.filter = Filter(folder)
         self.sink = sink
+        # Files with the sidecar pattern's extension are our own writes (or look like them):
+        # never reported as passed over from an event (a scan checks them exactly).
+        self._sidecar_ext = os.path.splitext(folder.sidecar)[1].lower()
 
     def dispatch(self, event) -> None:  # watchdog calls this for every event
         try:
@@ -235,6 +372,11 @@ class FolderHandler:
         src = Path(os.fsdecode(event.src_path))
         dest = Path(os.fsdecode(event.dest_path)) if getattr(event, "dest_path", "") else None
         if event.is_directory:
+            if src == self.folder.path and kind in ("deleted", "moved"):
+                # The watched folder itself went away: the daemon's folder check says so and
+                # keeps its rows (it may be a disk unmounted); a catch-up scan when it is
+                # back removes what is really gone.
+                return
             if kind == "created" and self.filter.wants_dir(src):
                 self.sink.dir_appeared(src, self.folder)
             elif kind == "deleted":
@@ -249,8 +391,11 @@ class FolderHandler:
         if getattr(event, "is_synthetic", False):
             return  # sub-events of a directory move; the dir_appeared scan covers them
         if kind in ("created", "modified", "closed"):
-            if self.filter.wants(src) and self._followable(src):
-                self.sink.file_touched(src, self.folder)
+            if self.filter.wants(src):
+                if self._followable(src):
+                    self.sink.file_touched(src, self.folder)
+            elif kind == "created":
+                self._passed_over(src)
         elif kind == "deleted":
             if self.filter.wants(src):
                 self.sink.file_deleted(src, self.folder)
@@ -266,3 +411,12 @@ class FolderHandler:
                 self.sink.file_touched(dest, self.folder)
             elif src_ok:  # moved out of the tree, or renamed to something we ignore
                 self.sink.file_deleted(src, self.folder)
+            if not dest_ok and self.filter.relative(dest) is not None:
+                self._passed_over(dest)
+
+    def _passed_over(self, path: Path) -> None:
+        if path.suffix.lower() == self._sidecar_ext:
+            return
+        reason = self.filter.passed_over(path)
+        if reason is not None:
+            self.sink.file_passed_over(path, self.folder, reason)

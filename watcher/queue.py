@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
+import structlog
 
 from watcher.index import prefix_range, transaction
+from watcher.paths import decode, encode, safe_text, shown
+
+log = structlog.get_logger("watcher.queue")
 
 STATES = ("pending", "running", "done", "failed")
 
@@ -42,25 +47,45 @@ class JobQueue:
     # -- producers ----------------------------------------------------------------------
     def enqueue_many(self, items: Iterable[tuple[Path, Path]]) -> int:
         """Queue (path, root) pairs; the same path queued twice is one job. Returns how many
-        jobs became pending (new, or re-opened from done/failed/running)."""
+        jobs became pending (new, or re-opened from done/failed/running).
+
+        Paths are stored encoded (watcher.paths): any file name can be queued. An unexpected
+        error on one path is recorded against that path (a `skipped` job with the reason, or
+        the log if even that fails) and the others are queued: one file never holds back
+        another. A database that cannot be written (disk full) raises: nothing was queued."""
         now = time.time()
         n = 0
         with transaction(self.db):
             for path, root in items:
-                # A running job gets gen+1 so its result is not taken as current: it runs again.
-                cur = self.db.conn.execute(
-                    """INSERT INTO jobs (path, root, state, gen, attempts, next_try, enqueued,
-                                         updated)
-                       VALUES (?, ?, 'pending', 0, 0, 0, ?, ?)
-                       ON CONFLICT(path) DO UPDATE SET
-                         root = excluded.root, gen = gen + 1, attempts = 0, error = NULL,
-                         next_try = 0, updated = excluded.updated,
-                         state = CASE WHEN state = 'running' THEN 'running' ELSE 'pending' END
-                       WHERE state != 'pending'""",
-                    (str(path), str(root), now, now),
-                )
-                n += cur.rowcount
+                try:
+                    n += self._enqueue_one(path, root, now)
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as e:
+                    reason = f"could not be queued: {type(e).__name__}: {e}"
+                    log.error("could not queue a file", path=shown(path), reason=reason)
+                    try:
+                        self.skip(path, root, reason)
+                    except sqlite3.OperationalError:
+                        raise
+                    except Exception:
+                        pass  # said in the log above; nothing more can be kept
         return n
+
+    def _enqueue_one(self, path: Path, root: Path, now: float) -> int:
+        # A running job gets gen+1 so its result is not taken as current: it runs again.
+        cur = self.db.conn.execute(
+            """INSERT INTO jobs (path, root, state, gen, attempts, next_try, enqueued,
+                                 updated)
+               VALUES (?, ?, 'pending', 0, 0, 0, ?, ?)
+               ON CONFLICT(path) DO UPDATE SET
+                 root = excluded.root, gen = gen + 1, attempts = 0, error = NULL,
+                 next_try = 0, updated = excluded.updated,
+                 state = CASE WHEN state = 'running' THEN 'running' ELSE 'pending' END
+               WHERE state != 'pending'""",
+            (encode(path), encode(root), now, now),
+        )
+        return cur.rowcount
 
     def skip(self, path: Path, root: Path, reason: str) -> None:
         """Record an image name that is not captioned (a link out of the root, a named
@@ -74,7 +99,7 @@ class JobQueue:
                ON CONFLICT(path) DO UPDATE SET state = 'skipped', error = excluded.error,
                  root = excluded.root, updated = excluded.updated
                WHERE state != 'running'""",
-            (str(path), str(root), reason, now, now))
+            (encode(path), encode(root), safe_text(reason), now, now))
 
     def set_skipped(self, under: Path, root: Path, found: Iterable[tuple[Path, str]]) -> None:
         """A scan of `under` found exactly these skipped names: record them, and forget
@@ -83,7 +108,7 @@ class JobQueue:
         keep = set()
         for path, reason in found:
             self.skip(path, root, reason)
-            keep.add(str(path))
+            keep.add(encode(path))
         rows = self.db.conn.execute(
             "SELECT path FROM jobs WHERE state = 'skipped' AND path >= ? AND path < ?",
             prefix_range(under)).fetchall()
@@ -97,7 +122,7 @@ class JobQueue:
         rows = self.db.conn.execute(
             "SELECT path, error FROM jobs WHERE state = 'skipped' ORDER BY updated DESC, path "
             "LIMIT ?", (limit,)).fetchall()
-        return n, [(p, r) for p, r in rows]
+        return n, [(decode(p), r) for p, r in rows]
 
     def enqueue(self, path: Path, root: Path) -> bool:
         return self.enqueue_many([(path, root)]) > 0
@@ -130,7 +155,7 @@ class JobQueue:
                 (now, *args, limit),
             ).fetchall()
         rows.sort()
-        return [Job(i, Path(p), Path(r), g, a) for i, p, r, g, a in rows]
+        return [Job(i, Path(decode(p)), Path(decode(r)), g, a) for i, p, r, g, a in rows]
 
     def finish(self, job: Job) -> bool:
         """Mark done, inside the caller's transaction (the one that wrote the index row).
@@ -154,7 +179,7 @@ class JobQueue:
             self.db.conn.execute(
                 """UPDATE jobs SET state = 'pending', error = ?, next_try = ?, updated = ?
                    WHERE id = ? AND state = 'running'""",
-                (reason, now + delay, now, job.id),
+                (safe_text(reason), now + delay, now, job.id),
             )
             return "pending"
         if transient:
@@ -162,7 +187,7 @@ class JobQueue:
         cur = self.db.conn.execute(
             """UPDATE jobs SET state = 'failed', error = ?, updated = ?, size = ?, mtime_ns = ?
                WHERE id = ? AND gen = ? AND state = 'running'""",
-            (reason, now, *(identity or (None, None)), job.id, job.gen),
+            (safe_text(reason), now, *(identity or (None, None)), job.id, job.gen),
         )
         if cur.rowcount == 0:
             self._reopen(job)
@@ -185,11 +210,12 @@ class JobQueue:
 
     # -- housekeeping -------------------------------------------------------------------
     def forget(self, path: str) -> None:
-        self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (path,))
+        self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (encode(path),))
 
     def move(self, src: str, dest: str, *, rerun: bool = False) -> bool:
         """The job follows its file. With `rerun` it is pending again (and a result already
         in flight for the old name is stale). True if there was a job to move."""
+        src, dest = encode(src), encode(dest)
         self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (dest,))
         if rerun:
             return self.db.conn.execute(
@@ -213,13 +239,13 @@ class JobQueue:
                 n += self.db.conn.execute(
                     """UPDATE jobs SET state = 'pending', attempts = 0, next_try = 0,
                        gen = gen + 1 WHERE state = 'failed' AND path = ?""",
-                    (p,),
+                    (encode(p),),
                 ).rowcount
             return n
 
     def state_of(self, path: str) -> tuple[str, str | None] | None:
         row = self.db.conn.execute(
-            "SELECT state, error FROM jobs WHERE path = ?", (path,)
+            "SELECT state, error FROM jobs WHERE path = ?", (encode(path),)
         ).fetchone()
         return (row[0], row[1]) if row else None
 
@@ -243,14 +269,14 @@ class JobQueue:
             sql += " AND path >= ? AND path < ?"
             args = list(prefix_range(root))
         rows = self.db.conn.execute(sql + " ORDER BY updated DESC LIMIT ?", (*args, limit))
-        return [Failure(*r) for r in rows]
+        return [Failure(decode(p), *rest) for p, *rest in rows]
 
     def failed_under(self, root: Path) -> dict[str, tuple[int | None, int | None]]:
         """path -> (size, mtime_ns) at the time of failure, for the catch-up scan."""
         cur = self.db.conn.execute(
             "SELECT path, size, mtime_ns FROM jobs WHERE state = 'failed' AND path >= ? "
             "AND path < ?", prefix_range(root))
-        return {p: (s, m) for p, s, m in cur}
+        return {decode(p): (s, m) for p, s, m in cur}
 
     def done_since(self, since: float) -> int:
         return self.db.conn.execute(

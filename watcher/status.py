@@ -7,8 +7,11 @@ import os
 import time
 from pathlib import Path
 
-from watcher.index import connect
+from watcher.index import connect, prefix_range
+from watcher.paths import decode, shown
 from watcher.queue import JobQueue
+
+__all__ = ["collect", "daemon_pid", "render", "shown"]
 
 
 def _alive(pid: int | None) -> bool:
@@ -53,6 +56,11 @@ def collect(db_path: Path) -> dict:
             running = stopped is None and _alive(pid)
             daemon = {"running": running, "pid": pid, "started": started,
                       "heartbeat": heartbeat, "folders": json.loads(folders or "[]")}
+            for f in daemon["folders"]:
+                if f.get("state") == "missing":  # rows kept, pointing at a missing folder
+                    f["indexed_images"] = db.conn.execute(
+                        "SELECT count(*) FROM images WHERE path >= ? AND path < ?",
+                        prefix_range(f["path"])).fetchone()[0]
         images = db.conn.execute("SELECT count(*) FROM images").fetchone()[0]
         pending_sidecars = db.conn.execute(
             "SELECT path, sidecar_error FROM images WHERE sidecar_state = 'pending' "
@@ -69,7 +77,8 @@ def collect(db_path: Path) -> dict:
             "failures": [{"path": f.path, "reason": f.error, "attempts": f.attempts,
                           "when": f.updated} for f in jobs.failures(10)],
             "sidecars_pending": n_pending_sidecars,
-            "sidecars_pending_list": [{"path": p, "reason": r} for p, r in pending_sidecars],
+            "sidecars_pending_list": [{"path": decode(p), "reason": r}
+                                      for p, r in pending_sidecars],
             "skipped": n_skipped,
             "skipped_list": [{"path": p, "reason": r} for p, r in skipped],
         }
@@ -77,10 +86,36 @@ def collect(db_path: Path) -> dict:
         db.conn.close()
 
 
-def shown(path: str) -> str:
-    """A path for a terminal line: control characters (a newline in a file name) escaped so
-    one entry stays on one line. --json output keeps the exact path."""
-    return "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in path)
+def passed_over_lines(entries: list[dict], root: str | None = None) -> list[str]:
+    """`passed over: 3 files (no extension): IMG_0001, scan, ...`, one line per reason, for
+    `watcher caption` and `watcher status`. Names are shown relative to `root` if given."""
+    lines = []
+    for e in entries:
+        names = []
+        for p in e["examples"]:
+            if root and p.startswith(root.rstrip("/") + "/"):
+                p = p[len(root.rstrip("/")) + 1:]
+            names.append(shown(p))
+        more = ", ..." if e["count"] > len(names) else ""
+        n = e["count"]
+        lines.append(f"passed over: {n} file{'s' if n != 1 else ''} ({e['reason']}): "
+                     + ", ".join(names) + more)
+    return lines
+
+
+def _folder_state(f: dict) -> str:
+    if f.get("error"):
+        return f"  [{f['error']}]"
+    if f.get("state") != "missing":
+        return ""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.get("since") or 0))
+    text = f"  [missing since {since} ({f.get('missing') or 'does not exist'}): " \
+           "waiting for it to appear"
+    n = f.get("indexed_images")
+    if n:
+        text += (f"; {n} indexed image{'s' if n != 1 else ''} point into it, kept until it "
+                 "is back")
+    return text + "]"
 
 
 def render(report: dict) -> str:
@@ -89,8 +124,9 @@ def render(report: dict) -> str:
     if d and d["running"]:
         lines.append(f"daemon: running (pid {d['pid']}), watching {len(d['folders'])} folders")
         for f in d["folders"]:
-            lines.append(f"  {shown(f['path'])}"
-                         + (f"  [{f['error']}]" if f.get("error") else ""))
+            lines.append(f"  {shown(f['path'])}" + _folder_state(f))
+            lines += ["    " + ln for ln in passed_over_lines(f.get("passed_over") or [],
+                                                            f["path"])]
     else:
         lines.append("daemon: not running")
     q = report.get("queue") or {}

@@ -18,6 +18,7 @@ from watcher import faults
 from watcher.config import Config, FolderConfig
 from watcher.decode import file_identity
 from watcher.index import ImageRow, Index, connect, transaction
+from watcher.paths import decode, encode
 from watcher.queue import Job, JobQueue
 from watcher.sidecar import choose_name, decide, fsync_dir, text_hash, write_atomic
 from watcher.tasks import clean_caption
@@ -343,7 +344,7 @@ def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
     without the model. Returns (written, [(path, reason still pending)])."""
     index = Index(db)
     sql = "SELECT path FROM images WHERE sidecar_state = 'pending'"
-    candidates = [r[0] for r in db.conn.execute(sql)]
+    candidates = [decode(r[0]) for r in db.conn.execute(sql)]
     if paths is not None:
         wanted = set(paths)
         candidates = [p for p in candidates if p in wanted]
@@ -369,11 +370,11 @@ def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
             still.append((path, reason))
             with transaction(db):
                 db.conn.execute("UPDATE images SET sidecar_error = ? WHERE path = ?",
-                                (reason, path))
+                                (reason, encode(path)))
             continue
         with transaction(db):
             db.conn.execute(
                 """UPDATE images SET sidecar_sha256 = ?, sidecar_state = ?, sidecar_error = NULL,
-                   updated = ? WHERE path = ?""", (sha, state, time.time(), path))
+                   updated = ? WHERE path = ?""", (sha, state, time.time(), encode(path)))
         written += state == "written"
     return written, still
