@@ -59,11 +59,20 @@ class Filter:
             return False
         if os.path.splitext(name)[1].lower() not in self.extensions:
             return False
-        rel_s = rel.as_posix()
-        for pattern in self.folder.ignore:
-            if fnmatch.fnmatch(rel_s, pattern) or fnmatch.fnmatch(name, pattern):
-                return False
-        return True
+        return not self._ignored(rel)
+
+    def _ignored(self, rel: Path) -> bool:
+        """An ignore glob matches the file, or one of the folders it is in: an event from
+        inside an ignored folder is ignored as the scan (which never enters it) would."""
+        if not self.folder.ignore:
+            return False
+        parts = rel.parts
+        for i in range(len(parts)):
+            sub = "/".join(parts[:i + 1])
+            for pattern in self.folder.ignore:
+                if fnmatch.fnmatch(sub, pattern) or fnmatch.fnmatch(parts[i], pattern):
+                    return True
+        return False
 
     def passed_over(self, path: Path, *, sniff: bool = False) -> str | None:
         """Why a file that `wants` refuses is not captioned, if that is worth telling the
@@ -79,9 +88,7 @@ class Filter:
         if any(part.startswith(".") for part in rel.parts) or is_temp(name) or \
                 name.lower().endswith(PARTIAL_SUFFIXES) or name.startswith(".~"):
             return None
-        rel_s = rel.as_posix()
-        if any(fnmatch.fnmatch(rel_s, p) or fnmatch.fnmatch(name, p)
-               for p in self.folder.ignore):
+        if self._ignored(rel):
             return None
         ext = os.path.splitext(name)[1].lower()
         if ext in self.extensions:
