@@ -278,3 +278,25 @@ def test_daemon_status_lists_files_passed_over(tmp_path, tiny_llava):
         code, status, _ = run_cli("--config", str(cfg), "status")
         assert "    passed over: 1 file (not an image extension): notes.pdf" in status
         assert "    passed over: 1 file (no extension): IMG_0002" in status
+
+
+def test_avif_listed_where_pillow_cannot_read_it_fails_with_the_fix(
+        tmp_path, tiny_llava, monkeypatch):
+    """`extensions: [.avif]` on a Pillow without AVIF: a failure that says what to install."""
+    import watcher.decode
+
+    monkeypatch.setattr(watcher.decode, "AVIF_AVAILABLE", False, raising=False)
+    monkeypatch.setattr(watcher.decode, "_FORMATS",
+                        tuple(f for f in watcher.decode._FORMATS if f != "AVIF"))
+    pics = tmp_path / "pics"
+    distinct_image(0, pics / "a.jpg")
+    _avif(pics / "photo.avif")
+    os.utime(pics / "photo.avif", (1_000_000_000, 1_000_000_000))
+    cfg = write_config(tmp_path, tiny_llava, [], defaults={"extensions": [".jpg", ".avif"]})
+
+    code, out, err = run_cli("--config", str(cfg), "caption", str(pics))
+
+    assert code == 1, out + err
+    assert (pics / "a.txt").exists()
+    assert (f"failed: {pics}/photo.avif: AVIF needs a Pillow built with AVIF support "
+            "(Pillow >= 11.2 wheels are): pip install -U 'pillow>=11.2'") in out.splitlines()

@@ -154,7 +154,7 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     for d in args.folders:
         p = Path(os.path.abspath(d.expanduser()))
         if not p.is_dir():
-            print(f"watcher: {d}: not a folder", file=err)
+            print(f"watcher: {shown(str(d))}: not a folder", file=err)
             return EXIT_USAGE
         dirs.append(p)
     cfg = _folders_for(cfg, dirs, args)

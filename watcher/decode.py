@@ -329,6 +329,8 @@ def _unidentified(data: bytes, recent: bool) -> DecodeError:
         if brands & _HEIF_BRANDS and not brands & _AVIF_BRANDS and not HEIF_AVAILABLE:
             return DecodeError(HEIF_MISSING)
         if brands & _AVIF_BRANDS:
+            if AVIF_AVAILABLE:
+                return _corrupt("AVIF data could not be read", recent)
             return DecodeError(AVIF_MISSING)
     fmt = _signature(data)
     if fmt:
