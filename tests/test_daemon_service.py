@@ -117,7 +117,9 @@ def test_watch_limit_fails_that_folder_only(tmp_path, monkeypatch):
     monkeypatch.setattr(inotify_c, "inotify_add_watch", at_limit)
     cfg = Config().with_folders([full, fine])
     refused, ok = Watch(cfg.folders[0], Sink()), Watch(cfg.folders[1], Sink())
+    assert (refused.start(), ok.start()) == (False, True)
     try:
+        assert refused.state == "error" and ok.state == "watching"
         assert refused.observer is None
         assert "fs.inotify.max_user_watches" in refused.error
         assert "sysctl" in refused.error and "polling: true" in refused.error
