@@ -84,12 +84,21 @@ class Filter:
         rel = self.relative(path)
         if rel is None or not rel.parts:
             return None
-        name = rel.name
-        if any(part.startswith(".") for part in rel.parts) or is_temp(name) or \
-                name.lower().endswith(PARTIAL_SUFFIXES) or name.startswith(".~"):
+        if any(part.startswith(".") for part in rel.parts) or self._ignored(rel):
             return None
-        if self._ignored(rel):
+        return self.passed_over_in_scan(path, rel.name, sniff=sniff)
+
+    def passed_over_in_scan(self, path: Path | str, name: str, *,
+                            sniff: bool = False) -> str | None:
+        """`passed_over` for a file the scan found in a folder it entered (so neither hidden
+        nor ignored): from the name alone, without path arithmetic (a scan may meet
+        100,000 such files)."""
+        if name.startswith(".") or is_temp(name) or name.lower().endswith(PARTIAL_SUFFIXES):
             return None
+        if self.folder.ignore:
+            rel = self.relative(Path(path))
+            if rel is None or self._ignored(rel):
+                return None
         ext = os.path.splitext(name)[1].lower()
         if ext in self.extensions:
             return None
@@ -234,7 +243,8 @@ def walk(filt: Filter, top: Path | None = None,
             if unreadable is not None:
                 unreadable.append(d)
             continue
-        others: list[Path] = []  # not images by name: passed over unless a sidecar
+        others: list[tuple[str, str]] = []  # (path, name) not images by name: passed over
+        # unless a sidecar
         sidecars: set[str] = set()
         with it:
             for entry in it:
@@ -249,7 +259,7 @@ def walk(filt: Filter, top: Path | None = None,
                         continue
                     if not filt.wants(p):
                         if passed_over is not None:
-                            others.append(p)
+                            others.append((entry.path, entry.name))
                         continue
                     if passed_over is not None:
                         sidecars.update(filt.sidecar_names(entry.name))
@@ -269,17 +279,17 @@ def walk(filt: Filter, top: Path | None = None,
                         skipped.append((p, refused))
                     continue
                 yield p, st
-        for p in others:
-            if p.name in sidecars:
+        for path, name in others:
+            if name in sidecars:
                 continue
             try:
-                reason = filt.passed_over(p, sniff=True)
+                reason = filt.passed_over_in_scan(path, name, sniff=True)
             except Exception as e:
-                log.error("error looking at a file", path=shown(p),
+                log.error("error looking at a file", path=shown(path),
                           reason=f"{type(e).__name__}: {e}")
                 continue
             if reason is not None and passed_over is not None:
-                passed_over.add(p, reason)
+                passed_over.add(path, reason)
 
 
 def _remove_stale_temp(path: Path) -> None:
