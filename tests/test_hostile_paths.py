@@ -190,6 +190,14 @@ def test_daemon_captions_non_utf8_names_at_start_and_while_running(tmp_path, tin
         code, status, _ = run_cli("--config", str(cfg), "status")
         assert code == 0 and _encodable(status)
         assert f"  {shown(watched)}" in status and "inbox\\xe9" in status
+        # Moved: the row and our sidecar follow under the new bytes. Deleted: the row goes.
+        moved = watched / _name(b"moved\xe8.jpg")
+        (watched / _name(LATIN1)).rename(moved)
+        wait_for(lambda: str(moved) in d.rows(), 30, "the row to follow the move")
+        assert decode(d.rows()[str(moved)]["sidecar"]) == str(watched / _name(b"moved\xe8.txt"))
+        assert _sidecar_bytes(watched) >= {b"moved\xe8.txt"}
+        arrivals[0].unlink()
+        wait_for(lambda: str(arrivals[0]) not in d.rows(), 30, "the deleted file's row")
         log = d.log_text()
     assert "Traceback" not in log and "UnicodeEncodeError" not in log
     # Log lines name the files escaped, as the terminal shows them.
