@@ -274,9 +274,7 @@ def _open_jobs(jobs, roots) -> int:
 def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.index import Index, connect
 
-    if not cfg.database.exists():
-        print(f"watcher: no index yet at {cfg.database}", file=err)
-        return EXIT_FAILED
+    # No database yet: NoDatabase, "no index yet" and exit 1 (_with_database_errors).
     hits = Index(connect(cfg.database, readonly=True)).search(args.query, limit=args.limit)
     if args.json:
         json.dump([{"path": r.path, "caption": r.caption, "sidecar": r.sidecar,

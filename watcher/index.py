@@ -129,6 +129,7 @@ def check_path(path: Path) -> bool:
         if os.path.islink(path):
             raise DatabaseError(f"{path} is a symbolic link to {os.readlink(path)}, which does "
                                 "not exist; refusing to create a database through it") from None
+        _check_neighbours(path)
         return True
     except OSError as e:
         raise DatabaseError(f"cannot use {path} as the database: {os_reason(e)}") from None
@@ -138,16 +139,7 @@ def check_path(path: Path) -> bool:
     if not stat.S_ISREG(st.st_mode):
         raise DatabaseError(f"{path} is not a regular file (a pipe, socket or device); "
                             "refusing to open it as the database")
-    real = os.path.realpath(path)
-    for suffix in _NEIGHBOURS:
-        try:
-            nst = os.lstat(real + suffix)
-        except OSError:
-            continue
-        if not stat.S_ISREG(nst.st_mode):
-            raise DatabaseError(f"{real + suffix} is not a regular file (a symbolic link or "
-                                "a folder?); refusing to open the database beside it. Remove "
-                                "it if no watcher is running")
+    _check_neighbours(path)
     if st.st_size == 0:
         return True
     try:
@@ -159,6 +151,35 @@ def check_path(path: Path) -> bool:
         raise DatabaseError(f"{path} is not a SQLite database (it holds something else); "
                             "refusing to touch it. Give another file with --db or `database:`")
     return False
+
+
+def _check_neighbours(path: Path) -> None:
+    real = os.path.realpath(path)
+    for suffix in _NEIGHBOURS:
+        try:
+            nst = os.lstat(real + suffix)
+        except OSError:
+            continue
+        if not stat.S_ISREG(nst.st_mode):
+            raise DatabaseError(f"{real + suffix} is not a regular file (a symbolic link or "
+                                "a folder?); refusing to open the database beside it. Remove "
+                                "it if no watcher is running")
+
+
+def verify(path: Path) -> None:
+    """DatabaseError unless `path` is our database (of a schema we can use) or nothing yet.
+    Changes nothing: for checks before anything is created beside it (the lock file)."""
+    path = Path(path).absolute()
+    if check_path(path):
+        return
+    conn = _open_readonly(path)
+    try:
+        if _ours(conn, path) != "fresh":
+            _version(conn)
+    except sqlite3.Error as e:
+        raise DatabaseError(_sqlite_reason(path, e, True)) from None
+    finally:
+        conn.close()
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:
@@ -189,10 +210,11 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
-    except sqlite3.OperationalError as e:
+    except sqlite3.Error as e:
         conn.close()
         real = os.path.realpath(path)
-        if any(os.path.lexists(real + s) for s in ("-wal", "-shm")):
+        if not isinstance(e, sqlite3.OperationalError) or any(
+                os.path.lexists(real + s) for s in ("-wal", "-shm")):
             raise DatabaseError(_sqlite_reason(path, e, True)) from None
     # A WAL database in a folder we cannot write: SQLite cannot create its -shm to read.
     # No -wal and no -shm means no writer has it open, so the file as it stands is all.

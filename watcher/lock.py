@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from watcher.index import DatabaseError, check_path, os_reason
+from watcher.index import DatabaseError, os_reason, verify
 
 
 class AlreadyRunning(RuntimeError):
@@ -28,9 +28,9 @@ class DatabaseLock:
         self._fd: int | None = None
 
     def acquire(self, what: str) -> None:
-        # The database path first: a folder or a foreign file given as --db is refused
+        # The database first: a folder or another program's file given as --db is refused
         # before anything (this lock file included) is created beside it.
-        check_path(self.db_path)
+        verify(self.db_path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Never follow a link (`ln -s victim index.db.lock` must not reach victim), never
