@@ -66,7 +66,6 @@ class NoDatabase(DatabaseError):
 # Stamped into the SQLite header (PRAGMA application_id) when we create a database: the mark
 # that a file is ours. A file without it that has tables is another program's: never changed.
 APPLICATION_ID = int.from_bytes(b"MdWt", "big")
-_SQLITE_HEADER = b"SQLite format 3\x00"
 # Databases made before the mark existed are recognised by these tables plus meta's version.
 _LEGACY_TABLES = frozenset({"meta", "images", "jobs", "daemon"})
 # Files SQLite creates beside the database: they must be plain files, not links or folders.
@@ -140,17 +139,11 @@ def check_path(path: Path) -> bool:
         raise DatabaseError(f"{path} is not a regular file (a pipe, socket or device); "
                             "refusing to open it as the database")
     _check_neighbours(path)
-    if st.st_size == 0:
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_SQLITE_HEADER))
-    except OSError as e:
-        raise DatabaseError(f"cannot read the database {path}: {os_reason(e)}") from None
-    if head != _SQLITE_HEADER:
-        raise DatabaseError(f"{path} is not a SQLite database (it holds something else); "
-                            "refusing to touch it. Give another file with --db or `database:`")
-    return False
+    # Not a SQLite file at all: SQLite says so (SQLITE_NOTADB) at its first read, before
+    # anything is written. Never read it ourselves: closing any other descriptor of the file
+    # drops every POSIX lock this process's SQLite connections hold on it (fcntl semantics),
+    # and another process would then delete the live -wal and -shm under them.
+    return st.st_size == 0
 
 
 def _check_neighbours(path: Path) -> None:
