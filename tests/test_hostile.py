@@ -819,8 +819,8 @@ def test_read_only_folder_keeps_the_caption_and_retry_writes_the_sidecar(tmp_pat
             assert d.logged("sidecar not written; caption kept in the index",
                             path=str(image), reason=reason)
             status = _status(cfg)
-            assert ("sidecars pending (folder not writable; `watcher retry --all` once it is):"
-                    " 1") in status
+            assert ("sidecars pending (caption kept in the index; `watcher retry --all` once "
+                    "the reason is fixed): 1") in status
             assert f"  {image}: {reason}" in status
 
             still = _watcher(wrapper, cfg, "retry", "--all", env=env)

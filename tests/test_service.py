@@ -81,7 +81,7 @@ def test_render_systemd(cfg):
     kv = dict(pairs)
     assert kv["Type"] == "notify"
     assert kv["NotifyAccess"] == "main"
-    assert kv["ExecStart"] == f'"{python}" -m watcher --config {CONFIG} run'
+    assert kv["ExecStart"] == f'"{python}" -I -u -m watcher --config {CONFIG} run'
     assert kv["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert kv["Restart"] == "on-failure"
     assert kv["WatchdogSec"] == "120"
@@ -150,7 +150,7 @@ def test_systemd_analyze_verify_awkward_paths(tmp_path):
     cfg = make_cfg(folders, str(odd / "db dir" / "index.db"))
     unit = render_systemd(cfg, odd / "config.yaml", python=str(python))
     kv = dict(service_section(unit))
-    assert kv["ExecStart"].startswith('"' + str(python).replace("%", "%%") + '" -m watcher')
+    assert kv["ExecStart"].startswith('"' + str(python).replace("%", "%%") + '" -I -u -m watcher')
     unit_file = tmp_path / UNIT_NAME
     unit_file.write_text(unit)
     runtime = tmp_path / "runtime"
@@ -171,7 +171,8 @@ def test_render_launchd(cfg, tmp_path):
     assert data["Label"] == LABEL
     assert data["RunAtLoad"] is True
     assert data["KeepAlive"] == {"SuccessfulExit": False}
-    assert data["ProgramArguments"] == [PYTHON, "-m", "watcher", "--config", str(config), "run"]
+    assert data["ProgramArguments"] == [PYTHON, "-I", "-u", "-m", "watcher", "--config",
+                                        str(config), "run"]
     assert data["ProcessType"] == "Background"
     logs = home / "Library" / "Logs" / "moondream-watcher"
     assert Path(data["StandardOutPath"]).parent == logs
@@ -272,7 +273,7 @@ def test_install_macos_now(setup, monkeypatch):
     assert rc == 0, out.getvalue()
     plist = home / "Library" / "LaunchAgents" / PLIST_NAME
     argv = plistlib.loads(plist.read_bytes())["ProgramArguments"]
-    assert argv[3:] == ["--config", str(config), "run"]
+    assert argv[1:] == ["-I", "-u", "-m", "watcher", "--config", str(config), "run"]
     assert (home / "Library" / "Logs" / "moondream-watcher").is_dir()
     assert runner.commands == [
         ["launchctl", "bootout", f"gui/501/{LABEL}"],

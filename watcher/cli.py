@@ -82,13 +82,34 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
     configure_logging(cfg.log, stream=err)
     handler = globals()["cmd_" + args.command]
     try:
-        return handler(args, cfg, out, err)
+        return _with_database_errors(handler, args, cfg, out, err)
     except ConfigError as e:
         print(f"watcher: config error: {e}", file=err)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("watcher: interrupted", file=err)
         return 130
+
+
+def _with_database_errors(handler, args, cfg: Config, out: TextIO, err: TextIO) -> int:
+    """Run `handler`; a database that cannot be used (a folder or another program's file given
+    as the database, a read-only folder for a command that writes, a newer schema, a lock
+    file that is a link) is one line on stderr and exit 2, never a traceback."""
+    import sqlite3
+
+    from watcher.index import DatabaseError, NoDatabase
+
+    try:
+        return handler(args, cfg, out, err)
+    except NoDatabase as e:  # nothing to read yet: as `watcher search` says without a file
+        print(f"watcher: {e}", file=err)
+        return EXIT_FAILED
+    except DatabaseError as e:
+        print(f"watcher: database error: {e}", file=err)
+        return EXIT_USAGE
+    except sqlite3.Error as e:  # anything else SQLite says on the way (I/O error, locked)
+        print(f"watcher: database error: {cfg.database}: {e}", file=err)
+        return EXIT_USAGE
 
 
 # -- caption ---------------------------------------------------------------------------
@@ -268,10 +289,8 @@ def _open_jobs(jobs, roots) -> int:
 def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.index import Index, connect
 
-    if not cfg.database.exists():
-        print(f"watcher: no index yet at {cfg.database}", file=err)
-        return EXIT_FAILED
-    hits = Index(connect(cfg.database)).search(args.query, limit=args.limit)
+    # No database yet: NoDatabase, "no index yet" and exit 1 (_with_database_errors).
+    hits = Index(connect(cfg.database, readonly=True)).search(args.query, limit=args.limit)
     if args.json:
         json.dump([{"path": r.path, "caption": r.caption, "sidecar": r.sidecar,
                     "score": s} for r, s in hits], out, indent=2)

@@ -18,7 +18,7 @@ from typing import TextIO
 import structlog
 
 from watcher.config import Config, ConfigError, FolderConfig, load_config
-from watcher.index import Index, connect, prefix_range, transaction
+from watcher.index import Index, connect, file_identity, prefix_range, transaction
 from watcher.lock import AlreadyRunning, DatabaseLock
 from watcher.notify import Notifier
 from watcher.observer import Filter, FolderHandler, PassedOver, Sink, scan
@@ -360,6 +360,8 @@ class Daemon:
             folder_check_seconds = float(os.environ.get("WATCHER_FOLDER_CHECK_SECONDS",
                                                         FOLDER_CHECK_SECONDS))
         self.folder_check_seconds = max(0.05, folder_check_seconds)
+        self._db_identity: tuple[int, int] | None = None  # (st_dev, st_ino) opened at start
+        self.exit_code = 0
 
     def run(self) -> int:
         from watcher.backends import ModelUnavailable, open_backend
@@ -375,6 +377,7 @@ class Daemon:
             return 2
         try:
             db = connect(cfg.database)
+            self._db_identity = file_identity(cfg.database)
             recovered = JobQueue(db).recover()
             if recovered:
                 log.info("re-queued jobs interrupted by the last run", jobs=recovered)
@@ -411,8 +414,8 @@ class Daemon:
             backend.close()
             self._write_daemon_row(stopped=True)
             self.tracker.close()
-            log.info("stopped")
-            return 0
+            log.info("stopped", exit_code=self.exit_code)
+            return self.exit_code
         finally:
             lock.release()
 
@@ -554,6 +557,8 @@ class Daemon:
         return time.monotonic() + folder.rescan_minutes * 60
 
     def _heartbeat(self, wd: float | None) -> None:
+        if not self._database_still_there():
+            return
         try:
             with self.tracker.lock:
                 counts = self.tracker.jobs.counts()
@@ -570,7 +575,7 @@ class Daemon:
         # Only a worker that is alive and not stuck in one model call pets the watchdog.
         worker = self.pipeline.worker
         stuck_after = wd if wd else 600
-        silent = time.monotonic() - worker.heartbeat
+        silent = worker.stalled_for()
         if worker.is_alive() and silent < stuck_after:
             self.notifier.watchdog()
             if self._worker_stuck:
@@ -580,6 +585,24 @@ class Daemon:
             self._worker_stuck = True
             log.error("model worker is not responding; not confirming the watchdog",
                       seconds=round(silent), alive=worker.is_alive())
+
+    def _database_still_there(self) -> bool:
+        """False (and the daemon stopping, exit 1) once the database file has been deleted or
+        replaced: every connection would go on writing into the old, unlinked file, and
+        `watcher status`/`search` would read another. Stopping with a failure lets the
+        service manager start it again (Restart=on-failure, KeepAlive), on a new database."""
+        now = file_identity(self.cfg.database)
+        if now == self._db_identity or self.stop_event.is_set():
+            return True
+        log.error("database file deleted or replaced while running; stopping (exit 1) so "
+                  "that a restart opens the database at its path",
+                  database=str(self.cfg.database), gone=now is None)
+        print(f"watcher: the database {self.cfg.database} was "
+              f"{'deleted' if now is None else 'replaced'} while running; stopping",
+              file=self.err)
+        self.exit_code = 1
+        self.stop_event.set()
+        return False
 
     def _write_daemon_row(self, *, started: bool = False, stopped: bool = False) -> None:
         folders = json.dumps([w.describe() for w in self.watches.values()])

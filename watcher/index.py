@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import sqlite3
+import stat
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,17 +68,220 @@ class ImageRow:
 _PATH_COLUMNS = ("path", "root", "sidecar")
 
 
-def connect(path: Path) -> sqlite_utils.Database:
-    """Open (and create or migrate) the database. One connection per thread."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
-    db = sqlite_utils.Database(conn)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed `done` survives power loss, not only a process crash.
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=60000")
-    _migrate(db)
-    return db
+class DatabaseError(RuntimeError):
+    """The database cannot be used as asked: the message says why and what to do."""
+
+
+class NoDatabase(DatabaseError):
+    """A read-only open found nothing to read yet (no file, an empty one, no tables)."""
+
+
+# Stamped into the SQLite header (PRAGMA application_id) when we create a database: the mark
+# that a file is ours. A file without it that has tables is another program's: never changed.
+APPLICATION_ID = int.from_bytes(b"MdWt", "big")
+# Databases made before the mark existed are recognised by these tables plus meta's version.
+_LEGACY_TABLES = frozenset({"meta", "images", "jobs", "daemon"})
+# Files SQLite creates beside the database: they must be plain files, not links or folders.
+_NEIGHBOURS = ("-wal", "-shm", "-journal")
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
+    """Open (and create or migrate) the database. One connection per thread.
+
+    `readonly` (watcher status, search): never creates or changes anything, works in a
+    read-only folder, and raises NoDatabase when there is nothing to read yet. Whatever
+    the mode, a path that is not our database raises DatabaseError before anything is
+    written: a folder, another program's SQLite file, a file that is not SQLite at all."""
+    path = Path(path).absolute()
+    fresh = check_path(path)
+    if readonly:
+        if fresh:
+            raise NoDatabase(f"no index yet at {path}")
+        conn = _open_readonly(path)
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatabaseError(f"cannot create the database folder {path.parent}: "
+                                f"{os_reason(e)}") from None
+        conn = _open(str(path), uri=False)
+    try:
+        state = _ours(conn, path)
+        if readonly:
+            if state == "fresh":
+                raise NoDatabase(f"no index yet at {path}")
+            version = _version(conn)
+            if version != SCHEMA_VERSION:
+                conn.close()
+                return _upgrade_for_reading(path, version)
+            return sqlite_utils.Database(conn)
+        db = sqlite_utils.Database(conn)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed `done` survives power loss, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        _migrate(db)
+        if state != "ours-marked":
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        return db
+    except sqlite3.Error as e:
+        conn.close()
+        raise DatabaseError(_sqlite_reason(path, e, readonly)) from None
+    except BaseException:
+        conn.close()
+        raise
+
+
+def check_path(path: Path) -> bool:
+    """Refuse, before anything is created, a database path we must not open; True when
+    there is no database there yet (nothing, or an empty file: fine to initialise)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DatabaseError(f"{path} is a symbolic link to {os.readlink(path)}, which does "
+                                "not exist; refusing to create a database through it") from None
+        _check_neighbours(path)
+        return True
+    except OSError as e:
+        raise DatabaseError(f"cannot use {path} as the database: {os_reason(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DatabaseError(f"{path} is a folder, not a database file; give a file path "
+                            f"(e.g. --db {path / 'index.db'})")
+    if not stat.S_ISREG(st.st_mode):
+        raise DatabaseError(f"{path} is not a regular file (a pipe, socket or device); "
+                            "refusing to open it as the database")
+    _check_neighbours(path)
+    # Not a SQLite file at all: SQLite says so (SQLITE_NOTADB) at its first read, before
+    # anything is written. Never read it ourselves: closing any other descriptor of the file
+    # drops every POSIX lock this process's SQLite connections hold on it (fcntl semantics),
+    # and another process would then delete the live -wal and -shm under them.
+    return st.st_size == 0
+
+
+def _check_neighbours(path: Path) -> None:
+    real = os.path.realpath(path)
+    for suffix in _NEIGHBOURS:
+        try:
+            nst = os.lstat(real + suffix)
+        except OSError:
+            continue
+        if not stat.S_ISREG(nst.st_mode):
+            raise DatabaseError(f"{real + suffix} is not a regular file (a symbolic link or "
+                                "a folder?); refusing to open the database beside it. Remove "
+                                "it if no watcher is running")
+
+
+def verify(path: Path) -> None:
+    """DatabaseError unless `path` is our database (of a schema we can use) or nothing yet.
+    Changes nothing: for checks before anything is created beside it (the lock file)."""
+    path = Path(path).absolute()
+    if check_path(path):
+        return
+    conn = _open_readonly(path)
+    try:
+        if _ours(conn, path) != "fresh":
+            _version(conn)
+    except sqlite3.Error as e:
+        raise DatabaseError(_sqlite_reason(path, e, True)) from None
+    finally:
+        conn.close()
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the database file the path names now; None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def os_reason(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e}" + (f" ({name})" if name else "")
+
+
+def _open(target: str, *, uri: bool) -> sqlite3.Connection:
+    try:
+        return sqlite3.connect(target, uri=uri, timeout=60, isolation_level=None,
+                               check_same_thread=False)
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot open the database {target}: {e}") from None
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
+    conn = _open(uri, uri=True)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.Error as e:
+        conn.close()
+        real = os.path.realpath(path)
+        if not isinstance(e, sqlite3.OperationalError) or any(
+                os.path.lexists(real + s) for s in ("-wal", "-shm")):
+            raise DatabaseError(_sqlite_reason(path, e, True)) from None
+    # A WAL database in a folder we cannot write: SQLite cannot create its -shm to read.
+    # No -wal and no -shm means no writer has it open, so the file as it stands is all.
+    return _open(uri + "&immutable=1", uri=True)
+
+
+def _ours(conn: sqlite3.Connection, path: Path) -> str:
+    """'ours-marked', 'ours' (made before the mark), or 'fresh' (no tables): else refused."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id == APPLICATION_ID:
+        return "ours-marked"
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    if app_id == 0 and not names:
+        return "fresh"
+    if app_id == 0 and _LEGACY_TABLES <= names and conn.execute(
+            "SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone():
+        return "ours"
+    raise DatabaseError(f"{path} is not a moondream-watcher database (another program's "
+                        "SQLite file); refusing to change it. Give another file with --db or "
+                        "`database:`")
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(_newer(version))
+    return version
+
+
+def _newer(version: int) -> str:
+    return (f"database schema {version} is newer than this watcher ({SCHEMA_VERSION}); "
+            "upgrade moondream-watcher, or give another file with --db")
+
+
+def _upgrade_for_reading(path: Path, version: int) -> sqlite_utils.Database:
+    """An older schema: readers expect the current one, so migrate first if we can write."""
+    try:
+        connect(path).conn.close()
+    except DatabaseError as e:
+        raise DatabaseError(f"database schema {version} is older than this watcher "
+                            f"({SCHEMA_VERSION}) and cannot be upgraded here: {e}") from None
+    return connect(path, readonly=True)
+
+
+def _sqlite_reason(path: Path, e: sqlite3.Error, readonly: bool) -> str:
+    name = getattr(e, "sqlite_errorname", "")
+    text = str(e)
+    if name == "SQLITE_NOTADB" or "file is not a database" in text:
+        return (f"{path} is not a SQLite database (it holds something else); refusing to "
+                "touch it. Give another file with --db or `database:`")
+    if name.startswith("SQLITE_CORRUPT") or "malformed" in text:
+        return f"the database {path} is damaged ({text})"
+    if readonly:
+        return f"cannot read the database {path}: {text}"
+    if (name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"))
+            or "readonly" in text or "unable to open" in text):
+        return (f"cannot write to the database {path} ({text}): this command needs write "
+                f"access to the file and its folder {path.parent}; `watcher status` and "
+                "`watcher search` still work read-only")
+    return f"database {path}: {text}"
 
 
 @contextmanager
@@ -95,9 +302,7 @@ def _migrate(db: sqlite_utils.Database) -> None:
         row = db.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema {version} is newer than this watcher ({SCHEMA_VERSION}); upgrade"
-            )
+            raise DatabaseError(_newer(version))
         if version < 1:
             _create_v1(db)
         db.conn.execute(

@@ -98,7 +98,10 @@ class Notifier:
             with self._lock:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sock.sendto(data, self._address)
+                # Never wait: with the manager's queue full (it is slow, or a test stopped
+                # reading), a blocking send would stall the daemon's main loop. A dropped
+                # WATCHDOG/STATUS is sent again at the next tick.
+                self._sock.sendto(data, socket.MSG_DONTWAIT, self._address)
             return True
         except OSError as e:
             log.debug("sd_notify failed", address=_printable(self._address),

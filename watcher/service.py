@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from watcher.config import Config
+from watcher.isolated import python_command
 
 UNIT_NAME = "moondream-watcher.service"
 LABEL = "com.moondream-watcher"
@@ -99,7 +100,7 @@ def writable_paths(cfg: Config) -> list[Path]:
 
 def _python_path(python: str) -> str | None:
     """The project root when `watcher` is not installed in this interpreter (a bare source
-    checkout), so that `python -m watcher` finds it; None otherwise."""
+    checkout), so that the service finds it (see _command); None otherwise."""
     if _interpreter(python) != os.path.abspath(sys.executable):
         return None  # another interpreter: assume the package is installed there
     try:
@@ -120,9 +121,6 @@ def service_environment(cfg: Config, python: str,
     for name in PASS_ENV:
         if env.get(name):
             extra[name] = str(_abs(env[name]))
-    pythonpath = _python_path(python)
-    if pythonpath:
-        extra["PYTHONPATH"] = pythonpath
     return extra
 
 
@@ -140,8 +138,16 @@ def _interpreter(python: str) -> str:
 
 
 def _command(python: str, config_path: Path) -> list[str]:
+    """`python -I -u -m watcher --config CONFIG run`: -I so that nothing in the service's
+    working directory (the home folder) is imported in place of our modules; -u for the
+    PYTHONUNBUFFERED that -I ignores. A bare source checkout (not installed) is put on the
+    path explicitly, since -I also ignores PYTHONPATH."""
     # --config is an option of `watcher` itself, so it comes before the subcommand.
-    return [_interpreter(python), "-m", "watcher", "--config", str(_abs(config_path)), "run"]
+    args = ["--config", str(_abs(config_path)), "run"]
+    root = _python_path(python)
+    if root:
+        return python_command("watcher", args, python=_interpreter(python), path=[root])
+    return [_interpreter(python), "-I", "-u", "-m", "watcher", *args]
 
 
 # --- systemd --------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def render_launchd(cfg: Config, config_path: Path, python: str = sys.executable,
                  "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
     values = {
         "PYTHON": argv[0],
-        "CONFIG": argv[4],
+        "CONFIG": str(_abs(config_path)),
         "HOME": str(home),
         "PATH": ":".join(dict.fromkeys(path_dirs)),
         "LOG_DIR": str(launchd_log_dir(home)),
@@ -246,6 +252,7 @@ def render_launchd(cfg: Config, config_path: Path, python: str = sys.executable,
         return obj
 
     data = fill(data)
+    data["ProgramArguments"] = argv  # the template shows the usual form; this is exact
     data.setdefault("EnvironmentVariables", {}).update(service_environment(cfg, python, env))
     return plistlib.dumps(data, fmt=plistlib.FMT_XML, sort_keys=False)
 

@@ -7,11 +7,16 @@ import os
 import time
 from pathlib import Path
 
-from watcher.index import connect, prefix_range
+from watcher.index import NoDatabase, connect, prefix_range
 from watcher.paths import decode, shown
 from watcher.queue import JobQueue
 
 __all__ = ["collect", "daemon_pid", "render", "shown"]
+
+# A daemon whose heartbeat is older than this is reported as not responding (stopped with
+# SIGSTOP, hung, or unable to write its database). It writes one every loop tick: 2 s, or
+# a sixth of WatchdogSec when that is shorter, so 30 s is 15 missed beats or more.
+HEARTBEAT_STALE = 30.0
 
 
 def _alive(pid: int | None) -> bool:
@@ -29,7 +34,10 @@ def _alive(pid: int | None) -> bool:
 def daemon_pid(db_path: Path) -> int | None:
     if not db_path.exists():
         return None
-    db = connect(db_path)
+    try:
+        db = connect(db_path, readonly=True)
+    except NoDatabase:
+        return None
     try:
         row = db.conn.execute("SELECT pid, stopped FROM daemon WHERE id = 1").fetchone()
     finally:
@@ -40,10 +48,12 @@ def daemon_pid(db_path: Path) -> int | None:
 
 
 def collect(db_path: Path) -> dict:
-    if not db_path.exists():
+    """The report, read-only: nothing is created or changed, whoever owns the file."""
+    try:
+        db = connect(db_path, readonly=True)
+    except NoDatabase:
         return {"database": str(db_path), "images": 0, "queue": {}, "daemon": None,
                 "failures": [], "sidecars_pending": 0, "images_per_second": 0.0}
-    db = connect(db_path)
     try:
         jobs = JobQueue(db)
         now = time.time()
@@ -54,8 +64,13 @@ def collect(db_path: Path) -> dict:
         if row:
             pid, started, heartbeat, folders, stopped = row
             running = stopped is None and _alive(pid)
+            age = max(0.0, now - heartbeat) if heartbeat else None
             daemon = {"running": running, "pid": pid, "started": started,
-                      "heartbeat": heartbeat, "folders": json.loads(folders or "[]")}
+                      "heartbeat": heartbeat,
+                      "heartbeat_age": round(age, 1) if age is not None else None,
+                      # A live pid is not enough: stopped (SIGSTOP) or hung, it is alive.
+                      "responding": running and age is not None and age < HEARTBEAT_STALE,
+                      "folders": json.loads(folders or "[]")}
             for f in daemon["folders"]:
                 if f.get("state") == "missing":  # rows kept, pointing at a missing folder
                     f["indexed_images"] = db.conn.execute(
@@ -122,7 +137,14 @@ def render(report: dict) -> str:
     lines = [f"database: {report['database']}"]
     d = report.get("daemon")
     if d and d["running"]:
-        lines.append(f"daemon: running (pid {d['pid']}), watching {len(d['folders'])} folders")
+        if d.get("responding", True):
+            lines.append(f"daemon: running (pid {d['pid']}), "
+                         f"watching {len(d['folders'])} folders")
+        else:
+            age = d.get("heartbeat_age")
+            lines.append(f"daemon: not responding (pid {d['pid']}, last heartbeat "
+                         + (f"{age:.0f} s ago)" if age is not None else "never)")
+                         + f", watching {len(d['folders'])} folders")
         for f in d["folders"]:
             lines.append(f"  {shown(f['path'])}" + _folder_state(f))
             lines += ["    " + ln for ln in passed_over_lines(f.get("passed_over") or [],
@@ -135,8 +157,10 @@ def render(report: dict) -> str:
                                        for s in ("pending", "running", "done", "failed")))
     lines.append(f"rate: {report['images_per_second']:.2f} images/s over the last minute")
     if report.get("sidecars_pending"):
-        lines.append(f"sidecars pending (folder not writable; `watcher retry --all` once it is):"
-                     f" {report['sidecars_pending']}")
+        # The reasons differ (a read-only folder, a name too long, a folder in the way):
+        # each path says its own; the heading only says what to do.
+        lines.append("sidecars pending (caption kept in the index; `watcher retry --all` "
+                     f"once the reason is fixed): {report['sidecars_pending']}")
         for s in report.get("sidecars_pending_list", []):
             lines.append(f"  {shown(s['path'])}: {s['reason']}")
     if report.get("skipped"):

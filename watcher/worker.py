@@ -85,7 +85,10 @@ class ModelWorker(threading.Thread):
         self.model_calls = 0  # batches sent to the model
         self.images_run = 0  # images the model actually saw
         self.busy_seconds = 0.0
-        self.heartbeat = time.monotonic()  # advanced on every loop: the systemd watchdog reads it
+        # When the work in hand last made progress (taken from the inbox, a model call
+        # returned); None while waiting for work. The systemd watchdog reads it through
+        # stalled_for(): an idle worker is never "not responding", however rarely it wakes.
+        self.busy_since: float | None = None
         self.released: list[Job] = []  # work handed back at shutdown
 
     # -- thread -------------------------------------------------------------------------
@@ -93,12 +96,12 @@ class ModelWorker(threading.Thread):
         self.index = Index(connect(self.db_path))
         draining = False
         while True:
+            self.busy_since = None
             try:
                 first = self.inbox.get(timeout=1.0)
             except queue.Empty:
-                self.heartbeat = time.monotonic()
                 continue
-            self.heartbeat = time.monotonic()
+            self.busy_since = time.monotonic()
             if first is STOP:
                 break
             batch, draining = self._gather(first)
@@ -114,6 +117,12 @@ class ModelWorker(threading.Thread):
             if item is not STOP:
                 self.released.append(item.prepared.job)
         self.index.db.conn.close()
+
+    def stalled_for(self) -> float:
+        """Seconds the work in hand has gone without progress (a model call that does not
+        return); 0 while idle."""
+        since = self.busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     # -- batching -----------------------------------------------------------------------
     def _gather(self, first: Work) -> tuple[list[Work], bool]:
@@ -212,14 +221,14 @@ class ModelWorker(threading.Thread):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(chunk)}")
         except Exception as exc:  # the model call: anything can come out of it
             self.busy_seconds += time.perf_counter() - t0
-            self.heartbeat = time.monotonic()
+            self.busy_since = time.monotonic()
             yield from self._recover(tasks, chunk, exc)
             return
         elapsed = time.perf_counter() - t0
         self.busy_seconds += elapsed
         self._last_call = elapsed
         self.images_run += len(chunk)
-        self.heartbeat = time.monotonic()
+        self.busy_since = time.monotonic()
         for w, outputs in zip(chunk, results, strict=True):
             yield w, tuple(outputs), elapsed * 1000 / len(chunk)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from watcher.backends import ModelUnavailable, is_out_of_memory
+from watcher.isolated import python_command, safe_sys_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -188,18 +189,18 @@ class ModelProcess:
     # -- child management ---------------------------------------------------------------
     def _spawn(self) -> None:
         ours, theirs = Pipe(duplex=True)
-        env = dict(os.environ)
-        # The child imports this same package, wherever it was imported from here.
+        # Isolated (-I): a `structlog.py` or `torch.py` in the working directory (a watched
+        # folder, for `watcher caption .`) must not be imported in place of the real one.
+        # The child gets our own sys.path less the working directory, and this package's
+        # root first, so it imports this same package, wherever it was imported from here.
         package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        path = [package_root, *(p for p in safe_sys_path() if p != package_root)]
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "watcher.backends.process", str(theirs.fileno()),
-                 str(self._pixels.fd)],
+                python_command("watcher.backends.process",
+                               [str(theirs.fileno()), str(self._pixels.fd)], path=path),
                 pass_fds=(theirs.fileno(), self._pixels.fd), stdin=subprocess.DEVNULL,
-                stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL,
-                env=env)
+                stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL)
         except OSError as e:
             ours.close()
             raise ModelUnavailable(f"cannot start the model process: {e}") from e
