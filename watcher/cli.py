@@ -222,6 +222,9 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         print(line, file=out)
         for o in blocked:
             print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
+        _print_kept([o for o in done if o.sidecar_state == "kept"], out)
+        # Images whose folder became a link while the model ran: skipped, like the scan's.
+        skipped += [(Path(o.path), o.reason or "") for o in outcomes if o.state == "skipped"]
         for f in failed:
             print(f"failed: {shown(f.path)}: {f.error}", file=out)
         _print_skipped(skipped, out)
@@ -238,6 +241,15 @@ def _print_skipped(skipped: list[tuple[Path, str]], out: TextIO) -> None:
     # Not failures (the exit code ignores them): names we will not open, and why.
     for path, reason in sorted(skipped):
         print(f"skipped: {shown(str(path))}: {reason}", file=out)
+
+
+def _print_kept(kept: list, out: TextIO) -> None:
+    # Sidecars left alone (edited by the user, their own, overwrite: never), named so the
+    # user knows which files still say what they wrote, not the model.
+    for o in kept[:20]:
+        print(f"sidecar kept: {shown(o.sidecar or o.path)}: {o.reason}", file=out)
+    if len(kept) > 20:
+        print(f"sidecar kept: ... and {len(kept) - 20} more (`watcher status`)", file=out)
 
 
 def _open_jobs(jobs, roots) -> int:

@@ -23,7 +23,13 @@ from watcher.notify import Notifier
 from watcher.observer import Filter, FolderHandler, Sink, scan
 from watcher.queue import JobQueue
 from watcher.settle import Ready, Settler
-from watcher.sidecar import file_hash, render
+from watcher.sidecar import (
+    FolderMoved,
+    SidecarRefused,
+    remove_if_ours,
+    rename_if_ours,
+    render,
+)
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -69,9 +75,8 @@ class Tracker(Sink):
             return
         log.info("image deleted; index row removed", path=str(path))
         if folder.on_delete == "remove-ours" and row.sidecar and row.sidecar_sha256:
-            sidecar = Path(row.sidecar)
-            if file_hash(sidecar) == row.sidecar_sha256:
-                sidecar.unlink(missing_ok=True)
+            # Through the folder opened from the root without following links (sidecar.py).
+            if remove_if_ours(Path(row.root), Path(row.sidecar), row.sidecar_sha256):
                 log.info("removed our sidecar", sidecar=row.sidecar)
 
     def file_moved(self, src: Path, dest: Path, folder: FolderConfig) -> None:
@@ -105,15 +110,17 @@ class Tracker(Sink):
         if not row.sidecar or not row.sidecar_sha256:
             return None
         old = Path(row.sidecar)
-        new = render(folder.sidecar, dest)
-        if file_hash(old) != row.sidecar_sha256 or new.exists() or \
-                self.index.sidecar_owner(str(new)):
-            return None
         try:
-            os.rename(old, new)
-        except OSError as e:
+            new = render(folder.sidecar, dest)
+            if self.index.sidecar_owner(str(new)):
+                return None
+            # Both folders opened from the root without following links (sidecar.py).
+            rename_if_ours(Path(row.root), old, new, row.sidecar_sha256, folder.extensions)
+        except (FileExistsError, ValueError):  # the name is taken, or it is not ours now
+            return None
+        except (OSError, FolderMoved, SidecarRefused) as e:
             log.warning("could not rename our sidecar with its image", sidecar=str(old),
-                        reason=e.strerror)
+                        reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)))
             return None
         return str(new)
 

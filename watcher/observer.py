@@ -6,6 +6,7 @@ import errno
 import fnmatch
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from watcher.config import FolderConfig
-from watcher.sidecar import is_temp
+from watcher.sidecar import SIDECAR_MAX_BYTES, TEMP_MIN_AGE, is_temp
 
 NOT_REGULAR = "not a regular file"  # a named pipe (opening it would block), socket, device
 
@@ -148,8 +149,15 @@ def walk(filt: Filter, top: Path | None = None,
 
 def _remove_stale_temp(path: Path) -> None:
     """A sidecar temp file found by a scan was left by a killed process (writes finish in
-    milliseconds and scans run under the database lock): remove it."""
+    milliseconds and scans run under the database lock): remove it. Only a name that is
+    exactly ours (is_temp), a regular file we own, no bigger than a sidecar and older than
+    TEMP_MIN_AGE: anything else by that name is someone's file and stays."""
     try:
+        st = os.lstat(path)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                or st.st_size > SIDECAR_MAX_BYTES
+                or time.time() - st.st_mtime < TEMP_MIN_AGE):
+            return
         path.unlink()
         log.info("removed a temp file left by an interrupted write", path=str(path))
     except OSError:
