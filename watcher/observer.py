@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from watcher.config import FolderConfig
-from watcher.sidecar import SIDECAR_MAX_BYTES, TEMP_MIN_AGE, is_temp
+from watcher.sidecar import SIDECAR_MAX_BYTES, is_temp, temp_is_stale
 
 NOT_REGULAR = "not a regular file"  # a named pipe (opening it would block), socket, device
 
@@ -148,15 +148,15 @@ def walk(filt: Filter, top: Path | None = None,
 
 
 def _remove_stale_temp(path: Path) -> None:
-    """A sidecar temp file found by a scan was left by a killed process (writes finish in
-    milliseconds and scans run under the database lock): remove it. Only a name that is
-    exactly ours (is_temp), a regular file we own, no bigger than a sidecar and older than
-    TEMP_MIN_AGE: anything else by that name is someone's file and stays."""
+    """A sidecar temp file found by a scan was left by a killed process: remove it. Only a
+    name that is exactly ours (is_temp), a regular file we own, no bigger than a sidecar,
+    and stale (temp_is_stale: old, or its writer is gone): anything else by that name is
+    someone's file, or a write under way, and stays."""
     try:
         st = os.lstat(path)
         if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
                 or st.st_size > SIDECAR_MAX_BYTES
-                or time.time() - st.st_mtime < TEMP_MIN_AGE):
+                or not temp_is_stale(path.name, time.time() - st.st_mtime)):
             return
         path.unlink()
         log.info("removed a temp file left by an interrupted write", path=str(path))

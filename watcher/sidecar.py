@@ -16,11 +16,14 @@ from pathlib import Path
 from watcher import faults
 
 TEMP_SUFFIX = ".watcher-tmp"
-# Our temp names exactly: a dot, 12 lowercase hex digits, the suffix. Only such names are
-# ever removed as leftovers of an interrupted write; `notes.watcher-tmp` is someone's file.
-_TEMP_NAME = re.compile(r"\.[0-9a-f]{12}" + re.escape(TEMP_SUFFIX))
-# A leftover is removed only once it is this old (seconds): a write takes milliseconds, so
-# a younger one may belong to another process writing into the same folder right now.
+# Our temp names exactly: a dot, the writing process's pid as 8 hex digits, 8 random hex
+# digits, the suffix (`.00003039a1b2c3d4.watcher-tmp`). Only such names are ever removed as
+# leftovers of an interrupted write; `notes.watcher-tmp` is someone's file. (Names of 12 hex
+# digits are what earlier versions wrote.)
+_TEMP_NAME = re.compile(r"\.(?:(?P<pid>[0-9a-f]{8})[0-9a-f]{8}|[0-9a-f]{12})"
+                        + re.escape(TEMP_SUFFIX))
+# A write takes milliseconds: a temp file this old (seconds) is a leftover whoever wrote it.
+# A younger one is, if the process that wrote it is gone.
 TEMP_MIN_AGE = 60.0
 
 # No caption we write comes near this; a bigger file at a sidecar's name is someone else's
@@ -41,6 +44,9 @@ TOO_BIG = "too big to be ours"
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC
+# A folder we may pass through but not list (mode 711) still serves as a dir_fd this way
+# (Linux); fsync on it is refused, which fsync_fd ignores.
+_O_PATH = getattr(os, "O_PATH", 0)
 _READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
 
 
@@ -236,7 +242,7 @@ def open_folder(root: Path, folder: Path) -> int:
         rel = folder.relative_to(root)
     except ValueError:
         raise FolderMoved(f"{folder} is not inside the watched folder {root}") from None
-    fd = os.open(root, _DIR_FLAGS)
+    fd = _open_dir(str(root), _DIR_FLAGS, None)
     try:
         here = root
         for part in rel.parts:
@@ -244,7 +250,7 @@ def open_folder(root: Path, folder: Path) -> int:
             if part in (".", ".."):
                 raise FolderMoved(f"{here} is not a plain folder name")
             try:
-                nfd = os.open(part, _DIR_FLAGS | _O_NOFOLLOW, dir_fd=fd)
+                nfd = _open_dir(part, _DIR_FLAGS | _O_NOFOLLOW, fd)
             except OSError as e:
                 if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
                     raise
@@ -261,6 +267,15 @@ def open_folder(root: Path, folder: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_dir(name: str, flags: int, dir_fd: int | None) -> int:
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        if not _O_PATH:
+            raise
+        return os.open(name, (flags & ~os.O_RDONLY) | _O_PATH, dir_fd=dir_fd)
 
 
 def _open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result] | str | None:
@@ -392,7 +407,7 @@ def write_atomic(path: Path, text: str, *, sync_dir: bool = True, dir_fd: int | 
         finally:
             os.close(fd)
     data = text.encode("utf-8")
-    tmp = f".{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    tmp = f".{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}{TEMP_SUFFIX}"
     # The user's umask applies to 0o666.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o666,
                  dir_fd=dir_fd)
@@ -486,3 +501,25 @@ def rename_if_ours(root: Path, old: Path, new: Path, ours_sha256: str,
 def is_temp(name: str) -> bool:
     """`name` is exactly one of our temp names (write_atomic): nothing else is ours."""
     return _TEMP_NAME.fullmatch(name) is not None
+
+
+def temp_is_stale(name: str, age: float) -> bool:
+    """Whether our temp file `name`, `age` seconds old, is a leftover (no write of it can
+    still be under way): old, or written by a process that no longer exists."""
+    m = _TEMP_NAME.fullmatch(name)
+    if m is None:
+        return False
+    if age >= TEMP_MIN_AGE:
+        return True
+    if m.group("pid") is None:
+        return False
+    pid = int(m.group("pid"), 16)
+    if pid == os.getpid() & 0xFFFFFFFF or pid == 0:
+        return False  # ours: our writer may be writing it right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, someone else's
+        return False
+    return False

@@ -368,9 +368,9 @@ class Writer(threading.Thread):
             # Never an image's name: the row keeps no sidecar name, so once the config is
             # fixed `watcher retry --all` writes the name it gives then.
             state, error = "pending", f"cannot write sidecar: {e.reason}"
-            sidecar = None
             log.warning("sidecar not written; caption kept in the index", path=path,
                         sidecar=str(sidecar), reason=error)
+            sidecar = None
         except OSError as e:
             if e.errno in TRANSIENT_ERRNOS:
                 raise  # disk full and the like: the job is retried later, nothing kept
