@@ -247,6 +247,9 @@ def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         print(line, file=out)
         for o in blocked:
             print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
+        _print_kept([o for o in done if o.sidecar_state == "kept"], out)
+        # Images whose folder became a link while the model ran: skipped, like the scan's.
+        skipped += [(Path(o.path), o.reason or "") for o in outcomes if o.state == "skipped"]
         for f in failed:
             print(f"failed: {shown(f.path)}: {f.error}", file=out)
         _print_skipped(skipped, out)
@@ -274,6 +277,15 @@ def _print_passed_over(passed, dirs: list[Path], out: TextIO) -> None:
     root = str(dirs[0]) if len(dirs) == 1 else None
     for line in passed_over_lines(passed.to_json(), root):
         print(line, file=out)
+
+
+def _print_kept(kept: list, out: TextIO) -> None:
+    # Sidecars left alone (edited by the user, their own, overwrite: never), named so the
+    # user knows which files still say what they wrote, not the model.
+    for o in kept[:20]:
+        print(f"sidecar kept: {shown(o.sidecar or o.path)}: {o.reason}", file=out)
+    if len(kept) > 20:
+        print(f"sidecar kept: ... and {len(kept) - 20} more (`watcher status`)", file=out)
 
 
 def _open_jobs(jobs, roots) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from watcher.sidecar import pattern_problem
 from watcher.tasks import TASK_KINDS, Task
 
 
@@ -239,10 +240,7 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
         elif name in ("prefix", "suffix"):
             kw[name] = _typed(value, str, k, where, "a string")
         elif name == "sidecar":
-            s = _typed(value, str, k, where, "a pattern such as '{stem}.txt'")
-            if "/" in s or os.sep in s or not ("{stem}" in s or "{name}" in s):
-                raise _fail(where, k, "a file name pattern with {stem} or {name}, no '/'", s)
-            kw[name] = s
+            kw[name] = _typed(value, str, k, where, "a pattern such as '{stem}.txt'")
         elif name == "overwrite":
             kw[name] = _choice(value, OVERWRITE_POLICIES, k, where)
         elif name == "on_delete":
@@ -256,6 +254,14 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
         elif name == "extensions":
             exts = _strings(value, k, where)
             kw[name] = tuple(("." + e.lstrip(".")).lower() for e in exts)
+    # Checked against the folder's extensions, wherever either was given (a pattern that
+    # passes cannot fail to render, nor name an image).
+    pattern = kw.get("sidecar", FolderConfig.sidecar)
+    problem = pattern_problem(pattern, kw.get("extensions", IMAGE_EXTENSIONS))
+    if problem:
+        raise ConfigError(
+            f"{where}: {key}.sidecar: expected a file name pattern such as '{{stem}}.txt' (text "
+            f"with {{stem}} and/or {{name}}); got {pattern!r}: {problem}")
     task = kw.get("task", "short")
     if "query" in (task, *kw.get("index_tasks", ())) and not kw.get("question"):
         raise ConfigError(f"{where}: {key}.question: missing; task 'query' needs a question")

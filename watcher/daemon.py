@@ -25,7 +25,13 @@ from watcher.observer import Filter, FolderHandler, PassedOver, Sink, scan
 from watcher.paths import shown
 from watcher.queue import JobQueue
 from watcher.settle import Ready, Settler
-from watcher.sidecar import file_hash, render
+from watcher.sidecar import (
+    FolderMoved,
+    SidecarRefused,
+    remove_if_ours,
+    rename_if_ours,
+    render,
+)
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -100,9 +106,8 @@ class Tracker(Sink):
             return
         log.info("image deleted; index row removed", path=shown(path))
         if folder.on_delete == "remove-ours" and row.sidecar and row.sidecar_sha256:
-            sidecar = Path(row.sidecar)
-            if file_hash(sidecar) == row.sidecar_sha256:
-                sidecar.unlink(missing_ok=True)
+            # Through the folder opened from the root without following links (sidecar.py).
+            if remove_if_ours(Path(row.root), Path(row.sidecar), row.sidecar_sha256):
                 log.info("removed our sidecar", sidecar=shown(row.sidecar))
 
     def file_moved(self, src: Path, dest: Path, folder: FolderConfig) -> None:
@@ -136,15 +141,17 @@ class Tracker(Sink):
         if not row.sidecar or not row.sidecar_sha256:
             return None
         old = Path(row.sidecar)
-        new = render(folder.sidecar, dest)
-        if file_hash(old) != row.sidecar_sha256 or new.exists() or \
-                self.index.sidecar_owner(str(new)):
-            return None
         try:
-            os.rename(old, new)
-        except OSError as e:
+            new = render(folder.sidecar, dest)
+            if self.index.sidecar_owner(str(new)):
+                return None
+            # Both folders opened from the root without following links (sidecar.py).
+            rename_if_ours(Path(row.root), old, new, row.sidecar_sha256, folder.extensions)
+        except (FileExistsError, ValueError):  # the name is taken, or it is not ours now
+            return None
+        except (OSError, FolderMoved, SidecarRefused) as e:
             log.warning("could not rename our sidecar with its image", sidecar=shown(old),
-                        reason=e.strerror)
+                        reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)))
             return None
         return str(new)
 

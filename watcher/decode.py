@@ -92,6 +92,9 @@ class Prepared:
     mtime_ns: int
     width: int  # original size, upright, for the index
     height: int
+    # The file read, so the writer can tell it is still this very file (0: not known).
+    dev: int = 0
+    ino: int = 0
 
 
 class DecodeError(Exception):
@@ -128,7 +131,8 @@ def prepare(job: Job, *, max_pixels: int, max_side: int, now: float | None = Non
     image, width, height = _decode(data, max_pixels=max_pixels, max_side=max_side,
                                    recent=recent)
     return Prepared(job=job, image=image, sha256=digest, size=st.st_size,
-                    mtime_ns=st.st_mtime_ns, width=width, height=height)
+                    mtime_ns=st.st_mtime_ns, width=width, height=height, dev=st.st_dev,
+                    ino=st.st_ino)
 
 
 # --- reading ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import sqlite_utils
 
 from watcher.paths import decode, encode
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: model_caption
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ImageRow:
     mtime_ns: int
     width: int
     height: int
-    caption: str
+    caption: str  # what the sidecar holds: ours, or the user's text when theirs was kept
     task: str
     outputs: dict[str, str]  # task key -> text, every task run (the sidecar's one included)
     model: str
@@ -41,9 +41,15 @@ class ImageRow:
     sidecar: str | None  # the sidecar path this image owns
     sidecar_sha256: str | None  # hash of what we last wrote there; None if not ours
     sidecar_state: str  # written | kept (user's file left alone) | pending (could not write)
-    sidecar_error: str | None
+    sidecar_error: str | None  # pending: why it could not be written; kept: why left alone
     created: float
     updated: float
+    model_caption: str | None = None  # the model's caption (with prefix/suffix), always set
+
+    @property
+    def ours(self) -> str:
+        """The text we would write to the sidecar."""
+        return self.model_caption if self.model_caption is not None else self.caption
 
     @classmethod
     def from_row(cls, row: dict) -> ImageRow:
@@ -305,6 +311,11 @@ def _migrate(db: sqlite_utils.Database) -> None:
             raise DatabaseError(_newer(version))
         if version < 1:
             _create_v1(db)
+        if version < 2:
+            # The index holds what the sidecar holds (`caption`, searchable), and the model's
+            # own caption beside it. Until now they were the same.
+            db.conn.execute("ALTER TABLE images ADD COLUMN model_caption TEXT")
+            db.conn.execute("UPDATE images SET model_caption = caption")
         db.conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),

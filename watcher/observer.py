@@ -6,6 +6,7 @@ import errno
 import fnmatch
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import structlog
 from watcher.config import FolderConfig, avif_readable
 from watcher.decode import image_format
 from watcher.paths import shown
-from watcher.sidecar import is_temp
+from watcher.sidecar import SIDECAR_MAX_BYTES, is_temp, temp_is_stale
 
 NOT_REGULAR = "not a regular file"  # a named pipe (opening it would block), socket, device
 
@@ -293,9 +294,16 @@ def walk(filt: Filter, top: Path | None = None,
 
 
 def _remove_stale_temp(path: Path) -> None:
-    """A sidecar temp file found by a scan was left by a killed process (writes finish in
-    milliseconds and scans run under the database lock): remove it."""
+    """A sidecar temp file found by a scan was left by a killed process: remove it. Only a
+    name that is exactly ours (is_temp), a regular file we own, no bigger than a sidecar,
+    and stale (temp_is_stale: old, or its writer is gone): anything else by that name is
+    someone's file, or a write under way, and stays."""
     try:
+        st = os.lstat(path)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                or st.st_size > SIDECAR_MAX_BYTES
+                or not temp_is_stale(path.name, time.time() - st.st_mtime)):
+            return
         path.unlink()
         log.info("removed a temp file left by an interrupted write", path=shown(path))
     except OSError:

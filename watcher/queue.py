@@ -194,6 +194,17 @@ class JobQueue:
             return "pending"
         return "failed"
 
+    def skip_running(self, job: Job, reason: str) -> None:
+        """The writer found the running job's image no longer captionable where it is (its
+        folder became a symbolic link): `skipped` with the reason, like a scan's refusal, so
+        it is shown and queued again once the name is a regular image inside the folder.
+        Inside the caller's transaction."""
+        cur = self.db.conn.execute(
+            "UPDATE jobs SET state = 'skipped', error = ?, updated = ? WHERE id = ? AND gen = ?",
+            (reason, time.time(), job.id, job.gen))
+        if cur.rowcount == 0:
+            self._reopen(job)
+
     def release(self, job: Job, delay: float = 0.0) -> None:
         """Back to pending without counting an attempt (shutdown, stale file)."""
         self.db.conn.execute(

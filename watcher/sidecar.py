@@ -1,52 +1,172 @@
-"""Sidecar files: naming (with stem collisions), the overwrite policy, atomic writes."""
+"""Sidecar files: naming (with stem collisions), the overwrite policy, confined atomic writes."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import re
+import secrets
 import stat
-import uuid
-from collections.abc import Callable
+import string
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from watcher import faults
 
 TEMP_SUFFIX = ".watcher-tmp"
+# Our temp names exactly: a dot, the writing process's pid as 8 hex digits, 8 random hex
+# digits, the suffix (`.00003039a1b2c3d4.watcher-tmp`). Only such names are ever removed as
+# leftovers of an interrupted write; `notes.watcher-tmp` is someone's file. (Names of 12 hex
+# digits are what earlier versions wrote.)
+_TEMP_NAME = re.compile(r"\.(?:(?P<pid>[0-9a-f]{8})[0-9a-f]{8}|[0-9a-f]{12})"
+                        + re.escape(TEMP_SUFFIX))
+# A write takes milliseconds: a temp file this old (seconds) is a leftover whoever wrote it.
+# A younger one is, if the process that wrote it is gone.
+TEMP_MIN_AGE = 60.0
+
+# No caption we write comes near this; a bigger file at a sidecar's name is someone else's
+# and is neither read nor hashed (a sparse 2 GB file must cost nothing).
+SIDECAR_MAX_BYTES = 1 << 20
+_CHUNK = 1 << 16
+
+# The replacement fields a sidecar pattern may use: `photo.jpg` -> stem `photo`, name
+# `photo.jpg`. Nothing else (no indexing, attributes, conversions or format specs).
+FIELDS = ("stem", "name")
+
+# What hash_at says of a symlink, folder or pipe at a sidecar's name: it is never ours
+# (so never replaced unless `overwrite: always`), and it is not opened (a FIFO would block
+# the writer; a symlink may lead out of the watched folder).
+NOT_A_FILE = "not a regular file"
+TOO_BIG = "too big to be ours"
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC
+# A folder we may pass through but not list (mode 711) still serves as a dir_fd this way
+# (Linux); fsync on it is refused, which fsync_fd ignores.
+_O_PATH = getattr(os, "O_PATH", 0)
+_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
+
+
+class FolderMoved(Exception):
+    """A folder between the watched root and the image is no longer a real folder (a
+    symbolic link now, or something else): nothing is written through it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SidecarRefused(Exception):
+    """The sidecar name is one we never write (an image's name, a bad pattern)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-# What file_hash says of a symlink, folder or pipe at a sidecar's name: it is never ours
-# (so never replaced unless `overwrite: always`), and it is not opened (a FIFO would block
-# the writer; a symlink may lead out of the watched folder).
-NOT_A_FILE = "not a regular file"
+# --- patterns ---------------------------------------------------------------------------
+
+def _image_extensions(extensions: Collection[str]) -> frozenset[str]:
+    """The folder's extensions plus every extension watcher knows as an image, lowercase:
+    a sidecar is never given a name another folder's config would caption either."""
+    from watcher.config import IMAGE_EXTENSIONS  # config imports this module
+
+    known = {*IMAGE_EXTENSIONS, ".avif", ".jfif"}
+    return frozenset(("." + e.lstrip(".")).lower() for e in (*known, *extensions))
 
 
-def file_hash(path: Path) -> str | None:
-    """sha256 of the regular file at `path`, None if nothing is there, NOT_A_FILE for
-    anything else."""
+def _pieces(pattern: str) -> list[tuple[str, str | None]]:
+    """(literal, field) pairs; raises ValueError for anything outside the grammar."""
+    pieces = []
+    for literal, field, spec, conversion in string.Formatter().parse(pattern):
+        if field is None:
+            pieces.append((literal, None))
+            continue
+        if field not in FIELDS or spec or conversion:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + \
+                (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"{shown} is not allowed; the only fields are {{stem}} and "
+                             "{name}, as they are")
+        pieces.append((literal, field))
+    return pieces
+
+
+def _fill(pieces: list[tuple[str, str | None]], stem: str, name: str) -> str:
+    return "".join(lit + (stem if f == "stem" else name if f == "name" else "")
+                   for lit, f in pieces)
+
+
+def pattern_problem(pattern: str, extensions: Collection[str] = ()) -> str | None:
+    """Why `pattern` is not a safe sidecar pattern (None: it is). Safe means: made of text,
+    {stem} and {name} only (so rendering cannot fail), depends on the image, stays in the
+    image's folder, and cannot render to an image's name (any image extension, any case),
+    whatever the image is called."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+        pieces = _pieces(pattern)
+    except ValueError as e:
+        return str(e)
+    if not any(f for _, f in pieces):
+        return ("it does not depend on the image (no {stem} or {name}): every image would "
+                "share one sidecar")
+    literal = "".join(lit for lit, _ in pieces)
+    if "/" in literal or os.sep in literal or "\0" in literal:
+        return "a sidecar goes beside its image: no '/' in the pattern"
+    # The rendered name's extension comes from the text after the last field when that
+    # text has a dot; otherwise it ends in part of the file name: anything after the
+    # stem's last dot (the attacker names the file), or the image's own extension.
+    last = next(f for _, f in reversed(pieces) if f)
+    tail = pieces[-1][0] if pieces[-1][1] is None else ""
+    exts = _image_extensions(extensions) | {TEMP_SUFFIX}
+    own = [("." + e.lstrip(".")).lower() for e in extensions] or [".jpg"]
+    example: str | None = None
+    if "." in tail:
+        if tail[tail.rfind("."):].lower() in exts:
+            example = "photo" + own[0]
+    elif last == "name":
+        example = next(("photo" + c for c in own if c + tail.lower() in exts), None)
+    else:
+        hit = next((e for e in (*own, *sorted(exts)) if e in exts
+                    and e[1:].endswith(tail.lower())), None)
+        if hit is not None:
+            example = "photo." + hit[1:len(hit) - len(tail)] + own[0]
+    if example is None:
         return None
-    if not stat.S_ISREG(st.st_mode):
-        return NOT_A_FILE
-    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_CLOEXEC", 0))
+    image = Path(example)
+    return (f"it can name an image (for {image.name} it gives "
+            f"{_fill(pieces, image.stem, image.name)}); a sidecar name must not end in an "
+            f"image extension (or {TEMP_SUFFIX})")
+
+
+def render(pattern: str, image: Path, *, full_name: bool = False) -> Path:
+    """The sidecar path for `image`. With `full_name`, {stem} is given the full file name
+    (the same-stem fallback: `photo.png` -> `photo.png.txt`). Never raises for a pattern
+    pattern_problem accepts; a bad one (a Config built in code) raises SidecarRefused."""
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    with open(fd, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        pieces = _pieces(pattern)
+    except ValueError as e:
+        raise SidecarRefused(f"sidecar pattern {pattern!r} is not valid: {e}") from None
+    name = image.name
+    return image.with_name(_fill(pieces, name if full_name else image.stem, name))
 
 
-def render(pattern: str, image: Path) -> Path:
-    return image.with_name(pattern.format(stem=image.stem, name=image.name))
+def check_name(name: str, extensions: Collection[str]) -> None:
+    """Refuse (SidecarRefused) a sidecar name we must never write: an image's name (any
+    image extension, any case: it would replace an image, or become one), a path."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise SidecarRefused(f"sidecar name {name!r} is not a file name")
+    lower = name.lower()
+    ext = next((e for e in _image_extensions(extensions) if lower.endswith(e)), None)
+    if ext is not None or lower.endswith(TEMP_SUFFIX):
+        raise SidecarRefused(
+            f"sidecar name {name} is an image's name ({ext or TEMP_SUFFIX}); not written, so "
+            "no image is replaced: change `sidecar:` in the config (e.g. '{stem}.txt')")
 
 
 @dataclass(frozen=True)
@@ -72,7 +192,7 @@ def choose_name(
     if current:
         return Naming(Path(current), None)
     wanted = render(pattern, image)
-    if "{stem}" not in pattern:
+    if not any(f == "stem" for _, f in _pieces(pattern)):
         return Naming(wanted, None)
     owner = owner_of(str(wanted))
     rival: Path | None = None
@@ -82,8 +202,7 @@ def choose_name(
         rival = _earlier_sibling(image, extensions)
     if rival is None:
         return Naming(wanted, None)
-    return Naming(image.with_name(pattern.replace("{stem}", "{name}").format(
-        stem=image.stem, name=image.name)), str(rival))
+    return Naming(render(pattern, image, full_name=True), str(rival))
 
 
 def _earlier_sibling(image: Path, extensions: tuple[str, ...]) -> Path | None:
@@ -112,13 +231,134 @@ def _earlier_sibling(image: Path, extensions: tuple[str, ...]) -> Path | None:
     return None
 
 
-def decide(policy: str, sidecar: Path, ours_sha256: str | None, new_text: str) -> str:
-    """'write', 'same' (already holds exactly this text) or 'keep' (someone else's file)."""
-    on_disk = file_hash(sidecar)
+# --- folders opened without following links --------------------------------------------
+
+def open_folder(root: Path, folder: Path) -> int:
+    """A directory fd for `folder`, opened component by component from the watched `root`
+    without following a symbolic link: what is written through it lands inside the root,
+    whatever was swapped meanwhile. The root itself is the user's config and is trusted.
+    Raises FolderMoved (a component is a link or not a folder), FileNotFoundError."""
+    try:
+        rel = folder.relative_to(root)
+    except ValueError:
+        raise FolderMoved(f"{folder} is not inside the watched folder {root}") from None
+    fd = _open_dir(str(root), _DIR_FLAGS, None)
+    try:
+        here = root
+        for part in rel.parts:
+            here = here / part
+            if part in (".", ".."):
+                raise FolderMoved(f"{here} is not a plain folder name")
+            try:
+                nfd = _open_dir(part, _DIR_FLAGS | _O_NOFOLLOW, fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise
+                try:
+                    mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    raise e from None
+                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+                raise FolderMoved(f"folder {here} is now {what}; nothing is written through "
+                                  "it") from None
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_dir(name: str, flags: int, dir_fd: int | None) -> int:
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        if not _O_PATH:
+            raise
+        return os.open(name, (flags & ~os.O_RDONLY) | _O_PATH, dir_fd=dir_fd)
+
+
+def _open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result] | str | None:
+    """(fd, stat) of the regular file `name` in `dir_fd`; None if absent; NOT_A_FILE."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return NOT_A_FILE
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or a FIFO since
+            return NOT_A_FILE
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return NOT_A_FILE
+    return fd, st
+
+
+def hash_at(dir_fd: int, name: str) -> str | None:
+    """sha256 of the regular file `name` in `dir_fd` (read in chunks), None if nothing is
+    there, NOT_A_FILE for anything else, TOO_BIG above SIDECAR_MAX_BYTES (not read)."""
+    opened = _open_regular(dir_fd, name)
+    if not isinstance(opened, tuple):
+        return opened
+    fd, st = opened
+    try:
+        if st.st_size > SIDECAR_MAX_BYTES:
+            return TOO_BIG
+        h, total = hashlib.sha256(), 0
+        while chunk := os.read(fd, _CHUNK):
+            total += len(chunk)
+            if total > SIDECAR_MAX_BYTES:  # grew since the fstat
+                return TOO_BIG
+            h.update(chunk)
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def read_text_at(dir_fd: int, name: str) -> str | None:
+    """The text of the sidecar `name` (UTF-8, undecodable bytes replaced), None if it is not
+    a regular file of at most SIDECAR_MAX_BYTES."""
+    opened = _open_regular(dir_fd, name)
+    if not isinstance(opened, tuple):
+        return None
+    fd, st = opened
+    try:
+        if st.st_size > SIDECAR_MAX_BYTES:
+            return None
+        chunks, total = [], 0
+        while chunk := os.read(fd, _CHUNK):
+            total += len(chunk)
+            if total > SIDECAR_MAX_BYTES:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+
+
+def file_hash(path: Path) -> str | None:
+    """hash_at for a path (its folder opened as given)."""
+    fd = os.open(path.parent, _DIR_FLAGS)
+    try:
+        return hash_at(fd, path.name)
+    finally:
+        os.close(fd)
+
+
+def decide_hash(policy: str, on_disk: str | None, ours_sha256: str | None,
+                new_text: str) -> str:
+    """'write', 'same' (already holds exactly this text) or 'keep' (someone else's file),
+    given the hash of what is at the sidecar's name now (hash_at)."""
     if on_disk is None:
         return "write"
-    new = text_hash(new_text)
-    if on_disk == new:
+    if on_disk == text_hash(new_text):
         # Also covers a crash between our rename and our index commit: captions are
         # deterministic, so the file on disk is the one we are about to write.
         return "same"
@@ -129,16 +369,48 @@ def decide(policy: str, sidecar: Path, ours_sha256: str | None, new_text: str) -
     return "keep"
 
 
-def write_atomic(path: Path, text: str, *, sync_dir: bool = True) -> str:
+def decide(policy: str, sidecar: Path, ours_sha256: str | None, new_text: str) -> str:
+    return decide_hash(policy, file_hash(sidecar), ours_sha256, new_text)
+
+
+def kept_reason(policy: str, on_disk: str | None, ours_sha256: str | None) -> str:
+    """Why an existing sidecar was left alone, as `watcher status` shows it."""
+    if on_disk == NOT_A_FILE:
+        return "not a regular file (a link, folder or pipe); left alone"
+    if on_disk == TOO_BIG:
+        return f"larger than {SIDECAR_MAX_BYTES >> 20} MiB, so not ours; left alone"
+    if ours_sha256 is not None and policy == "ours":
+        return "edited by you; not overwritten"
+    if policy == "never":
+        return "overwrite: never; not overwritten"
+    return "not written by watcher (your own); not overwritten"
+
+
+# --- writing ----------------------------------------------------------------------------
+
+def write_atomic(path: Path, text: str, *, sync_dir: bool = True, dir_fd: int | None = None,
+                 extensions: Collection[str] = ()) -> str:
     """Write via a temp file in the same folder, fsync, rename, fsync the folder.
 
-    A reader sees the old file or the new one, never half. The temp name is short and hidden
-    (so 250-byte image names still fit and watchers ignore it) and removed on any failure.
-    Returns the sha256 of what was written.
+    `dir_fd` is the folder opened by open_folder (without it, `path.parent` is opened as
+    given). A reader sees the old file or the new one, never half. The temp name is short
+    and hidden (so 250-byte image names still fit and watchers ignore it), created with
+    O_EXCL|O_NOFOLLOW, and removed on any failure. An image's name is refused whatever the
+    config said (check_name). Returns the sha256 of what was written.
     """
+    check_name(path.name, extensions)
+    if dir_fd is None:
+        fd = os.open(path.parent, _DIR_FLAGS)
+        try:
+            return write_atomic(path, text, sync_dir=sync_dir, dir_fd=fd,
+                                extensions=extensions)
+        finally:
+            os.close(fd)
     data = text.encode("utf-8")
-    tmp = path.with_name(f".{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the user's umask applies
+    tmp = f".{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    # The user's umask applies to 0o666.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o666,
+                 dir_fd=dir_fd)
     try:
         try:
             view = memoryview(data)
@@ -148,31 +420,106 @@ def write_atomic(path: Path, text: str, *, sync_dir: bool = True) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.rename(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         raise
-    if sync_dir:  # a caller writing many files in one folder syncs it once (fsync_dir)
-        fsync_dir(path.parent)
+    if sync_dir:  # a caller writing many files in one folder syncs it once (fsync_fd)
+        fsync_fd(dir_fd)
     return hashlib.sha256(data).hexdigest()
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_fd(dir_fd: int) -> None:
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        os.fsync(dir_fd)
     except OSError as e:  # some filesystems refuse fsync on directories
         if e.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS):
             raise
+
+
+def fsync_dir(folder: Path, root: Path | None = None) -> None:
+    """fsync `folder` (opened without following links below `root`, when given)."""
+    try:
+        fd = open_folder(root, folder) if root is not None else os.open(folder, _DIR_FLAGS)
+    except (OSError, FolderMoved):
+        return
+    try:
+        fsync_fd(fd)
     finally:
         os.close(fd)
 
 
+def remove_if_ours(root: Path, sidecar: Path, ours_sha256: str) -> bool:
+    """Unlink `sidecar` if it still holds exactly what we wrote, through its folder opened
+    below `root` without following links. True if removed."""
+    try:
+        fd = open_folder(root, sidecar.parent)
+    except (OSError, FolderMoved):
+        return False
+    try:
+        if hash_at(fd, sidecar.name) != ours_sha256:
+            return False
+        os.unlink(sidecar.name, dir_fd=fd)
+        fsync_fd(fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def rename_if_ours(root: Path, old: Path, new: Path, ours_sha256: str,
+                   extensions: Collection[str] = ()) -> None:
+    """Rename our unchanged sidecar `old` to `new` (its image moved), both folders opened
+    below `root` without following links. Raises OSError/FolderMoved/SidecarRefused, or
+    FileExistsError if `new` exists, or ValueError if `old` is no longer ours."""
+    check_name(new.name, extensions)
+    src = open_folder(root, old.parent)
+    try:
+        dst = open_folder(root, new.parent)
+        try:
+            if hash_at(src, old.name) != ours_sha256:
+                raise ValueError("the sidecar is not ours any more")
+            try:
+                os.stat(new.name, dir_fd=dst, follow_symlinks=False)
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(new))
+            except FileNotFoundError:
+                pass
+            os.rename(old.name, new.name, src_dir_fd=src, dst_dir_fd=dst)
+            fsync_fd(dst)
+            if dst != src:
+                fsync_fd(src)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
 def is_temp(name: str) -> bool:
-    return name.endswith(TEMP_SUFFIX)
+    """`name` is exactly one of our temp names (write_atomic): nothing else is ours."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def temp_is_stale(name: str, age: float) -> bool:
+    """Whether our temp file `name`, `age` seconds old, is a leftover (no write of it can
+    still be under way): old, or written by a process that no longer exists."""
+    m = _TEMP_NAME.fullmatch(name)
+    if m is None:
+        return False
+    if age >= TEMP_MIN_AGE:
+        return True
+    if m.group("pid") is None:
+        return False
+    pid = int(m.group("pid"), 16)
+    if pid == os.getpid() & 0xFFFFFFFF or pid == 0:
+        return False  # ours: our writer may be writing it right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, someone else's
+        return False
+    return False

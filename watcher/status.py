@@ -83,6 +83,11 @@ def collect(db_path: Path) -> dict:
         n_pending_sidecars = db.conn.execute(
             "SELECT count(*) FROM images WHERE sidecar_state = 'pending'").fetchone()[0]
         n_skipped, skipped = jobs.skipped(10)
+        kept = db.conn.execute(
+            "SELECT path, sidecar, sidecar_error FROM images WHERE sidecar_state = 'kept' "
+            "ORDER BY updated DESC LIMIT 10").fetchall()
+        n_kept = db.conn.execute(
+            "SELECT count(*) FROM images WHERE sidecar_state = 'kept'").fetchone()[0]
         return {
             "database": str(db_path),
             "images": images,
@@ -96,6 +101,10 @@ def collect(db_path: Path) -> dict:
                                       for p, r in pending_sidecars],
             "skipped": n_skipped,
             "skipped_list": [{"path": p, "reason": r} for p, r in skipped],
+            "sidecars_kept": n_kept,
+            "sidecars_kept_list": [{"path": decode(p), "sidecar": decode(s) if s else s,
+                                    "reason": r}
+                                   for p, s, r in kept],
         }
     finally:
         db.conn.close()
@@ -163,6 +172,13 @@ def render(report: dict) -> str:
                      f"once the reason is fixed): {report['sidecars_pending']}")
         for s in report.get("sidecars_pending_list", []):
             lines.append(f"  {shown(s['path'])}: {s['reason']}")
+    if report.get("sidecars_kept"):
+        # Existing sidecars left alone (edited by the user, their own, overwrite: never):
+        # the index holds their text; the model's caption is beside it.
+        lines.append(f"sidecars kept (edited by you; not overwritten): "
+                     f"{report['sidecars_kept']}")
+        for s in report.get("sidecars_kept_list", []):
+            lines.append(f"  {shown(s['sidecar'] or s['path'])}: {s['reason']}")
     if report.get("skipped"):
         lines.append(f"skipped, not captioned: {report['skipped']}")
         for s in report.get("skipped_list", []):

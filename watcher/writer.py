@@ -16,11 +16,26 @@ import structlog
 
 from watcher import faults
 from watcher.config import Config, FolderConfig
-from watcher.decode import file_identity
 from watcher.index import ImageRow, Index, connect, transaction
 from watcher.paths import decode, encode
 from watcher.queue import Job, JobQueue
-from watcher.sidecar import choose_name, decide, fsync_dir, text_hash, write_atomic
+from watcher.sidecar import (
+    FolderMoved,
+    SidecarRefused,
+    check_name,
+    choose_name,
+    decide_hash,
+    fsync_dir,
+    hash_at,
+    kept_reason,
+    open_folder,
+    pattern_problem,
+    read_text_at,
+    remove_if_ours,
+    render,
+    text_hash,
+    write_atomic,
+)
 from watcher.tasks import clean_caption
 from watcher.worker import STOP, Captioned, Failed
 
@@ -38,8 +53,8 @@ class Outcome:
     """What happened to one image, for progress output, stats and tests."""
 
     path: str
-    state: str  # done | failed | retry | requeued | gone
-    reason: str | None = None
+    state: str  # done | failed | retry | requeued | gone | skipped
+    reason: str | None = None  # failed/skipped: why; done: why the sidecar is pending or kept
     caption: str | None = None
     sidecar: str | None = None
     sidecar_state: str | None = None  # written | same | kept | pending
@@ -62,9 +77,10 @@ class Writer(threading.Thread):
         self._deferred_at = 0.0
         self._db_failures = 0
         self._created: set[str] = set()  # sidecars this batch created (none existed before)
-        # Folders this batch renamed sidecars into: each is fsynced once, before the rows
-        # that point at them commit (one per sidecar cost 0.4 ms each on ext4 here).
-        self._dirty: set[Path] = set()
+        # Folders this batch renamed sidecars into (-> their watched root): each is fsynced
+        # once, before the rows that point at them commit (one per sidecar cost 0.4 ms each
+        # on ext4 here).
+        self._dirty: dict[Path, Path] = {}
 
     def run(self) -> None:
         self.db = connect(self.db_path)
@@ -109,6 +125,7 @@ class Writer(threading.Thread):
         failures: list[Failed] = []
         requeue: list[Job] = []  # changed while being captioned: run again
         gone: list[Job] = []  # deleted while being captioned: forget
+        skipped: list[tuple[Job, str]] = []  # its folder became a link: not captioned there
         self._dirty.clear()
         for item in items:
             if isinstance(item, Failed):
@@ -128,14 +145,17 @@ class Writer(threading.Thread):
                                        f"{type(e).__name__}: {e}",
                                        identity=(p.size, p.mtime_ns)))
                 continue
-            if isinstance(row, Outcome):  # stale or gone: no row
-                (gone if row.state == "gone" else requeue).append(p.job)
+            if isinstance(row, Outcome):  # stale, gone or skipped: no row
+                if row.state == "skipped":
+                    skipped.append((p.job, row.reason or ""))
+                else:
+                    (gone if row.state == "gone" else requeue).append(p.job)
                 outcomes.append(row)
                 continue
             rows.append((row, p.job, item))
-        for folder in self._dirty:  # the renames are durable before the rows say so
+        for folder, root in self._dirty.items():  # renames durable before the rows say so
             try:
-                fsync_dir(folder)
+                fsync_dir(folder, root)
             except OSError as e:
                 log.warning("cannot sync folder", folder=str(folder), error=str(e))
         try:
@@ -145,6 +165,8 @@ class Writer(threading.Thread):
                 for job in gone:  # as when decode finds the file gone: forget it
                     self.jobs.forget(str(job.path))
                     self.index.delete(str(job.path))
+                for job, reason in skipped:
+                    self.jobs.skip_running(job, reason)
                 finished = []
                 orphans = []
                 for row, job, item in rows:
@@ -166,7 +188,7 @@ class Writer(threading.Thread):
             # written hold the same deterministic text, so the next attempt finds them "same".
             if not last_chance and self._defer(items, e):
                 return
-            self._retry_later(rows, failures, requeue + gone, e)
+            self._retry_later(rows, failures, requeue + gone + [j for j, _ in skipped], e)
             self._end(items)
             return
         self._db_failures = 0
@@ -186,13 +208,11 @@ class Writer(threading.Thread):
     def _remove_orphan(self, row: ImageRow) -> None:
         """A sidecar this batch created for an image that moved or vanished before its row
         was committed describes nothing now: remove it (the new name gets its own)."""
-        if row.sidecar in self._created and not os.path.lexists(row.path):
-            try:
-                os.unlink(row.sidecar)
-                log.info("image moved or deleted while its sidecar was written; sidecar "
-                         "removed", path=row.path, sidecar=row.sidecar)
-            except OSError:
-                pass
+        if (row.sidecar in self._created and row.sidecar_sha256
+                and not os.path.lexists(row.path)
+                and remove_if_ours(Path(row.root), Path(row.sidecar), row.sidecar_sha256)):
+            log.info("image moved or deleted while its sidecar was written; sidecar "
+                     "removed", path=row.path, sidecar=row.sidecar)
 
     def _give_back(self, items: list, reason: str) -> None:
         """Jobs still `running` after an unexpected error go back to the queue (with backoff,
@@ -267,12 +287,36 @@ class Writer(threading.Thread):
         p = item.prepared
         job = p.job
         path = str(job.path)
+        # Everything below goes through the image's folder opened from the watched root
+        # without following links: a folder swapped for a symbolic link while the model ran
+        # gets nothing written through it (nor anything outside the root).
         try:
-            now_identity = file_identity(job.path)
+            dir_fd = open_folder(Path(job.root), job.path.parent)
         except (FileNotFoundError, NotADirectoryError):
             log.info("image deleted while being captioned", path=path)
             return Outcome(path, "gone", "image deleted while being captioned")
-        if now_identity != (p.size, p.mtime_ns):
+        except FolderMoved as e:
+            reason = f"{e.reason}; not captioned there (captioned once it is a folder again)"
+            log.warning("folder replaced while being captioned; no sidecar written",
+                        path=path, reason=reason)
+            return Outcome(path, "skipped", reason)
+        try:
+            return self._sidecar_in(item, dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _sidecar_in(self, item: Captioned, dir_fd: int) -> ImageRow | Outcome:
+        p = item.prepared
+        job = p.job
+        path = str(job.path)
+        try:
+            # Follows a file link (one inside the root was read); only looks.
+            st = os.stat(job.path.name, dir_fd=dir_fd)
+        except (FileNotFoundError, NotADirectoryError):
+            log.info("image deleted while being captioned", path=path)
+            return Outcome(path, "gone", "image deleted while being captioned")
+        same_file = p.ino == 0 or (st.st_dev, st.st_ino) == (p.dev, p.ino)
+        if (st.st_size, st.st_mtime_ns) != (p.size, p.mtime_ns) or not same_file:
             # Replaced while the model ran: this caption describes old bytes. Run it again.
             log.info("image changed while being captioned; re-queued", path=path)
             return Outcome(path, "requeued", "image changed while being captioned")
@@ -280,30 +324,54 @@ class Writer(threading.Thread):
         texts = {t.key: clean_caption(o) for t, o in zip(item.tasks, item.outputs, strict=True)}
         caption = clean_caption(item.outputs[0], folder.prefix, folder.suffix)
         existing = self.index.get(path)
-        naming = choose_name(job.path, folder.sidecar, folder.extensions,
-                             self.index.sidecar_owner,
-                             existing.sidecar if existing else None)
-        if naming.collision:
-            log.warning("sidecar name taken by another image with the same stem; using the "
-                        "full file name", path=path, sidecar=str(naming.path),
-                        other=naming.collision)
-        sidecar = naming.path
         text = caption + "\n"
         ours = existing.sidecar_sha256 if existing else None
-        error = None
+        shown_caption, error = caption, None
+        sidecar = None
         try:
-            decision = decide(folder.overwrite, sidecar, ours, text)
+            problem = pattern_problem(folder.sidecar, folder.extensions)
+            if problem:  # a Config built in code, bypassing load_config's check
+                raise SidecarRefused(f"sidecar pattern {folder.sidecar!r}: {problem}")
+            naming = choose_name(job.path, folder.sidecar, folder.extensions,
+                                 self.index.sidecar_owner,
+                                 existing.sidecar if existing else None)
+            sidecar = naming.path
+            if naming.collision:
+                log.warning("sidecar name taken by another image with the same stem; using "
+                            "the full file name", path=path, sidecar=str(sidecar),
+                            other=naming.collision)
+            if sidecar.parent != job.path.parent:
+                raise SidecarRefused(f"sidecar {sidecar} is not beside its image")
+            check_name(sidecar.name, folder.extensions)
+            on_disk = hash_at(dir_fd, sidecar.name)
+            decision = decide_hash(folder.overwrite, on_disk, ours, text)
             if decision == "write":
-                fresh = not os.path.lexists(sidecar)
-                ours, state = write_atomic(sidecar, text, sync_dir=False), "written"
-                self._dirty.add(sidecar.parent)
+                fresh = on_disk is None
+                ours = write_atomic(sidecar, text, sync_dir=False, dir_fd=dir_fd,
+                                    extensions=folder.extensions)
+                state = "written"
+                self._dirty[sidecar.parent] = Path(job.root)
                 if fresh:
                     self._created.add(str(sidecar))
             elif decision == "same":
                 ours, state = text_hash(text), "written"
             else:
-                state = "kept"
-                log.info("kept existing sidecar (not ours)", path=path, sidecar=str(sidecar))
+                # Someone else's (or edited) sidecar: left alone, and the index holds what
+                # it says, so `watcher search` finds the user's words; the model's caption
+                # stays beside it (model_caption, outputs).
+                state, error = "kept", kept_reason(folder.overwrite, on_disk, ours)
+                theirs = read_text_at(dir_fd, sidecar.name)
+                if theirs is not None:
+                    shown_caption = theirs.strip()
+                log.info("kept existing sidecar (not ours)", path=path, sidecar=str(sidecar),
+                         reason=error)
+        except SidecarRefused as e:
+            # Never an image's name: the row keeps no sidecar name, so once the config is
+            # fixed `watcher retry --all` writes the name it gives then.
+            state, error = "pending", f"cannot write sidecar: {e.reason}"
+            log.warning("sidecar not written; caption kept in the index", path=path,
+                        sidecar=str(sidecar), reason=error)
+            sidecar = None
         except OSError as e:
             if e.errno in TRANSIENT_ERRNOS:
                 raise  # disk full and the like: the job is retried later, nothing kept
@@ -315,10 +383,11 @@ class Writer(threading.Thread):
         now = time.time()
         return ImageRow(
             path=path, root=str(job.root), sha256=p.sha256, size=p.size, mtime_ns=p.mtime_ns,
-            width=p.width, height=p.height, caption=caption, task=item.tasks[0].key,
-            outputs=texts, model=item.model, revision=item.revision, sidecar=str(sidecar),
+            width=p.width, height=p.height, caption=shown_caption, task=item.tasks[0].key,
+            outputs=texts, model=item.model, revision=item.revision,
+            sidecar=str(sidecar) if sidecar is not None else None,
             sidecar_sha256=ours, sidecar_state=state, sidecar_error=error,
-            created=existing.created if existing else now, updated=now,
+            created=existing.created if existing else now, updated=now, model_caption=caption,
         )
 
 
@@ -351,22 +420,35 @@ def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
     written, still = 0, []
     for path in candidates:
         row = index.get(path)
-        if row is None or row.sidecar is None:
+        if row is None:
             continue
-        folder = cfg.folder_for(Path(path))
-        policy = folder.overwrite if folder else "ours"
-        text = row.caption + "\n"
-        sidecar = Path(row.sidecar)
-        decision = decide(policy, sidecar, row.sidecar_sha256, text)
+        folder = cfg.folder_for(Path(path)) or cfg.with_folders([Path(row.root)]).folders[0]
+        text = row.ours + "\n"
+        shown_caption, error = row.ours, None
         try:
-            if decision == "write":
-                sha, state = write_atomic(sidecar, text), "written"
-            elif decision == "same":
-                sha, state = text_hash(text), "written"
-            else:
-                sha, state = row.sidecar_sha256, "kept"
-        except OSError as e:
-            reason = _os_reason("cannot write sidecar", e)
+            # A row refused for its name (an image's) gets the name the config gives now.
+            sidecar = Path(row.sidecar) if row.sidecar else render(folder.sidecar, Path(path))
+            check_name(sidecar.name, folder.extensions)
+            dir_fd = open_folder(Path(row.root), sidecar.parent)
+            try:
+                on_disk = hash_at(dir_fd, sidecar.name)
+                decision = decide_hash(folder.overwrite, on_disk, row.sidecar_sha256, text)
+                if decision == "write":
+                    sha, state = write_atomic(sidecar, text, dir_fd=dir_fd,
+                                              extensions=folder.extensions), "written"
+                elif decision == "same":
+                    sha, state = text_hash(text), "written"
+                else:
+                    sha, state = row.sidecar_sha256, "kept"
+                    error = kept_reason(folder.overwrite, on_disk, row.sidecar_sha256)
+                    theirs = read_text_at(dir_fd, sidecar.name)
+                    if theirs is not None:
+                        shown_caption = theirs.strip()
+            finally:
+                os.close(dir_fd)
+        except (OSError, FolderMoved, SidecarRefused) as e:
+            reason = (_os_reason("cannot write sidecar", e) if isinstance(e, OSError)
+                      else f"cannot write sidecar: {e.reason}")
             still.append((path, reason))
             with transaction(db):
                 db.conn.execute("UPDATE images SET sidecar_error = ? WHERE path = ?",
@@ -374,7 +456,8 @@ def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
             continue
         with transaction(db):
             db.conn.execute(
-                """UPDATE images SET sidecar_sha256 = ?, sidecar_state = ?, sidecar_error = NULL,
-                   updated = ? WHERE path = ?""", (sha, state, time.time(), encode(path)))
+                """UPDATE images SET sidecar = ?, sidecar_sha256 = ?, sidecar_state = ?,
+                   sidecar_error = ?, caption = ?, updated = ? WHERE path = ?""",
+                (encode(sidecar), sha, state, error, shown_caption, time.time(), encode(path)))
         written += state == "written"
     return written, still
