@@ -7,6 +7,7 @@ files, a sparse 2 GB sidecar, and sidecars kept because they are the user's. End
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -192,6 +193,20 @@ def test_a_config_built_in_code_still_never_replaces_an_image(tmp_path, tiny_lla
         assert row["sidecar_error"].startswith("cannot write sidecar: sidecar pattern "), row
         assert f"sidecar pending: {path}: {row['sidecar_error']}" in out.splitlines()
     assert "{0} is not allowed" in rows[str(tmp_path / "n3" / "a.jpg")]["sidecar_error"]
+
+    # Once the pattern is fixed, `watcher retry --all` writes them without the model.
+    fixed = dataclasses.replace(cfg, folders=tuple(dataclasses.replace(f, sidecar="{stem}.txt")
+                                                   for f in cfg.folders))
+    monkeypatch.setattr("watcher.cli.load_config", lambda *a, **k: fixed)
+    code, out, err = _run("retry", "--all")
+    assert (code, out) == (0, "0 failed images queued again; 10 pending sidecars written\n"), err
+    for path, row in _rows(tmp_path / "index.db").items():
+        assert row["sidecar_state"] == "written"
+        assert Path(row["sidecar"]).read_text() == row["caption"] + "\n", path
+    assert (tmp_path / "n2" / "a.txt").exists() and (tmp_path / "n2" / "a.png.txt").exists()
+    for sub in patterns:
+        images = {k: v for k, v in _snapshot(tmp_path / sub).items() if not k.endswith(".txt")}
+        assert images == before[sub], sub
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "a.JPG", "a.Png", "x.jpeg", "b.tiff", ".png",

@@ -32,7 +32,6 @@ from watcher.sidecar import (
     pattern_problem,
     read_text_at,
     remove_if_ours,
-    render,
     text_hash,
     write_atomic,
 )
@@ -427,7 +426,8 @@ def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
         shown_caption, error = row.ours, None
         try:
             # A row refused for its name (an image's) gets the name the config gives now.
-            sidecar = Path(row.sidecar) if row.sidecar else render(folder.sidecar, Path(path))
+            sidecar = Path(row.sidecar) if row.sidecar else choose_name(
+                Path(path), folder.sidecar, folder.extensions, index.sidecar_owner).path
             check_name(sidecar.name, folder.extensions)
             dir_fd = open_folder(Path(row.root), sidecar.parent)
             try:
