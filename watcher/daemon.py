@@ -316,9 +316,16 @@ class Watch:
             st = os.stat(self.folder.path)
         except OSError:
             return None  # raced with a removal: the next check sees it
-        if (st.st_dev, st.st_ino) != self._identity:
+        if (st.st_dev, st.st_ino) != self._identity or not self._emitting():
             return "replaced"
         return None
+
+    def _emitting(self) -> bool:
+        # A folder removed and made again at once often gets the same inode number back, so
+        # the identity alone misses it; the old watch, though, ended with its folder
+        # (watchdog stops an emitter whose root is deleted).
+        obs = self.observer
+        return obs is None or all(e.is_alive() for e in getattr(obs, "emitters", ()))
 
     def stop(self) -> None:
         if self.observer is not None:
