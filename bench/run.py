@@ -16,6 +16,7 @@ commit and the exact command) unless --no-record. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -671,12 +672,13 @@ def bench_pipeline(args, work: Path) -> Result:
                 row["d_raw"] = n / wall
                 row["d"] = n / max(1e-9, wall - settle)
                 row["d_model_share"] = sum(e.get("ms", 0) for e in got) / 1000 / (wall - settle)
+                row["d_batches"] = daemon_batches(got)
 
             # b runs before and after c and d, and the faster b is the reference (noise only
             # ever slows a run down: this makes the ratios conservative). The order of c and
             # d alternates between rounds; (a), slow, runs in the first round only.
             order = [run_b, run_c, run_d, run_b] if r % 2 == 0 else [run_b, run_d, run_c, run_b]
-            if r == 0:
+            if r == 0 and not args.skip_a:
                 order.insert(0, run_a)
             for fn in order:
                 fn()
@@ -705,8 +707,10 @@ def bench_pipeline(args, work: Path) -> Result:
     stage_names = sorted({k for r in rounds for k in r["c_stages"]})
     med_stages = {k: statistics.median(r["c_stages"].get(k, 0.0) for r in rounds)
                   for k in stage_names}
-    med["a"] = rounds[0]["a"]
-    batches = [b for r in rounds for b in r["c_batches"]]
+    if "a" in rounds[0]:
+        med["a"] = rounds[0]["a"]
+    c_sizes = [b for r in rounds for b in r["c_batches"]]
+    d_sizes = [b for r in rounds for b in r["d_batches"]]
     ok = med["c/b"] >= 0.95 and med["d/b"] >= 0.95
     def fmt(r: dict) -> list:
         return [f"{r['a']:.1f}" if "a" in r else "", f"{r['b']:.1f}", f"{r['c']:.1f}",
@@ -732,9 +736,10 @@ def bench_pipeline(args, work: Path) -> Result:
                 "model busy b / c / d"],
                [[r["round"], *fmt(r)] for r in rounds] + [["**median**", *fmt(med)]]),
         "",
-        f"`watcher caption` model calls: {len(batches)}, "
-        f"{sum(1 for b in batches if b == best)} full batches of {best}, sizes "
-        f"{sorted(set(batches))}.",
+        "Model calls by images per call, all rounds (size x calls): `watcher caption` "
+        f"{batch_histogram(c_sizes)}; daemon {batch_histogram(d_sizes)}. Full batches of "
+        f"{best}: c {sum(1 for b in c_sizes if b == best)} of {len(c_sizes)} calls, "
+        f"d {sum(1 for b in d_sizes if b == best)} of {len(d_sizes)}.",
         f"CPU per image (all threads, ms, median): b {med['b_cpu']:.2f}, c {med['c_cpu']:.2f}, "
         f"d {med['d_cpu']:.2f} (c and d: with their model process). `watcher caption` by "
         "thread (without the model process): "
@@ -747,6 +752,19 @@ def bench_pipeline(args, work: Path) -> Result:
     return Result("pipeline", lines, {"n": n, "max_tokens": T, "image_size": size,
                                       "sweep": sweep, "best_batch": best, "rounds": rounds,
                                       "median": med, "goal_met": ok})
+
+
+def daemon_batches(captioned: list[dict]) -> list[int]:
+    """The daemon's model calls, as images per call, from its `captioned` log lines: each
+    line names the size of the call that captioned it, so a size s seen k times is k / s
+    calls. (Reused copies say 0: no call.)"""
+    seen = collections.Counter(e["batch"] for e in captioned if e.get("batch"))
+    return sorted((size for size, k in seen.items() for _ in range(k // size)), reverse=True)
+
+
+def batch_histogram(sizes: Sequence[int]) -> str:
+    counts = collections.Counter(sizes)
+    return ", ".join(f"{s} x {counts[s]}" for s in sorted(counts, reverse=True)) or "none"
 
 
 def _describe_dims(size: str) -> str:
@@ -1319,6 +1337,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "which holds the GIL); small: a random-weight model whose time goes "
                         "to matrix kernels, as a real model's does")
     g.add_argument("--rounds", type=int, default=3)
+    g.add_argument("--skip-a", action="store_true",
+                   help="skip (a), the bare loop at batch 1 (slow on --model small)")
     g.add_argument("--batches", type=ints, default=[1, 4, 8, 16, 32],
                    help="batch sizes tried for the best one (default 1,4,8,16,32)")
     g.add_argument("--max-tokens", type=int, default=120,

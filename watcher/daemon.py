@@ -54,6 +54,9 @@ class Tracker(Sink):
     def file_touched(self, path: Path, folder: FolderConfig) -> None:
         self.settler.touch(path, folder.path, folder.settle_seconds)
 
+    def file_closed(self, path: Path, folder: FolderConfig) -> None:
+        self.settler.touch(path, folder.path, folder.settle_seconds, closed=True)
+
     def file_skipped(self, path: Path, folder: FolderConfig, reason: str) -> None:
         self.settler.forget(path)
         with self.lock, transaction(self.db):

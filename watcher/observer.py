@@ -191,6 +191,11 @@ class Sink:
     """What the handlers report to (the daemon's tracker)."""
 
     def file_touched(self, path: Path, folder: FolderConfig) -> None: ...
+
+    def file_closed(self, path: Path, folder: FolderConfig) -> None:
+        """Its writer closed it after writing (Linux inotify IN_CLOSE_WRITE)."""
+        self.file_touched(path, folder)
+
     def file_deleted(self, path: Path, folder: FolderConfig) -> None: ...
     def file_moved(self, src: Path, dest: Path, folder: FolderConfig) -> None: ...
     def dir_appeared(self, path: Path, folder: FolderConfig) -> None: ...
@@ -250,7 +255,11 @@ class FolderHandler:
             return  # sub-events of a directory move; the dir_appeared scan covers them
         if kind in ("created", "modified", "closed"):
             if self.filter.wants(src) and self._followable(src):
-                self.sink.file_touched(src, self.folder)
+                # Only inotify reports closes; `fast_close: false` treats them as any change.
+                if kind == "closed" and self.folder.fast_close:
+                    self.sink.file_closed(src, self.folder)
+                else:
+                    self.sink.file_touched(src, self.folder)
         elif kind == "deleted":
             if self.filter.wants(src):
                 self.sink.file_deleted(src, self.folder)

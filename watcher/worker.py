@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ class Captioned:
     revision: str | None
     reused: bool  # taken from identical bytes captioned before: no model work
     model_ms: float
+    batch: int = 0  # images in the model call that captioned it (0: no model call)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class ModelWorker(threading.Thread):
         self._cache_size = cache_size
         self.model_calls = 0  # batches sent to the model
         self.images_run = 0  # images the model actually saw
+        self.batch_sizes: Counter[int] = Counter()  # model calls by their number of images
         self.busy_seconds = 0.0
         self.heartbeat = time.monotonic()  # advanced on every loop: the systemd watchdog reads it
         self.released: list[Job] = []  # work handed back at shutdown
@@ -189,7 +191,7 @@ class ModelWorker(threading.Thread):
         unique = [ws[0] for ws in todo.values()]
         for start in range(0, len(unique), self.batch_limit):
             chunk = unique[start:start + self.batch_limit]
-            for w, outputs, ms in self._run(tasks, chunk):
+            for w, outputs, ms, size in self._run(tasks, chunk):
                 copies = todo[w.prepared.sha256]
                 if isinstance(outputs, Failed):
                     for copy in copies:
@@ -197,10 +199,12 @@ class ModelWorker(threading.Thread):
                     continue
                 self._remember(self._cache_key(w.prepared.sha256, tasks), outputs)
                 for i, copy in enumerate(copies):
-                    self._emit(copy, tasks, outputs, reused=i > 0, ms=ms)
+                    self._emit(copy, tasks, outputs, reused=i > 0, ms=ms,
+                               batch=0 if i else size)
 
     def _run(self, tasks: tuple[Task, ...], chunk: list[Work]):
-        """Yield (work, outputs or a Failed, ms per image) for every work in `chunk`."""
+        """Yield (work, outputs or a Failed, ms per image, images in its model call) for
+        every work in `chunk`."""
         t0 = time.perf_counter()
         try:
             self.model_calls += 1
@@ -219,9 +223,10 @@ class ModelWorker(threading.Thread):
         self.busy_seconds += elapsed
         self._last_call = elapsed
         self.images_run += len(chunk)
+        self.batch_sizes[len(chunk)] += 1
         self.heartbeat = time.monotonic()
         for w, outputs in zip(chunk, results, strict=True):
-            yield w, tuple(outputs), elapsed * 1000 / len(chunk)
+            yield w, tuple(outputs), elapsed * 1000 / len(chunk), len(chunk)
 
     def _recover(self, tasks, chunk, exc):
         if is_out_of_memory(exc):
@@ -236,7 +241,7 @@ class ModelWorker(threading.Thread):
                 return
             log.error("out of memory on a single image", path=str(chunk[0].prepared.job.path))
             yield chunk[0], Failed(chunk[0].prepared.job, "out of memory running the model",
-                                   transient=True), 0.0
+                                   transient=True), 0.0, 1
             return
         if len(chunk) > 1:
             log.warning("model error on a batch; retrying one image at a time",
@@ -247,15 +252,16 @@ class ModelWorker(threading.Thread):
         log.error("model failed on image", path=str(chunk[0].prepared.job.path),
                   error=_described(exc), exc_info=exc)
         yield chunk[0], Failed(chunk[0].prepared.job, _first_line(
-            f"model error: {_described(exc)}")), 0.0
+            f"model error: {_described(exc)}")), 0.0, 1
 
     def _fail(self, w: Work, reason: str, *, transient: bool) -> None:
         p = w.prepared
         self.outbox.put(Failed(p.job, reason, transient, identity=(p.size, p.mtime_ns)))
 
-    def _emit(self, w: Work, tasks, outputs, *, reused: bool, ms: float) -> None:
+    def _emit(self, w: Work, tasks, outputs, *, reused: bool, ms: float,
+              batch: int = 0) -> None:
         self.outbox.put(Captioned(w.prepared, tasks, tuple(outputs), self.backend.name,
-                                  self.backend.revision, reused, ms))
+                                  self.backend.revision, reused, ms, batch))
 
 
 def _described(exc: BaseException) -> str:
