@@ -785,13 +785,16 @@ def bench_latency(args, work: Path) -> Result:
     cfg = write_config(base / "daemon.yaml", model=model, db=base / "index.db",
                        folders=[{"path": str(folder), "settle_seconds": settle}],
                        batch=args.daemon_batch, max_tokens=args.max_tokens)
+    formats = (("jpg", "JPEG"), ("png", "PNG"))
     samples = []
     with DaemonProc(cfg, base / "daemon.log") as d:
-        warmups = 3
+        warmups = 4
         for i in range(warmups + args.drops):
-            data = image_bytes(3 * 10**6 + i, args.image_size)
-            path = folder / f"drop{i:04d}.jpg"
+            ext, fmt = formats[i % len(formats)]
+            data = image_bytes(3 * 10**6 + i, args.image_size, fmt)
+            path = folder / f"drop{i:04d}.{ext}"
             side = sidecar_of(path)
+            # Written and closed once, as a camera, a copy or an export writes a file.
             with open(path, "wb") as f:
                 f.write(data)
             t0 = time.time()  # the file is closed
@@ -807,46 +810,56 @@ def bench_latency(args, work: Path) -> Result:
             if not side.read_text().strip():
                 raise BenchFailure(f"empty sidecar {side}")
             if i >= warmups:
-                samples.append({"path": str(path), "t0": t0, "latency": t1 - t0,
-                                "model": ev.get("ms", 0) / 1000})
+                samples.append({"path": str(path), "format": fmt, "t0": t0,
+                                "latency": t1 - t0, "model": ev.get("ms", 0) / 1000})
             time.sleep(args.idle_gap)  # the daemon is idle when the next file arrives
-        check_rows(base / "index.db", sorted(folder.glob("*.jpg")))
+        check_rows(base / "index.db", sorted(p for p in folder.iterdir() if p.suffix != ".txt"))
     # When each file was queued (the settle stage's end), from the jobs table.
     con = sqlite3.connect(f"file:{base / 'index.db'}?mode=ro", uri=True, timeout=60)
     enqueued = dict(con.execute("SELECT path, enqueued FROM jobs"))
     con.close()
     for s in samples:
         s["queued"] = enqueued[s["path"]] - s["t0"]
-    lat = [s["latency"] for s in samples]
-    mod = [s["model"] for s in samples]
-    over = [s["latency"] - s["model"] - settle for s in samples]
-    settle_over = [s["queued"] - settle for s in samples]
-    after = [s["latency"] - s["queued"] - s["model"] for s in samples]
-    res = {"drops": len(samples), "settle_seconds": settle,
-           "latency_p50": pct(lat, 50), "latency_p95": pct(lat, 95), "latency_max": max(lat),
-           "model_p50": pct(mod, 50), "model_p95": pct(mod, 95),
-           "overhead_p50": pct(over, 50), "overhead_p95": pct(over, 95),
-           "overhead_max": max(over),
-           "settle_overhead_p50": pct(settle_over, 50), "settle_overhead_p95": pct(settle_over, 95),
-           "pipeline_overhead_p50": pct(after, 50), "pipeline_overhead_p95": pct(after, 95)}
-    ok = res["overhead_p95"] < 0.25
+    res: dict = {"drops": len(samples), "settle_seconds": settle}
     ms = lambda v: f"{v * 1000:.0f} ms"  # noqa: E731
+    rows = []
+    ok = True
+    for name, group in [(fmt, [s for s in samples if s["format"] == fmt]) for _, fmt in formats]:
+        lat = [s["latency"] for s in group]
+        mod = [s["model"] for s in group]
+        beyond = [s["latency"] - s["model"] for s in group]
+        queued = [s["queued"] for s in group]
+        after = [s["latency"] - s["queued"] - s["model"] for s in group]
+        r = {"n": len(group), "latency_p50": pct(lat, 50), "latency_p95": pct(lat, 95),
+             "latency_max": max(lat), "model_p50": pct(mod, 50), "model_p95": pct(mod, 95),
+             "beyond_model_p50": pct(beyond, 50), "beyond_model_p95": pct(beyond, 95),
+             "beyond_model_max": max(beyond), "queued_p50": pct(queued, 50),
+             "queued_p95": pct(queued, 95), "pipeline_p50": pct(after, 50),
+             "pipeline_p95": pct(after, 95)}
+        # Goals: p50 within 100 ms of the model's own time (no settle wait for a closed,
+        # complete file); p95 of what is beyond the model under 250 ms.
+        r["goal_met"] = r["beyond_model_p50"] < 0.1 and r["beyond_model_p95"] < 0.25
+        ok = ok and r["goal_met"]
+        res[name] = r
+        rows += [[f"**{name}**: close -> sidecar", ms(r["latency_p50"]), ms(r["latency_p95"]),
+                  ms(r["latency_max"])],
+                 ["model's own time", ms(r["model_p50"]), ms(r["model_p95"]), ""],
+                 ["**close -> sidecar, beyond the model**", f"**{ms(r['beyond_model_p50'])}**",
+                  f"**{ms(r['beyond_model_p95'])}**", ms(r["beyond_model_max"])],
+                 ["... of which: close -> queued", ms(r["queued_p50"]), ms(r["queued_p95"]), ""],
+                 ["... of which: queued -> sidecar, beyond the model", ms(r["pipeline_p50"]),
+                  ms(r["pipeline_p95"]), ""]]
     lines = [
-        f"{len(samples)} single images dropped into an idle daemon (settle_seconds = {settle}), "
-        "each timed from the writer's close() to the sidecar's appearance (polled every 1 ms).",
+        f"{len(samples)} single images ({len(samples) // 2} JPEG, {len(samples) // 2} PNG, "
+        f"{args.image_size[0]}x{args.image_size[1]}), each written and closed once into the "
+        f"folder of an idle daemon (settle_seconds = {settle}, fast_close on: a closed file "
+        "with its end marker is queued at once), each timed from the writer's close() to the "
+        "sidecar's appearance (polled every 1 ms).",
         "",
-        *table(["", "p50", "p95", "max"],
-               [["close -> sidecar", ms(res["latency_p50"]), ms(res["latency_p95"]),
-                 ms(res["latency_max"])],
-                ["model's own time", ms(res["model_p50"]), ms(res["model_p95"]), ""],
-                ["**overhead beyond settle + model**", f"**{ms(res['overhead_p50'])}**",
-                 f"**{ms(res['overhead_p95'])}**", ms(res["overhead_max"])],
-                ["... of which: close -> queued, beyond settle_seconds",
-                 ms(res["settle_overhead_p50"]), ms(res["settle_overhead_p95"]), ""],
-                ["... of which: queued -> sidecar, beyond the model",
-                 ms(res["pipeline_overhead_p50"]), ms(res["pipeline_overhead_p95"]), ""]]),
+        *table(["", "p50", "p95", "max"], rows),
         "",
-        f"Goal overhead p95 < 250 ms: {'met' if ok else 'NOT met'}.",
+        f"Goal, each format: close -> sidecar p50 within 100 ms of the model's own time, p95 "
+        f"within 250 ms: {'met' if ok else 'NOT met'}.",
     ]
     res["goal_met"] = ok
     return Result("latency", lines, res)

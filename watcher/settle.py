@@ -57,7 +57,7 @@ class Settler(threading.Thread):
         self.on_ready = on_ready
         self._pending: dict[Path, _Watch] = {}
         self._cond = threading.Condition()
-        self._stop = False
+        self._stopping = False  # (not _stop: Thread has a method of that name, join() calls it)
         self._wake_at = float("inf")  # when the loop's current wait ends
         self._checked_at = 0.0
 
@@ -103,13 +103,13 @@ class Settler(threading.Thread):
 
     def stop(self) -> None:
         with self._cond:
-            self._stop = True
+            self._stopping = True
             self._cond.notify()
 
     def run(self) -> None:
         while True:
             with self._cond:
-                if self._stop:
+                if self._stopping:
                     return
                 now = time.monotonic()
                 # What each due file looked like now: an event after this is judged later.
