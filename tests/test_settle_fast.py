@@ -378,3 +378,41 @@ def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_l
             assert len(d.logged("captioned", path=str(path))) == 1, name
             assert _model_calls_with(d, path) == 1, name
     assert d.proc.returncode == 0
+
+
+# -- the switch --------------------------------------------------------------------------------
+
+
+def test_fast_close_is_on_by_default_and_must_be_a_boolean(tmp_path):
+    from watcher.config import ConfigError, parse_config
+
+    cfg = parse_config({"folders": [{"path": str(tmp_path)}]})
+    assert cfg.folders[0].fast_close is True
+    cfg = parse_config({"defaults": {"fast_close": False}, "folders": [str(tmp_path)]})
+    assert cfg.folders[0].fast_close is False
+    with pytest.raises(ConfigError) as e:
+        parse_config({"folders": [{"path": str(tmp_path), "fast_close": "yes"}]})
+    assert str(e.value) == "config: folders[0].fast_close: expected true or false; got 'yes'"
+
+
+@pytest.mark.parametrize("fast_close", [True, False])
+def test_a_close_event_takes_the_fast_path_only_when_switched_on(tmp_path, fast_close):
+    from watchdog.events import FileClosedEvent, FileModifiedEvent
+
+    from watcher.config import FolderConfig
+    from watcher.observer import FolderHandler, Sink
+
+    calls: list[tuple[str, str]] = []
+
+    class Recorder(Sink):
+        def file_touched(self, path, folder):
+            calls.append(("touched", path.name))
+
+        def file_closed(self, path, folder):
+            calls.append(("closed", path.name))
+
+    _at(tmp_path, "a.jpg", _jpeg())
+    handler = FolderHandler(FolderConfig(tmp_path, fast_close=fast_close), Recorder())
+    handler.dispatch(FileModifiedEvent(str(tmp_path / "a.jpg")))
+    handler.dispatch(FileClosedEvent(str(tmp_path / "a.jpg")))
+    assert calls == [("touched", "a.jpg"), ("closed" if fast_close else "touched", "a.jpg")]

@@ -149,23 +149,23 @@ class Settler(threading.Thread):
         now = time.monotonic()
         self._checked_at = now
         ready: list[tuple[Ready, _Watch, _Seen]] = []
-        gone: list[Path] = []
-        later: list[tuple[_Watch, tuple[int, int] | None, float]] = []
+        gone: list[tuple[Path, _Seen]] = []
+        later: list[tuple[_Watch, _Seen, tuple[int, int] | None, float]] = []
         for path, w, seen in items:
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                gone.append(path)
+                gone.append((path, seen))
                 continue
             except OSError:  # unreadable for now: look again after a settle period
-                later.append((w, seen.identity, now + w.settle))
+                later.append((w, seen, seen.identity, now + w.settle))
                 continue
             if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device to "check" it
-                gone.append(path)
+                gone.append((path, seen))
                 continue
             identity = (st.st_size, st.st_mtime_ns)
             if identity != seen.identity:  # changed without an event (or since it): wait again
-                later.append((w, identity, now + w.settle))
+                later.append((w, seen, identity, now + w.settle))
                 continue
             if seen.closed:
                 # Closed by its writer and unchanged since: finished if its end marker is
@@ -174,19 +174,19 @@ class Settler(threading.Thread):
                 if check(path, strict=True) is Verdict.COMPLETE:
                     ready.append((Ready(path, w.root), w, seen))
                 else:
-                    later.append((w, identity, seen.stable_since + w.settle))
+                    later.append((w, seen, identity, seen.stable_since + w.settle))
                 continue
             stable_for = now - seen.stable_since
             if _finished(path) or stable_for >= max(UNREADABLE_GRACE, w.settle):
                 ready.append((Ready(path, w.root), w, seen))
             else:  # stable but not complete yet: maybe a writer that pauses; look again
-                later.append((w, identity, now + min(1.0, w.settle)))
+                later.append((w, seen, identity, now + min(1.0, w.settle)))
         with self._cond:
-            for p in gone:
-                if (w := self._pending.get(p)) is not None and w.check_at <= now:
+            for p, seen in gone:
+                if (w := self._pending.get(p)) is not None and w.stable_since == seen.stable_since:
                     del self._pending[p]
-            for w, identity, check_at in later:
-                if w.check_at > now:  # a new event arrived meanwhile: it decides
+            for w, seen, identity, check_at in later:
+                if w.stable_since != seen.stable_since:  # an event since: it decides
                     continue
                 if identity != w.identity:
                     w.identity, w.stable_since = identity, now
