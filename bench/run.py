@@ -16,6 +16,7 @@ commit and the exact command) unless --no-record. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -671,12 +672,13 @@ def bench_pipeline(args, work: Path) -> Result:
                 row["d_raw"] = n / wall
                 row["d"] = n / max(1e-9, wall - settle)
                 row["d_model_share"] = sum(e.get("ms", 0) for e in got) / 1000 / (wall - settle)
+                row["d_batches"] = daemon_batches(got)
 
             # b runs before and after c and d, and the faster b is the reference (noise only
             # ever slows a run down: this makes the ratios conservative). The order of c and
             # d alternates between rounds; (a), slow, runs in the first round only.
             order = [run_b, run_c, run_d, run_b] if r % 2 == 0 else [run_b, run_d, run_c, run_b]
-            if r == 0:
+            if r == 0 and not args.skip_a:
                 order.insert(0, run_a)
             for fn in order:
                 fn()
@@ -705,8 +707,10 @@ def bench_pipeline(args, work: Path) -> Result:
     stage_names = sorted({k for r in rounds for k in r["c_stages"]})
     med_stages = {k: statistics.median(r["c_stages"].get(k, 0.0) for r in rounds)
                   for k in stage_names}
-    med["a"] = rounds[0]["a"]
-    batches = [b for r in rounds for b in r["c_batches"]]
+    if "a" in rounds[0]:
+        med["a"] = rounds[0]["a"]
+    c_sizes = [b for r in rounds for b in r["c_batches"]]
+    d_sizes = [b for r in rounds for b in r["d_batches"]]
     ok = med["c/b"] >= 0.95 and med["d/b"] >= 0.95
     def fmt(r: dict) -> list:
         return [f"{r['a']:.1f}" if "a" in r else "", f"{r['b']:.1f}", f"{r['c']:.1f}",
@@ -732,14 +736,21 @@ def bench_pipeline(args, work: Path) -> Result:
                 "model busy b / c / d"],
                [[r["round"], *fmt(r)] for r in rounds] + [["**median**", *fmt(med)]]),
         "",
-        f"`watcher caption` model calls: {len(batches)}, "
-        f"{sum(1 for b in batches if b == best)} full batches of {best}, sizes "
-        f"{sorted(set(batches))}.",
+        "Model calls by images per call, all rounds (size x calls): `watcher caption` "
+        f"{batch_histogram(c_sizes)}; daemon {batch_histogram(d_sizes)}. Full batches of "
+        f"{best}: c {sum(1 for b in c_sizes if b == best)} of {len(c_sizes)} calls, "
+        f"d {sum(1 for b in d_sizes if b == best)} of {len(d_sizes)}.",
         f"CPU per image (all threads, ms, median): b {med['b_cpu']:.2f}, c {med['c_cpu']:.2f}, "
         f"d {med['d_cpu']:.2f} (c and d: with their model process). `watcher caption` by "
         "thread (without the model process): "
         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(med_stages.items(), key=lambda kv: -kv[1])
                     if v >= 0.005) + ".",
+        "Per CPU-second instead of per wall-second (b_cpu / c_cpu, b_cpu / d_cpu per round, "
+        "median; the model is busy all the time in b, c and d, so on a machine shared with "
+        "other work the wall-clock ratios measure how much CPU each phase was given as much "
+        "as the pipeline): c/b "
+        f"{statistics.median(r['b_cpu'] / r['c_cpu'] for r in rounds):.3f}, d/b "
+        f"{statistics.median(r['b_cpu'] / r['d_cpu'] for r in rounds):.3f}.",
         f"Goal c/b >= 0.95 and d/b >= 0.95: {'met' if ok else 'NOT met'} "
         f"(median c/b {med['c/b']:.3f}, d/b {med['d/b']:.3f}). Every sidecar, index row and "
         "`done` job checked before each rate was taken.",
@@ -747,6 +758,19 @@ def bench_pipeline(args, work: Path) -> Result:
     return Result("pipeline", lines, {"n": n, "max_tokens": T, "image_size": size,
                                       "sweep": sweep, "best_batch": best, "rounds": rounds,
                                       "median": med, "goal_met": ok})
+
+
+def daemon_batches(captioned: list[dict]) -> list[int]:
+    """The daemon's model calls, as images per call, from its `captioned` log lines: each
+    line names the size of the call that captioned it, so a size s seen k times is k / s
+    calls. (Reused copies say 0: no call.)"""
+    seen = collections.Counter(e["batch"] for e in captioned if e.get("batch"))
+    return sorted((size for size, k in seen.items() for _ in range(k // size)), reverse=True)
+
+
+def batch_histogram(sizes: Sequence[int]) -> str:
+    counts = collections.Counter(sizes)
+    return ", ".join(f"{s} x {counts[s]}" for s in sorted(counts, reverse=True)) or "none"
 
 
 def _describe_dims(size: str) -> str:
@@ -767,13 +791,16 @@ def bench_latency(args, work: Path) -> Result:
     cfg = write_config(base / "daemon.yaml", model=model, db=base / "index.db",
                        folders=[{"path": str(folder), "settle_seconds": settle}],
                        batch=args.daemon_batch, max_tokens=args.max_tokens)
+    formats = (("jpg", "JPEG"), ("png", "PNG"))
     samples = []
     with DaemonProc(cfg, base / "daemon.log") as d:
-        warmups = 3
+        warmups = 4
         for i in range(warmups + args.drops):
-            data = image_bytes(3 * 10**6 + i, args.image_size)
-            path = folder / f"drop{i:04d}.jpg"
+            ext, fmt = formats[i % len(formats)]
+            data = image_bytes(3 * 10**6 + i, args.image_size, fmt)
+            path = folder / f"drop{i:04d}.{ext}"
             side = sidecar_of(path)
+            # Written and closed once, as a camera, a copy or an export writes a file.
             with open(path, "wb") as f:
                 f.write(data)
             t0 = time.time()  # the file is closed
@@ -789,46 +816,56 @@ def bench_latency(args, work: Path) -> Result:
             if not side.read_text().strip():
                 raise BenchFailure(f"empty sidecar {side}")
             if i >= warmups:
-                samples.append({"path": str(path), "t0": t0, "latency": t1 - t0,
-                                "model": ev.get("ms", 0) / 1000})
+                samples.append({"path": str(path), "format": fmt, "t0": t0,
+                                "latency": t1 - t0, "model": ev.get("ms", 0) / 1000})
             time.sleep(args.idle_gap)  # the daemon is idle when the next file arrives
-        check_rows(base / "index.db", sorted(folder.glob("*.jpg")))
+        check_rows(base / "index.db", sorted(p for p in folder.iterdir() if p.suffix != ".txt"))
     # When each file was queued (the settle stage's end), from the jobs table.
     con = sqlite3.connect(f"file:{base / 'index.db'}?mode=ro", uri=True, timeout=60)
     enqueued = dict(con.execute("SELECT path, enqueued FROM jobs"))
     con.close()
     for s in samples:
         s["queued"] = enqueued[s["path"]] - s["t0"]
-    lat = [s["latency"] for s in samples]
-    mod = [s["model"] for s in samples]
-    over = [s["latency"] - s["model"] - settle for s in samples]
-    settle_over = [s["queued"] - settle for s in samples]
-    after = [s["latency"] - s["queued"] - s["model"] for s in samples]
-    res = {"drops": len(samples), "settle_seconds": settle,
-           "latency_p50": pct(lat, 50), "latency_p95": pct(lat, 95), "latency_max": max(lat),
-           "model_p50": pct(mod, 50), "model_p95": pct(mod, 95),
-           "overhead_p50": pct(over, 50), "overhead_p95": pct(over, 95),
-           "overhead_max": max(over),
-           "settle_overhead_p50": pct(settle_over, 50), "settle_overhead_p95": pct(settle_over, 95),
-           "pipeline_overhead_p50": pct(after, 50), "pipeline_overhead_p95": pct(after, 95)}
-    ok = res["overhead_p95"] < 0.25
+    res: dict = {"drops": len(samples), "settle_seconds": settle}
     ms = lambda v: f"{v * 1000:.0f} ms"  # noqa: E731
+    rows = []
+    ok = True
+    for name, group in [(fmt, [s for s in samples if s["format"] == fmt]) for _, fmt in formats]:
+        lat = [s["latency"] for s in group]
+        mod = [s["model"] for s in group]
+        beyond = [s["latency"] - s["model"] for s in group]
+        queued = [s["queued"] for s in group]
+        after = [s["latency"] - s["queued"] - s["model"] for s in group]
+        r = {"n": len(group), "latency_p50": pct(lat, 50), "latency_p95": pct(lat, 95),
+             "latency_max": max(lat), "model_p50": pct(mod, 50), "model_p95": pct(mod, 95),
+             "beyond_model_p50": pct(beyond, 50), "beyond_model_p95": pct(beyond, 95),
+             "beyond_model_max": max(beyond), "queued_p50": pct(queued, 50),
+             "queued_p95": pct(queued, 95), "pipeline_p50": pct(after, 50),
+             "pipeline_p95": pct(after, 95)}
+        # Goals: p50 within 100 ms of the model's own time (no settle wait for a closed,
+        # complete file); p95 of what is beyond the model under 250 ms.
+        r["goal_met"] = r["beyond_model_p50"] < 0.1 and r["beyond_model_p95"] < 0.25
+        ok = ok and r["goal_met"]
+        res[name] = r
+        rows += [[f"**{name}**: close -> sidecar", ms(r["latency_p50"]), ms(r["latency_p95"]),
+                  ms(r["latency_max"])],
+                 ["model's own time", ms(r["model_p50"]), ms(r["model_p95"]), ""],
+                 ["**close -> sidecar, beyond the model**", f"**{ms(r['beyond_model_p50'])}**",
+                  f"**{ms(r['beyond_model_p95'])}**", ms(r["beyond_model_max"])],
+                 ["... of which: close -> queued", ms(r["queued_p50"]), ms(r["queued_p95"]), ""],
+                 ["... of which: queued -> sidecar, beyond the model", ms(r["pipeline_p50"]),
+                  ms(r["pipeline_p95"]), ""]]
     lines = [
-        f"{len(samples)} single images dropped into an idle daemon (settle_seconds = {settle}), "
-        "each timed from the writer's close() to the sidecar's appearance (polled every 1 ms).",
+        f"{len(samples)} single images ({len(samples) // 2} JPEG, {len(samples) // 2} PNG, "
+        f"{args.image_size[0]}x{args.image_size[1]}), each written and closed once into the "
+        f"folder of an idle daemon (settle_seconds = {settle}, fast_close on: a closed file "
+        "with its end marker is queued at once), each timed from the writer's close() to the "
+        "sidecar's appearance (polled every 1 ms).",
         "",
-        *table(["", "p50", "p95", "max"],
-               [["close -> sidecar", ms(res["latency_p50"]), ms(res["latency_p95"]),
-                 ms(res["latency_max"])],
-                ["model's own time", ms(res["model_p50"]), ms(res["model_p95"]), ""],
-                ["**overhead beyond settle + model**", f"**{ms(res['overhead_p50'])}**",
-                 f"**{ms(res['overhead_p95'])}**", ms(res["overhead_max"])],
-                ["... of which: close -> queued, beyond settle_seconds",
-                 ms(res["settle_overhead_p50"]), ms(res["settle_overhead_p95"]), ""],
-                ["... of which: queued -> sidecar, beyond the model",
-                 ms(res["pipeline_overhead_p50"]), ms(res["pipeline_overhead_p95"]), ""]]),
+        *table(["", "p50", "p95", "max"], rows),
         "",
-        f"Goal overhead p95 < 250 ms: {'met' if ok else 'NOT met'}.",
+        f"Goal, each format: close -> sidecar p50 within 100 ms of the model's own time, p95 "
+        f"within 250 ms: {'met' if ok else 'NOT met'}.",
     ]
     res["goal_met"] = ok
     return Result("latency", lines, res)
@@ -1319,6 +1356,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "which holds the GIL); small: a random-weight model whose time goes "
                         "to matrix kernels, as a real model's does")
     g.add_argument("--rounds", type=int, default=3)
+    g.add_argument("--skip-a", action="store_true",
+                   help="skip (a), the bare loop at batch 1 (slow on --model small)")
     g.add_argument("--batches", type=ints, default=[1, 4, 8, 16, 32],
                    help="batch sizes tried for the best one (default 1,4,8,16,32)")
     g.add_argument("--max-tokens", type=int, default=120,

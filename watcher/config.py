@@ -75,6 +75,9 @@ class FolderConfig:
     polling: bool = False
     poll_interval: float = 2.0
     settle_seconds: float = 1.0
+    # A file its writer closed (Linux inotify) with its format's end marker as its last bytes
+    # is finished: it goes without the settle_seconds wait.
+    fast_close: bool = True
     ignore: tuple[str, ...] = ()
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     on_delete: str = "keep"
@@ -245,7 +248,7 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
             kw[name] = _choice(value, OVERWRITE_POLICIES, k, where)
         elif name == "on_delete":
             kw[name] = _choice(value, ON_DELETE, k, where)
-        elif name == "polling":
+        elif name in ("polling", "fast_close"):
             kw[name] = _typed(value, bool, k, where, "true or false")
         elif name in ("poll_interval", "settle_seconds", "rescan_minutes"):
             kw[name] = float(_number(value, k, where, minimum=0))

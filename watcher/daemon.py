@@ -91,6 +91,9 @@ class Tracker(Sink):
         log.info("passed over", path=shown(path), reason=reason)
         self.changed.set()
 
+    def file_closed(self, path: Path, folder: FolderConfig) -> None:
+        self.settler.touch(path, folder.path, folder.settle_seconds, closed=True)
+
     def file_skipped(self, path: Path, folder: FolderConfig, reason: str) -> None:
         self.settler.forget(path)
         with self.lock, transaction(self.db):

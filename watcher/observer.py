@@ -349,6 +349,11 @@ class Sink:
     """What the handlers report to (the daemon's tracker)."""
 
     def file_touched(self, path: Path, folder: FolderConfig) -> None: ...
+
+    def file_closed(self, path: Path, folder: FolderConfig) -> None:
+        """Its writer closed it after writing (Linux inotify IN_CLOSE_WRITE)."""
+        self.file_touched(path, folder)
+
     def file_deleted(self, path: Path, folder: FolderConfig) -> None: ...
     def file_moved(self, src: Path, dest: Path, folder: FolderConfig) -> None: ...
     def dir_appeared(self, path: Path, folder: FolderConfig) -> None: ...
@@ -418,7 +423,11 @@ class FolderHandler:
         if kind in ("created", "modified", "closed"):
             if self.filter.wants(src):
                 if self._followable(src):
-                    self.sink.file_touched(src, self.folder)
+                    # Only inotify reports closes; `fast_close: false` treats them as any change.
+                    if kind == "closed" and self.folder.fast_close:
+                        self.sink.file_closed(src, self.folder)
+                    else:
+                        self.sink.file_touched(src, self.folder)
             elif kind == "created":
                 self._passed_over(src)
         elif kind == "deleted":

@@ -58,7 +58,7 @@ class Pipeline:
         # files); the worker waits for it to fill a batch.
         self.upstream: Callable[[float], bool] = lambda within: False
         self.worker = ModelWorker(backend, self.work_q, self.write_q, cfg.database,
-                                  incoming=self._incoming)
+                                  incoming=self._incoming, decoding=lambda: self._decoding)
         self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)

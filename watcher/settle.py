@@ -1,4 +1,4 @@
-"""Settle: a file is handed on only once its size and mtime have stopped changing."""
+"""Settle: a file is handed on once it is finished: closed with its end marker, or unchanged."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import structlog
 from PIL import Image
+
+from watcher.complete import Verdict, check
 
 log = structlog.get_logger("watcher.settle")
 
@@ -27,6 +29,9 @@ class _Watch:
     identity: tuple[int, int] | None  # (size, mtime_ns) when last seen
     stable_since: float
     check_at: float  # when to look at it next
+    # The last event was its writer closing it (inotify IN_CLOSE_WRITE): if its end marker
+    # is there it is finished now, without the settle wait. Any later change clears it.
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,28 +43,39 @@ class Ready:
 
 
 class Settler(threading.Thread):
-    """Collects touched paths and emits them, in batches, once each has been stable for its
-    folder's `settle_seconds` and opens as an image (or has been stable for UNREADABLE_GRACE)."""
+    """Collects touched paths and emits them, in batches, once each is finished.
+
+    Finished means: closed by its writer with its format's end marker as the last bytes
+    (the close-write fast path, no wait), or stable for its folder's `settle_seconds` and
+    then, for a format with an end marker (JPEG, PNG, GIF, WebP), with that marker present,
+    for any other format opening as an image. A file that stays stable without either is
+    handed on after UNREADABLE_GRACE anyway (and fails with a clear reason if it is broken).
+    """
 
     def __init__(self, on_ready: Callable[[list[Ready]], None]) -> None:
         super().__init__(name="settle", daemon=True)
         self.on_ready = on_ready
         self._pending: dict[Path, _Watch] = {}
         self._cond = threading.Condition()
-        self._stop = False
+        self._stopping = False  # (not _stop: Thread has a method of that name, join() calls it)
         self._wake_at = float("inf")  # when the loop's current wait ends
         self._checked_at = 0.0
 
-    def touch(self, path: Path, root: Path, settle_seconds: float) -> None:
+    def touch(self, path: Path, root: Path, settle_seconds: float, *,
+              closed: bool = False) -> None:
         """An event for `path`: (re)start its stability timer. The file is stat'ed now, so
-        one that does not change again is ready exactly `settle_seconds` later."""
+        one that does not change again is ready exactly `settle_seconds` later.
+
+        `closed`: the event is its writer closing it after writing (Linux IN_CLOSE_WRITE):
+        it is checked at once, and goes without the wait if its end marker is there."""
         identity = _identity(path)
         with self._cond:
             now = time.monotonic()
             w = self._pending.get(path)
             if w is None:
                 w = self._pending[path] = _Watch(root, settle_seconds, identity, now, 0.0)
-            w.identity, w.stable_since, w.check_at = identity, now, now + settle_seconds
+            w.identity, w.stable_since, w.closed = identity, now, closed
+            w.check_at = now if closed else now + settle_seconds
             # Wake the loop only if this is due before what it is waiting for: a burst of
             # events then costs no wake-ups.
             if w.check_at < self._wake_at:
@@ -87,16 +103,18 @@ class Settler(threading.Thread):
 
     def stop(self) -> None:
         with self._cond:
-            self._stop = True
+            self._stopping = True
             self._cond.notify()
 
     def run(self) -> None:
         while True:
             with self._cond:
-                if self._stop:
+                if self._stopping:
                     return
                 now = time.monotonic()
-                due = [(p, w) for p, w in self._pending.items() if w.check_at <= now]
+                # What each due file looked like now: an event after this is judged later.
+                due = [(p, w, _Seen(w.identity, w.stable_since, w.closed))
+                       for p, w in self._pending.items() if w.check_at <= now]
                 if not due:
                     self._wake_at = min((w.check_at for w in self._pending.values()),
                                         default=now + 3600.0)
@@ -126,44 +144,56 @@ class Settler(threading.Thread):
             with self._cond:
                 self._cond.wait(0.01)
 
-    def _check(self, items: list[tuple[Path, _Watch]]) -> list[Ready]:
+    def _check(self, items: list[tuple[Path, _Watch, _Seen]]) -> list[Ready]:
         """Stat the due files: ready, changed (wait again), or gone."""
         now = time.monotonic()
         self._checked_at = now
-        ready: list[Ready] = []
-        gone: list[Path] = []
-        later: list[tuple[_Watch, tuple[int, int] | None, float]] = []
-        for path, w in items:
+        ready: list[tuple[Ready, _Watch, _Seen]] = []
+        gone: list[tuple[Path, _Seen]] = []
+        later: list[tuple[_Watch, _Seen, tuple[int, int] | None, float]] = []
+        for path, w, seen in items:
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                gone.append(path)
+                gone.append((path, seen))
                 continue
             except OSError:  # unreadable for now: look again after a settle period
-                later.append((w, w.identity, now + w.settle))
+                later.append((w, seen, seen.identity, now + w.settle))
                 continue
             if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device to "check" it
-                gone.append(path)
+                gone.append((path, seen))
                 continue
             identity = (st.st_size, st.st_mtime_ns)
-            if identity != w.identity:  # changed without an event (or since it): wait again
-                later.append((w, identity, now + w.settle))
+            if identity != seen.identity:  # changed without an event (or since it): wait again
+                later.append((w, seen, identity, now + w.settle))
                 continue
-            stable_for = now - w.stable_since
-            if _opens_as_image(path) or stable_for >= max(UNREADABLE_GRACE, w.settle):
-                ready.append(Ready(path, w.root))
-            else:  # stable but not an image yet: maybe a writer that pauses; look again
-                later.append((w, identity, now + min(1.0, w.settle)))
+            if seen.closed:
+                # Closed by its writer and unchanged since: finished if its end marker is
+                # the end of the file. Otherwise (no marker in this format, or not there:
+                # a writer that closes between parts) it waits out settle like any file.
+                if check(path, strict=True) is Verdict.COMPLETE:
+                    ready.append((Ready(path, w.root), w, seen))
+                else:
+                    later.append((w, seen, identity, seen.stable_since + w.settle))
+                continue
+            stable_for = now - seen.stable_since
+            if _finished(path) or stable_for >= max(UNREADABLE_GRACE, w.settle):
+                ready.append((Ready(path, w.root), w, seen))
+            else:  # stable but not complete yet: maybe a writer that pauses; look again
+                later.append((w, seen, identity, now + min(1.0, w.settle)))
         with self._cond:
-            for p in gone:
-                self._pending.pop(p, None)
-            for w, identity, check_at in later:
-                if w.check_at > now:  # a new event arrived meanwhile: it decides
+            for p, seen in gone:
+                if (w := self._pending.get(p)) is not None and w.stable_since == seen.stable_since:
+                    del self._pending[p]
+            for w, seen, identity, check_at in later:
+                if w.stable_since != seen.stable_since:  # an event since: it decides
                     continue
                 if identity != w.identity:
                     w.identity, w.stable_since = identity, now
-                w.check_at = check_at
-        return ready
+                w.check_at, w.closed = check_at, False
+            # A file with an event since it was looked at is not handed on: its new timer
+            # (or close check) decides, from what it holds now.
+            return [r for r, w, seen in ready if w.stable_since == seen.stable_since]
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -172,6 +202,25 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A due file's watch as it was when the settle loop picked it."""
+
+    identity: tuple[int, int] | None
+    stable_since: float
+    closed: bool
+
+
+def _finished(path: Path) -> bool:
+    """Whether a stable file may be handed on: its end marker is there, for a format that
+    has one (a slowly written GIF has a valid header long before its last frame); otherwise
+    its header opens as an image."""
+    verdict = check(path, strict=False)
+    if verdict is Verdict.UNKNOWN:
+        return _opens_as_image(path)
+    return verdict is Verdict.COMPLETE
 
 
 def _opens_as_image(path: Path) -> bool:

@@ -199,7 +199,7 @@ class Writer(threading.Thread):
                                     row.sidecar, row.sidecar_state, item.reused))
             log.info("captioned", path=row.path, task=row.task, model=row.model,
                      ms=round(item.model_ms, 1), outcome=row.sidecar_state,
-                     reused=item.reused)
+                     reused=item.reused, batch=item.batch)
         for o in outcomes:
             self.on_outcome(o)
         self._end(items)
