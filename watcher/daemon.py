@@ -149,10 +149,14 @@ class Tracker(Sink):
 
     def _scan(self, folder: FolderConfig, top: Path | None = None) -> None:
         t0 = time.perf_counter()
+        from watcher.captioning import expected_under, restore_sidecars
+
         with self.lock:
             indexed = self.index.stats_under(str(top or folder.path))
             failed = self.jobs.failed_under(top or folder.path)
-        result = scan(Filter(folder), indexed, failed, top=top)
+            # Sidecars written with other settings, or gone: work to do (issue 12, 4 and 5).
+            expected = expected_under(self.db, top or folder.path, folder, self.cfg.model)
+        result = scan(Filter(folder), indexed, failed, top=top, expected=expected)
         with self.lock:
             with transaction(self.db):
                 for p in result.removed:
@@ -160,9 +164,11 @@ class Tracker(Sink):
                     self.jobs.forget(p)
                 self.jobs.set_skipped(top or folder.path, folder.path, result.skipped)
             n = self.jobs.enqueue_many((p, folder.path) for p in result.queue)
+            restore_sidecars(self.db, result.restore)
         log.info("scan done", folder=str(top or folder.path), new=result.new,
                  changed=result.changed, up_to_date=result.up_to_date,
                  removed=len(result.removed), failed_before=result.failed_before,
+                 outdated=len(result.outdated), sidecars_restored=len(result.restore),
                  skipped=len(result.skipped), seconds=round(time.perf_counter() - t0, 3))
         if n:
             self.on_enqueued(n)

@@ -89,6 +89,15 @@ class Filter:
         return None
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What the index says an unchanged image should have: its sidecar (None when there is
+    none to keep), and whether it was written with the folder's current settings."""
+
+    sidecar: str | None
+    current: bool
+
+
 @dataclass
 class ScanResult:
     """A catch-up scan: what needs captioning, what is up to date, what disappeared."""
@@ -99,17 +108,23 @@ class ScanResult:
     removed: list[str] = field(default_factory=list)
     new: int = 0
     changed: int = 0
+    # Unchanged images whose sidecar was written with other settings (task, prefix, suffix,
+    # model) than the folder's now: queued again (the overwrite policy still applies).
+    outdated: list[Path] = field(default_factory=list)
+    # Unchanged, current images whose sidecar (ours) is missing: rewritten from the index.
+    restore: list[str] = field(default_factory=list)
     # Image names that are not captioned, and why: links out of the root or in a loop,
     # named pipes, sockets, devices. Kept as `skipped` jobs so `watcher status` shows them.
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def walk(filt: Filter, top: Path | None = None,
-         skipped: list[tuple[Path, str]] | None = None
+         skipped: list[tuple[Path, str]] | None = None, names: set[str] | None = None
          ) -> Iterator[tuple[Path, os.stat_result]]:
     """Every wanted image under the folder with its stat: one stat per file, no more.
     Directory symlinks are not followed; file symlinks only when they stay inside the root.
-    Image names refused (see ScanResult.skipped) are logged and added to `skipped`."""
+    Image names refused (see ScanResult.skipped) are logged and added to `skipped`. Every
+    entry's path goes into `names` (given): whether a sidecar exists costs no extra stat."""
     stack = [top or filt.root]
     while stack:
         d = stack.pop()
@@ -120,6 +135,8 @@ def walk(filt: Filter, top: Path | None = None,
             continue
         with it:
             for entry in it:
+                if names is not None:
+                    names.add(entry.path)
                 p = Path(entry.path)
                 try:
                     if entry.is_dir(follow_symlinks=False):
@@ -162,16 +179,29 @@ def _regular(st: os.stat_result) -> bool:
 
 def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
          failed: dict[str, tuple[int | None, int | None]], *, retry_failed: bool = False,
-         top: Path | None = None) -> ScanResult:
-    """Compare the folder with the index: an unchanged file costs one stat."""
+         top: Path | None = None, expected: dict[str, Expected] | None = None) -> ScanResult:
+    """Compare the folder with the index: an unchanged file costs one stat.
+
+    With `expected` (see Expected), an unchanged image is work to do when its sidecar was
+    written with other settings (queued) or our sidecar is missing (`restore`). Failed
+    images that no longer exist are in `removed`, like indexed ones."""
     result = ScanResult()
     seen: set[str] = set()
-    for path, st in walk(filt, top, result.skipped):
+    names: set[str] | None = set() if expected is not None else None
+    check_sidecar: list[tuple[str, str]] = []
+    for path, st in walk(filt, top, result.skipped, names):
         key = str(path)
         seen.add(key)
         known = indexed.get(key)
         identity = (st.st_size, st.st_mtime_ns)
         if known == identity:
+            want = expected.get(key) if expected is not None else None
+            if want is not None and not want.current:
+                result.queue.append(path)
+                result.outdated.append(path)
+                continue
+            if want is not None and want.sidecar:
+                check_sidecar.append((key, want.sidecar))
             result.up_to_date += 1
             continue
         if not retry_failed and failed.get(key) == identity:
@@ -182,8 +212,17 @@ def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
             result.new += 1
         else:
             result.changed += 1
+    # After the walk: a sidecar may be listed after its image, or in no folder we read.
+    for key, sidecar in check_sidecar:
+        if sidecar not in names and not os.path.lexists(sidecar):  # type: ignore[operator]
+            result.restore.append(key)
+            result.up_to_date -= 1
     prefix = str(top or filt.root).rstrip("/") + "/"
     result.removed = [p for p in indexed if p not in seen and p.startswith(prefix)]
+    # A failed image deleted since: forgotten (never listed, never retried). Failures are
+    # few, and one that is merely skipped now stays for set_skipped to relabel.
+    result.removed += [p for p in failed if p not in seen and p not in indexed
+                       and p.startswith(prefix) and not os.path.lexists(p)]
     return result
 
 

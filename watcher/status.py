@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -60,6 +61,12 @@ def collect(db_path: Path) -> dict:
         n_pending_sidecars = db.conn.execute(
             "SELECT count(*) FROM images WHERE sidecar_state = 'pending'").fetchone()[0]
         n_skipped, skipped = jobs.skipped(10)
+        try:  # failures of images deleted since are not failures any more
+            from watcher.captioning import forget_vanished_failures
+
+            forget_vanished_failures(db)
+        except sqlite3.Error:  # a read-only or busy database: list them anyway
+            pass
         return {
             "database": str(db_path),
             "images": images,
@@ -72,9 +79,21 @@ def collect(db_path: Path) -> dict:
             "sidecars_pending_list": [{"path": p, "reason": r} for p, r in pending_sidecars],
             "skipped": n_skipped,
             "skipped_list": [{"path": p, "reason": r} for p, r in skipped],
+            "missing": missing_rows_estimate(db),
         }
     finally:
         db.conn.close()
+
+
+def missing_rows_estimate(db) -> int:
+    """Index rows whose folder no longer exists (moved, deleted, unmounted): one stat per
+    distinct folder, not per row, so status stays quick on a large index. Single deleted
+    files are found by the next scan; `watcher prune` finds them all."""
+    n = 0
+    for root, count in db.conn.execute("SELECT root, count(*) FROM images GROUP BY root"):
+        if not os.path.isdir(root):
+            n += count
+    return n
 
 
 def shown(path: str) -> str:
@@ -107,6 +126,9 @@ def render(report: dict) -> str:
         lines.append(f"skipped, not captioned: {report['skipped']}")
         for s in report.get("skipped_list", []):
             lines.append(f"  {shown(s['path'])}: {s['reason']}")
+    if report.get("missing"):
+        lines.append(f"index rows of missing files: {report['missing']} (their folders are "
+                     "gone; `watcher prune` removes them)")
     if report["failures"]:
         lines.append("last failures:")
         for f in report["failures"]:
