@@ -541,14 +541,13 @@ def _print_summary(plan, restored, summary, out: TextIO) -> int:
                         "copies of identical images")
         line += f" ({copies}, no model work)"
     if summary.kept:
-        line += (f", {plural(len(summary.kept), 'existing sidecar')} left alone (not ours; "
-                 "--overwrite always replaces them)")
+        line += f", {plural(len(summary.kept), 'existing sidecar')} left alone"
     line += _restored_clause(restored)
     line += f", {len(summary.failed)} failed" + _skipped_count(plan.skipped)
     print(line, file=out)
     for o in summary.kept:
-        print(f"kept: {shown(o.sidecar or '')}: existing sidecar of {shown(o.path)} left alone",
-              file=out)
+        print(f"kept: {shown(o.sidecar or '')}: not ours, left alone (--overwrite always "
+              "replaces it)", file=out)
     for o in summary.pending:
         print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
     _print_restored(restored, out)
