@@ -265,6 +265,10 @@ def plan_caption(db: sqlite_utils.Database, cfg: Config, dirs: Sequence[Path], *
         plan.up_to_date += result.up_to_date + (len(result.queue) - len(queue))
         plan.restore += [p for p in result.restore if only is None or only(p)]
         plan.removed += result.removed
+        # Queued (say by `retry`) and deleted since: nothing to run.
+        plan.removed += [q for (q,) in db.conn.execute(
+            "SELECT path FROM jobs WHERE state = 'pending' AND path >= ? AND path < ?",
+            prefix_range(d)) if not os.path.lexists(q)]
         plan.skipped += result.skipped
     return plan
 

@@ -276,8 +276,11 @@ class Progress:
 
             from watcher.log import configure_logging
 
+            # rate_noinv: always "N images/s", never tqdm's inverse "s/ images".
             self.bar = tqdm(total=total, file=out, unit=" images", dynamic_ncols=True,
-                            desc="captioning", leave=True)
+                            desc="captioning", leave=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                       "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
             # Log lines go through tqdm.write: they appear above the bar, never inside it.
             configure_logging(cfg.log, stream=_AboveBar(err))
             self._err, self._cfg = err, cfg
