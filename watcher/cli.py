@@ -184,8 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp = command("completion", "print the shell completion script",
                    "Print a completion script for bash or zsh (needs the optional argcomplete "
                    "package: pip install 'moondream-watcher[completion]').",
-                   'eval "$(watcher completion bash)"   # in ~/.bashrc')
-    comp.add_argument("shell", choices=("bash", "zsh"), nargs="?", default="bash")
+                   "watcher completion bash > ~/.local/share/bash-completion/completions/"
+                   "watcher",
+                   'eval "$(watcher completion zsh)"   # in ~/.zshrc')
+    comp.add_argument("shell", choices=("bash", "zsh"), nargs="?", default="bash",
+                      help="the shell (default bash)")
     return p
 
 
