@@ -451,11 +451,11 @@ def _caption(args, cfg: Config, dirs: list[Path], out: TextIO, err: TextIO, *,
         if args.dry_run:
             return _print_plan(plan, out)
         queued, restored = apply_plan(db, cfg, plan, force=force)
-        if daemon is not None:
-            return _caption_by_daemon(cfg, plan, daemon, db, jobs, out, err)
         from watcher.captioning import open_jobs
 
-        pending = open_jobs(jobs, plan.roots)
+        if daemon is not None and plan.queued:
+            return _caption_by_daemon(cfg, plan, daemon, db, jobs, out, err)
+        pending = 0 if daemon is not None else open_jobs(jobs, plan.roots)
         if pending == 0:
             line = f"0 new, {plan.up_to_date} up to date" + _restored_clause(restored)
             print(line + _skipped_count(plan.skipped), file=out)
