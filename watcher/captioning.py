@@ -20,7 +20,6 @@ from watcher.index import ImageRow, Index, prefix_range, transaction
 from watcher.observer import Expected, Filter, scan
 from watcher.queue import JobQueue
 from watcher.sidecar import write_atomic
-from watcher.tasks import clean_caption
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -57,28 +56,43 @@ def model_revision(model: ModelConfig) -> str | None:
     return model.revision
 
 
-def is_current(row_task: str, row_model: str, caption: str, outputs: dict[str, str],
-               folder: FolderConfig, model: ModelConfig) -> bool:
-    """Whether a sidecar was written with the folder's present settings: its task, every
-    index task, the model, and the prefix/suffix (recomputed from the stored model text,
-    so no settings need storing)."""
-    tasks = folder.tasks(model.max_tokens)
-    if row_task != tasks[0].key or any(t.key not in outputs for t in tasks):
-        return False
-    if row_model not in (model_name(model), model.source):
-        return False
-    return clean_caption(outputs[row_task], folder.prefix, folder.suffix) == caption
+def compose(text: str, prefix: str, suffix: str) -> str:
+    """The sidecar caption from the model's cleaned text, as the writer builds it
+    (tasks.clean_caption on text already clean)."""
+    if not (prefix or suffix):
+        return text.strip()
+    return ", ".join(p for p in (prefix.strip(), text.strip(), suffix.strip()) if p)
 
 
 def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
                    model: ModelConfig) -> dict[str, Expected]:
-    """For the catch-up scan: each indexed image's sidecar and whether it is current."""
+    """For the catch-up scan: each indexed image's sidecar, and whether it was written with
+    the folder's present settings: its task, every index task, the model, and the
+    prefix/suffix (recomputed from the model's text in the index, so nothing more needs
+    storing). SQLite reads the JSON (this runs for every indexed image of a scan); a task
+    key with a double quote in it (a query's question) is looked up in Python instead."""
+    tasks = folder.tasks(model.max_tokens)
+    names = (model_name(model), model.source)
+    plain = [t.key for t in tasks if '"' not in t.key]
+    quoted = [t.key for t in tasks if '"' in t.key]
+    has_all = " AND ".join(["json_type(outputs, ?) IS NOT NULL"] * len(plain)) or "1"
     cur = db.conn.execute(
-        "SELECT path, caption, task, outputs, model, sidecar, sidecar_state FROM images "
-        "WHERE path >= ? AND path < ?", prefix_range(under))
+        f"""SELECT path, caption, task, outputs,
+                   CASE WHEN instr(task, '"') = 0
+                        THEN json_extract(outputs, '$."' || task || '"') END,
+                   ({has_all}), model, sidecar, sidecar_state
+            FROM images WHERE path >= ? AND path < ?""",
+        (*['$."' + k + '"' for k in plain], *prefix_range(under)))
+    want_task = tasks[0].key
     out: dict[str, Expected] = {}
-    for path, caption, task, outputs, model_, sidecar, state in cur:
-        current = is_current(task, model_, caption, json.loads(outputs or "{}"), folder, model)
+    for path, caption, task, outputs, text, complete, model_, sidecar, state in cur:
+        if '"' in task or quoted:
+            parsed = json.loads(outputs or "{}")
+            text = parsed.get(task)
+            complete = complete and all(k in parsed for k in quoted)
+        current = bool(task == want_task and complete and model_ in names
+                       and isinstance(text, str)
+                       and compose(text, folder.prefix, folder.suffix) == caption)
         # A sidecar that could not be written is `pending` (retry's business), not missing.
         out[path] = Expected(sidecar if state in ("written", "kept") else None, current)
     return out
