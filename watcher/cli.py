@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Whether the service is installed and running.",
                      epilog=_examples("watcher service status"), formatter_class=_Formatter)
 
+    for group in (msub, svsub):  # `watcher model info --config X` works too
+        for action_parser in group.choices.values():
+            _global_options(action_parser, top=False)
+
     comp = command("completion", "print the shell completion script",
                    "Print a completion script for bash or zsh (needs the optional argcomplete "
                    "package: pip install 'moondream-watcher[completion]').",
