@@ -422,3 +422,40 @@ def test_photon_close_during_describe_never_reports_closed(monkeypatch):
         assert result and result[0] in ("ok", "batch error", "refused"), result
         if result[0] == "refused":  # refused whole: nothing of it reached the engine
             assert engine.calls == 0
+
+
+# -- bugs 4 and 5 in the daemon's catch-up scan --------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_daemon_start_writes_a_missing_sidecar_and_recaptions_other_settings(tmp_path,
+                                                                             tiny_llava):
+    from daemon_harness import Daemon, wait_for, write_config
+
+    pics = tmp_path / "pics"
+    distinct_image(1, pics / "a.jpg")
+    distinct_image(2, pics / "b.jpg")
+    model = {"backend": "transformers", "path": str(tiny_llava), "batch_size": 8,
+             "max_tokens": 6, "isolate": False}
+    cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics)}], model=model)
+    with Daemon(cfg, tmp_path) as d:
+        wait_for(lambda: d.captioned(pics / "a.jpg") and d.captioned(pics / "b.jpg"), 120,
+                 "first captions")
+    caption_a = (pics / "a.txt").read_text()
+    (pics / "a.txt").unlink()
+    cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics)}], model=model)
+    with Daemon(cfg, tmp_path) as d:
+        wait_for(lambda: (pics / "a.txt").exists(), 60, "the missing sidecar written again")
+        assert (pics / "a.txt").read_text() == caption_a
+        wait_for(lambda: d.logged("scan done"), 60, "scan")
+        assert d.logged("scan done")[0]["sidecars_restored"] == 1
+        assert d.logged("missing sidecar written again from the index",
+                        path=str(pics / "a.jpg"))
+    # Another task for the folder: both images are work to do at the next start.
+    cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics), "task": "prompt"}],
+                       model=model)
+    with Daemon(cfg, tmp_path) as d:
+        wait_for(lambda: all(r["task"] == "prompt" for r in d.rows().values()), 120,
+                 "captioned again with task prompt")
+        assert d.logged("scan done")[0]["outdated"] == 2
+        wait_for(lambda: d.captioned(pics / "a.jpg"), 60, "done")
+        assert (pics / "a.txt").read_text() == d.rows()[str(pics / "a.jpg")]["caption"] + "\n"
