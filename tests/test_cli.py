@@ -459,3 +459,18 @@ def test_daemon_start_writes_a_missing_sidecar_and_recaptions_other_settings(tmp
         assert d.logged("scan done")[0]["outdated"] == 2
         wait_for(lambda: d.captioned(pics / "a.jpg"), 60, "done")
         assert (pics / "a.txt").read_text() == d.rows()[str(pics / "a.jpg")]["caption"] + "\n"
+
+
+def test_caption_piped_into_head_finishes_the_work_and_exits_quietly(tmp_path, tiny_llava):
+    pics = tmp_path / "pics"
+    for i in range(6):
+        distinct_image(i, pics / f"{i}.jpg")
+    cfg = config(tmp_path, tiny_llava)
+    r = subprocess.run(
+        f"set -o pipefail; {sys.executable} -m watcher --config {cfg} caption {pics} "
+        "| head -c 1 >/dev/null",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, env=env(),
+        timeout=240)
+    assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr, r.stderr
+    assert r.returncode in (0, 141)  # 0 when everything was written before head left
+    assert all((pics / f"{i}.txt").exists() for i in range(6))

@@ -277,6 +277,7 @@ class Progress:
         self.done = 0
         self.out = out
         self.lock = threading.Lock()
+        self.broken = False
         self.bar: Any = None
         if _isatty(out):
             from tqdm import tqdm
@@ -308,9 +309,16 @@ class Progress:
                     detail = f"existing sidecar left alone: {shown(outcome.sidecar or '')}"
                 elif state == "done":
                     detail = shown(outcome.sidecar or "")
-            self.out.write(f"[{self.done}/{self.total}] {state}: {shown(outcome.path)} "
-                           f"({detail})\n")
-            self.out.flush()
+            if self.broken:
+                return
+            try:
+                self.out.write(f"[{self.done}/{self.total}] {state}: {shown(outcome.path)} "
+                               f"({detail})\n")
+                self.out.flush()
+            except BrokenPipeError:
+                # `watcher caption DIR | head`: the reader left. The work goes on (this runs
+                # in the writer's thread); the summary's print ends the command quietly.
+                self.broken = True
 
     def close(self) -> None:
         if self.bar is not None:
