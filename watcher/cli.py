@@ -787,7 +787,8 @@ def cmd_completion(args, out: TextIO, err: TextIO) -> int:
         print("watcher: shell completion needs the argcomplete package: "
               "pip install 'moondream-watcher[completion]'", file=err)
         return EXIT_USAGE
-    out.write(argcomplete.shellcode(["watcher"], shell=args.shell))
+    # (use_defaults, shell) given by position: `shell=` reads like a subprocess flag.
+    out.write(argcomplete.shellcode(["watcher"], True, args.shell))
     return EXIT_OK
 
 
