@@ -374,9 +374,11 @@ def test_copies_and_failures_need_no_model(tmp_path, tiny_llava, monkeypatch):
 
 # -- bug 10 is tests/test_photon.py::test_close_waits_for_running_requests_and_cancels_... ------
 
-def test_photon_close_during_describe_never_reports_closed(monkeypatch):
-    """close() racing describe()'s submissions: describe either fails its images with
-    PhotonBatchError or is refused whole, never half-submitted (run many times)."""
+def test_photon_close_between_submissions_fails_the_images_not_the_call():
+    """close() arriving while describe() is queuing its requests (deterministically: the
+    task list starts close() the moment describe first walks it, and waits until close()
+    has taken effect): describe() ends with PhotonBatchError for the images (or succeeds),
+    never with 'photon backend is closed' half-way, which the worker would take for a bug."""
     import threading
 
     from PIL import Image
@@ -386,42 +388,32 @@ def test_photon_close_during_describe_never_reports_closed(monkeypatch):
     from watcher.tasks import Task
 
     class Engine:
-        def __init__(self) -> None:
-            self.calls = 0
-
         def caption(self, image, length="normal", stream=False, settings=None):
-            self.calls += 1
             return {"caption": "x"}
 
-        def encode_image(self, image):
-            self.calls += 1
-            return image
+    backend = PhotonBackend(Engine(), ModelConfig(backend="photon", batch_size=2))
+    closer = threading.Thread(target=backend.close)
 
-    images = [Image.new("RGB", (4, 4)) for _ in range(8)]
-    for _ in range(200):
-        engine = Engine()
-        backend = PhotonBackend(engine, ModelConfig(backend="photon", batch_size=2))
-        go = threading.Barrier(2)
-        result: list = []
+    class ClosingTasks(list):
+        def __iter__(self):
+            for i, task in enumerate(super().__iter__()):
+                yield task
+                if i == 0 and not closer.is_alive() and not backend._closed:
+                    closer.start()
+                    deadline = time.monotonic() + 10
+                    while not backend._closed:  # close() has begun
+                        assert time.monotonic() < deadline, "close() did not start"
+                        time.sleep(0.001)
 
-        def run(backend=backend, go=go, result=result):
-            go.wait()
-            try:
-                backend.describe(images, [Task("short"), Task("normal")])
-                result.append("ok")
-            except PhotonBatchError:
-                result.append("batch error")
-            except RuntimeError as e:
-                result.append("refused" if str(e) == "photon backend is closed" else repr(e))
-
-        t = threading.Thread(target=run)
-        t.start()
-        go.wait()
-        backend.close()
-        t.join(10)
-        assert result and result[0] in ("ok", "batch error", "refused"), result
-        if result[0] == "refused":  # refused whole: nothing of it reached the engine
-            assert engine.calls == 0
+    images = [Image.new("RGB", (4, 4)) for _ in range(4)]
+    try:
+        backend.describe(images, ClosingTasks([Task("short"), Task("normal")]))
+    except PhotonBatchError as e:
+        assert "closed" in str(e)
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(RuntimeError, match="photon backend is closed"):
+        backend.describe(images, [Task("short")])
 
 
 # -- bugs 4 and 5 in the daemon's catch-up scan --------------------------------------------------
