@@ -28,7 +28,7 @@ def plural(n: int, one: str, many: str | None = None) -> str:
 # -- the parser --------------------------------------------------------------------------
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the examples' line breaks and shows defaults."""
+    """Keeps the examples' line breaks (the epilog)."""
 
 
 def _examples(*lines: str) -> str:
