@@ -254,3 +254,22 @@ def test_readme_using_it_examples_run(tmp_path, tiny_llava):
     fresh = tmp_path / "fresh.yaml"
     assert run_cli("--config", str(fresh), "init", str(pics))[0] == 0
     assert yaml.safe_load(fresh.read_text())["folders"] == [{"path": str(pics)}]
+
+
+def test_show_never_opens_a_pipe_or_follows_a_link_at_the_sidecar_name(tmp_path, tiny_llava):
+    import os
+
+    pics, cfg = _captioned(tmp_path, tiny_llava)
+    secret = tmp_path / "secret"
+    secret.write_text("not yours\n")
+    (pics / "a.txt").unlink()
+    os.mkfifo(pics / "a.txt")  # opening it for reading would block forever
+    (pics / "b.txt").unlink()
+    (pics / "b.txt").symlink_to(secret)
+    for name in ("a", "b"):
+        code, out, _ = run_cli("--config", str(cfg), "show", str(pics / f"{name}.jpg"),
+                               "--json")
+        assert code == 0 and json.loads(out)["sidecar_text"] is None
+    code, out, _ = run_cli("--config", str(cfg), "show", str(pics / "b.jpg"))
+    assert f"  sidecar: {pics / 'b.txt'}  (missing, or not a regular file)" in out
+    assert "not yours" not in out

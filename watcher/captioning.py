@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -218,13 +219,7 @@ def show(db: sqlite_utils.Database, path: str) -> dict[str, Any] | None:
     if job is not None:
         out["job"] = {"state": job[0], "reason": job[1]}
     if row is not None:
-        sidecar_text = None
-        if row.sidecar:
-            try:
-                with open(row.sidecar, encoding="utf-8", errors="replace") as f:
-                    sidecar_text = f.read(1 << 20)
-            except OSError:
-                sidecar_text = None
+        sidecar_text = _read_sidecar(row.sidecar) if row.sidecar else None
         out.update({
             "caption": row.caption, "task": row.task, "outputs": row.outputs,
             "model": row.model, "revision": row.revision, "sidecar": row.sidecar,
@@ -233,6 +228,20 @@ def show(db: sqlite_utils.Database, path: str) -> dict[str, Any] | None:
             "sha256": row.sha256, "created": row.created, "updated": row.updated,
         })
     return out
+
+
+def _read_sidecar(path: str, limit: int = 1 << 20) -> str | None:
+    """The sidecar's text, or None. Only a regular file is opened, without following a
+    link or blocking on a pipe: the name is in a folder anyone may have written to."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    with open(fd, "rb") as f:
+        return f.read(limit).decode("utf-8", errors="replace")
 
 
 # -- the caption run ----------------------------------------------------------------------------

@@ -728,7 +728,7 @@ def render_show(info: dict[str, Any]) -> str:
         lines.append(f"  sidecar error: {info['sidecar_error']}")
     side = info["sidecar_text"]
     lines.append(f"  sidecar: {shown(info['sidecar'] or '')}"
-                 + ("" if side is not None else "  (missing)"))
+                 + ("" if side is not None else "  (missing, or not a regular file)"))
     if side is not None:
         lines.append(f"  sidecar text: {shown(side.rstrip(chr(10)))}")
     lines.append(f"  caption (index): {shown(info['caption'])}")
