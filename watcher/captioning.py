@@ -67,7 +67,8 @@ def compose(text: str, prefix: str, suffix: str) -> str:
 
 def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
                    model: ModelConfig) -> dict[str, Expected]:
-    """For the catch-up scan: each indexed image's sidecar, and whether it was written with
+    """For the catch-up scan (in place of Index.stats_under): each indexed image's size,
+    mtime, sidecar, and whether it was written with
     the folder's present settings: its task, every index task, the model, and the
     prefix/suffix (recomputed from the model's text in the index, so nothing more needs
     storing). SQLite reads the JSON (this runs for every indexed image of a scan); a task
@@ -78,7 +79,7 @@ def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
     quoted = [t.key for t in tasks if '"' in t.key]
     has_all = " AND ".join(["json_type(outputs, ?) IS NOT NULL"] * len(plain)) or "1"
     cur = db.conn.execute(
-        f"""SELECT path, caption, task, outputs,
+        f"""SELECT path, size, mtime_ns, caption, task, outputs,
                    CASE WHEN instr(task, '"') = 0
                         THEN json_extract(outputs, '$."' || task || '"') END,
                    ({has_all}), model, sidecar, sidecar_state
@@ -86,7 +87,8 @@ def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
         (*['$."' + k + '"' for k in plain], *prefix_range(under)))
     want_task = tasks[0].key
     out: dict[str, Expected] = {}
-    for path, caption, task, outputs, text, complete, model_, sidecar, state in cur:
+    for path, size, mtime_ns, caption, task, outputs, text, complete, model_, sidecar, state \
+            in cur:
         if '"' in task or quoted:
             parsed = json.loads(outputs or "{}")
             text = parsed.get(task)
@@ -95,7 +97,8 @@ def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
                        and isinstance(text, str)
                        and compose(text, folder.prefix, folder.suffix) == caption)
         # A sidecar that could not be written is `pending` (retry's business), not missing.
-        out[path] = Expected(sidecar if state in ("written", "kept") else None, current)
+        out[path] = Expected(size, mtime_ns, sidecar if state in ("written", "kept") else None,
+                             current)
     return out
 
 
@@ -267,7 +270,7 @@ def plan_caption(db: sqlite_utils.Database, cfg: Config, dirs: Sequence[Path], *
     """Scan `dirs` against the index: what is new, changed, written with other settings,
     missing its sidecar, gone. Records nothing (see apply_plan). `force`: every image is
     queued again. `only`: restrict the work to these paths (recaption)."""
-    index, jobs = Index(db), JobQueue(db)
+    jobs = JobQueue(db)
     plan = Plan(tuple(dirs))
     for d in dirs:
         folder = cfg.folder_for(d)
@@ -275,9 +278,8 @@ def plan_caption(db: sqlite_utils.Database, cfg: Config, dirs: Sequence[Path], *
         failed = jobs.failed_under(d)
         expected = expected_under(db, d, folder, cfg.model)
         if force:
-            expected = {p: Expected(e.sidecar, False) for p, e in expected.items()}
-        result = scan(Filter(folder), index.stats_under(str(d)), failed,
-                      retry_failed=True, top=d, expected=expected)
+            expected = {p: e._replace(current=False) for p, e in expected.items()}
+        result = scan(Filter(folder), expected, failed, retry_failed=True, top=d)
         queue = [p for p in result.queue if only is None or only(str(p))]
         plan.queued += [(p, folder.path) for p in queue]
         plan.retried += sum(1 for p in queue if str(p) in failed)

@@ -152,11 +152,11 @@ class Tracker(Sink):
         from watcher.captioning import expected_under, restore_sidecars
 
         with self.lock:
-            indexed = self.index.stats_under(str(top or folder.path))
+            # With each row's sidecar and settings: a sidecar written with other settings,
+            # or gone, is work to do too.
+            indexed = expected_under(self.db, top or folder.path, folder, self.cfg.model)
             failed = self.jobs.failed_under(top or folder.path)
-            # Sidecars written with other settings, or gone: work to do (issue 12, 4 and 5).
-            expected = expected_under(self.db, top or folder.path, folder, self.cfg.model)
-        result = scan(Filter(folder), indexed, failed, top=top, expected=expected)
+        result = scan(Filter(folder), indexed, failed, top=top)
         with self.lock:
             with transaction(self.db):
                 for p in result.removed:

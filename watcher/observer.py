@@ -6,7 +6,7 @@ import errno
 import fnmatch
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -91,11 +91,13 @@ class Filter:
 
 
 class Expected(NamedTuple):
-    """What the index says an unchanged image should have: its sidecar (None when there is
-    none to keep), and whether it was written with the folder's current settings. (A named
-    tuple, not a dataclass: one is made per indexed image at every scan, and frozen
-    dataclasses cost several times more to build.)"""
+    """An indexed image as the catch-up scan sees it: size and mtime_ns (as the plain
+    (size, mtime_ns) tuples), its sidecar (None when there is none to keep), and whether it
+    was written with the folder's current settings. (A named tuple, not a dataclass: one is
+    made per indexed image at every scan, and frozen dataclasses cost more to build.)"""
 
+    size: int
+    mtime_ns: int
     sidecar: str | None
     current: bool
 
@@ -125,8 +127,11 @@ def walk(filt: Filter, top: Path | None = None,
          ) -> Iterator[tuple[Path, os.stat_result]]:
     """Every wanted image under the folder with its stat: one stat per file, no more.
     Directory symlinks are not followed; file symlinks only when they stay inside the root.
-    Image names refused (see ScanResult.skipped) are logged and added to `skipped`. Every
-    entry's path goes into `names` (given): whether a sidecar exists costs no extra stat."""
+    Image names refused (see ScanResult.skipped) are logged and added to `skipped`.
+
+    With `names`: a folder is listed whole before its images are yielded, and `names` then
+    holds the paths of every entry in that folder (only that one): whether an image's
+    sidecar exists costs no extra stat."""
     stack = [top or filt.root]
     while stack:
         d = stack.pop()
@@ -135,6 +140,9 @@ def walk(filt: Filter, top: Path | None = None,
         except OSError as e:
             log.warning("cannot read folder", folder=str(d), reason=e.strerror)
             continue
+        found: list[tuple[Path, os.stat_result]] = []
+        if names is not None:
+            names.clear()
         with it:
             for entry in it:
                 if names is not None:
@@ -162,7 +170,11 @@ def walk(filt: Filter, top: Path | None = None,
                     if skipped is not None:
                         skipped.append((p, refused))
                     continue
-                yield p, st
+                if names is None:
+                    yield p, st
+                else:
+                    found.append((p, st))
+        yield from found
 
 
 def _remove_stale_temp(path: Path) -> None:
@@ -179,33 +191,36 @@ def _regular(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode)
 
 
-def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
+def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
          failed: dict[str, tuple[int | None, int | None]], *, retry_failed: bool = False,
-         top: Path | None = None, expected: dict[str, Expected] | None = None) -> ScanResult:
+         top: Path | None = None) -> ScanResult:
     """Compare the folder with the index: an unchanged file costs one stat.
 
-    With `expected` (see Expected), an unchanged image is work to do when its sidecar was
-    written with other settings (queued) or our sidecar is missing (`restore`). Failed
-    images that no longer exist are in `removed`, like indexed ones."""
+    When `indexed` holds Expected rows, an unchanged image is also work to do if its
+    sidecar was written with other settings (queued, `outdated`) or our sidecar is missing
+    (`restore`). Failed images that no longer exist are in `removed`, like indexed ones."""
     result = ScanResult()
     seen: set[str] = set()
-    names: set[str] | None = set() if expected is not None else None
-    check_sidecar: list[tuple[str, str]] = []
+    check = isinstance(next(iter(indexed.values()), None), Expected)
+    names: set[str] | None = set() if check else None
     for path, st in walk(filt, top, result.skipped, names):
         key = str(path)
         seen.add(key)
         known = indexed.get(key)
-        identity = (st.st_size, st.st_mtime_ns)
-        if known == identity:
-            want = expected.get(key) if expected is not None else None
-            if want is not None and not want.current:
-                result.queue.append(path)
-                result.outdated.append(path)
-                continue
-            if want is not None and want.sidecar:
-                check_sidecar.append((key, want.sidecar))
+        if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            if check:
+                if not known.current:  # type: ignore[union-attr]
+                    result.queue.append(path)
+                    result.outdated.append(path)
+                    continue
+                sidecar = known.sidecar  # type: ignore[union-attr]
+                # Same folder as the image, so `names` lists it; stat only what is missing.
+                if sidecar and sidecar not in names and not os.path.lexists(sidecar):  # type: ignore[operator]
+                    result.restore.append(key)
+                    continue
             result.up_to_date += 1
             continue
+        identity = (st.st_size, st.st_mtime_ns)
         if not retry_failed and failed.get(key) == identity:
             result.failed_before += 1
             continue
@@ -214,11 +229,6 @@ def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
             result.new += 1
         else:
             result.changed += 1
-    # After the walk: a sidecar may be listed after its image, or in no folder we read.
-    for key, sidecar in check_sidecar:
-        if sidecar not in names and not os.path.lexists(sidecar):  # type: ignore[operator]
-            result.restore.append(key)
-            result.up_to_date -= 1
     prefix = str(top or filt.root).rstrip("/") + "/"
     result.removed = [p for p in indexed if p not in seen and p.startswith(prefix)]
     # A failed image deleted since: forgotten (never listed, never retried). Failures are
