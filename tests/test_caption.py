@@ -85,7 +85,7 @@ def test_hand_written_sidecar_survives_and_ours_is_updated(tmp_path, tiny_llava)
     (pics / "x.txt").write_text("my own careful caption\n")
     cfg = _config(tmp_path, tiny_llava)
     code, out, _ = _run("--config", str(cfg), "caption", str(pics))
-    assert code == 0 and "1 existing sidecars left alone" in out
+    assert code == 0 and "1 existing sidecar left alone" in out
     assert (pics / "x.txt").read_text() == "my own careful caption\n"
     rows = _rows(tmp_path / "index.db")
     assert rows[str(pics / "x.jpg")][4] == "kept"

@@ -159,7 +159,7 @@ def test_failed_files_show_in_status_and_retry_requeues(tmp_path, tiny_llava):
                  "bad2 failed")
         r = subprocess.run(run + ["retry", str(watched / "bad2.png")], capture_output=True,
                            text=True, timeout=60, env=d.env)
-        assert r.returncode == 0 and "1 failed images queued again" in r.stdout
+        assert r.returncode == 0 and "1 failed image queued again" in r.stdout
         wait_for(lambda: (d.job_state(watched / "bad2.png") or ("",))[0] == "failed"
                  and len(d.logged("image failed", path=str(watched / "bad2.png"))) == 2, 60,
                  "retried and failed again, with its reason")

@@ -403,7 +403,7 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path, tiny_llava, recorder)
         watch.stop()
 
     assert code == 0, out
-    assert ("4 new, 0 up to date (1 copies of identical images, no model work), "
+    assert ("4 new, 0 up to date (1 copy of an identical image, no model work), "
             "2 existing sidecars left alone, 0 failed") in out
     rows = _rows(tmp_path / "index.db")
     assert sorted(rows) == [str(pics / n) for n in ("inner link.jpg", "linked.jpg", "piped.jpg",
@@ -831,7 +831,7 @@ def test_read_only_folder_keeps_the_caption_and_retry_writes_the_sidecar(tmp_pat
             writable_again.touch()
             done = _watcher(wrapper, cfg, "retry", "--all", env=env)
             assert done.returncode == 0, done.stdout + done.stderr
-            assert "1 pending sidecars written" in done.stdout
+            assert "1 pending sidecar written" in done.stdout
             assert (watched / "a.txt").read_text() == row["caption"] + "\n"
             after = d.rows()[str(image)]
             assert (after["sidecar_state"], after["sidecar_error"]) == ("written", None)

@@ -198,11 +198,23 @@ def test_fetch_refuses_an_unpinned_revision():
     assert "pinned revision" in out.getvalue()
 
 
-def test_fetch_reports_a_download_failure(hub_cache):
-    # Tests run with HF_HUB_OFFLINE=1: the Hub client refuses at once.
+def test_fetch_reports_a_download_failure(hub_cache, monkeypatch):
+    # Tests run with HF_HUB_OFFLINE=1: the Hub client refuses at once, and that is the
+    # environment's doing (exit 2), said in one line.
+    out = io.StringIO()
+    assert cmd_fetch(ModelConfig(), None, out, verify=False) == 2
+    assert "HF_HUB_OFFLINE is set in your environment" in out.getvalue().splitlines()[-1]
+
+    import watcher.models as models
+
+    def broken(repo_id, revision):
+        raise ValueError("the repository is odd\nmore lines")
+
+    monkeypatch.setattr(models, "_download", broken)
     out = io.StringIO()
     assert cmd_fetch(ModelConfig(), None, out, verify=False) == 1
-    assert "download failed" in out.getvalue()
+    assert out.getvalue().splitlines()[-1] == ("watcher: download failed: ValueError: the "
+                                               "repository is odd")
 
 
 _FETCH = """

@@ -195,13 +195,17 @@ class Tracker(Sink):
 
     def _scan(self, folder: FolderConfig, top: Path | None = None) -> None:
         t0 = time.perf_counter()
+        from watcher.captioning import expected_under, restore_sidecars
+
         if not os.path.isdir(top or folder.path):
             # Gone (the folder check says so for a root): a scan would see no files and
             # take every row under it for deleted.
             log.info("scan skipped: folder not there", folder=shown(top or folder.path))
             return
         with self.lock:
-            indexed = self.index.stats_under(str(top or folder.path))
+            # With each row's sidecar and settings: a sidecar written with other settings,
+            # or gone, is work to do too.
+            indexed = expected_under(self.db, top or folder.path, folder, self.cfg.model)
             failed = self.jobs.failed_under(top or folder.path)
         result = scan(Filter(folder), indexed, failed, top=top)
         with self.lock:
@@ -217,10 +221,12 @@ class Tracker(Sink):
             else:
                 self.passed_over.setdefault(folder.path, PassedOver()).merge(
                     result.passed_over)
+            restore_sidecars(self.db, self.cfg, result.restore)
         self.changed.set()
         log.info("scan done", folder=shown(top or folder.path), new=result.new,
                  changed=result.changed, up_to_date=result.up_to_date,
                  removed=len(result.removed), failed_before=result.failed_before,
+                 outdated=len(result.outdated), sidecars_restored=len(result.restore),
                  skipped=len(result.skipped), passed_over=result.passed_over.total,
                  seconds=round(time.perf_counter() - t0, 3))
         if n:

@@ -100,6 +100,7 @@ def configure_logging(cfg: LogConfig | None = None, stream: TextIO | None = None
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_drop_known_noise)
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
@@ -110,6 +111,22 @@ def configure_logging(cfg: LogConfig | None = None, stream: TextIO | None = None
     logging.getLogger("watcher").setLevel(level)
     logging.captureWarnings(True)
     adopt_library_loggers()
+
+
+# Library warnings that say nothing a user can act on, printed at every start.
+_NOISE = (
+    # transformers, for any model saved with a slow image processor (the tiny test models,
+    # many real ones): advice for model authors, not users.
+    "Using a slow image processor as `use_fast` is unset",
+)
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+    try:
+        message = record.getMessage()
+    except Exception:  # a library's bad format string: let the handler show it
+        return True
+    return not message.startswith(_NOISE)
 
 
 def _isatty(stream: Any) -> bool:

@@ -149,13 +149,17 @@ def missing_files(cfg: ModelConfig) -> list[str]:
     return missing
 
 
-def ensure_available(cfg: ModelConfig) -> None:
+def ensure_available(cfg: ModelConfig, *, daemon: bool = False) -> None:
     """Raise ModelUnavailable quickly, with one clear message, when loading cannot work.
 
     That is: an unpinned revision for remote code, or files missing from the cache while
     the Hub cannot be reached (offline mode, or no answer within a few seconds). When
     files are missing but the Hub answers, loading goes on and downloads them.
     Photon manages its own weights and is not checked here.
+
+    `daemon`: for `watcher run`, which never downloads (it sets HF_HUB_OFFLINE for itself):
+    missing files are an error at once, and the message says so rather than blaming a
+    setting the user did not make.
     """
     require_pinned_revision(cfg)
     if cfg.backend == "photon":
@@ -163,6 +167,11 @@ def ensure_available(cfg: ModelConfig) -> None:
     missing = missing_files(cfg)
     if not missing:
         return
+    if daemon:
+        raise ModelUnavailable(
+            f"{' and '.join(missing)} not found in the Hugging Face cache ({hub_cache_dir()}); "
+            f"`watcher run` never downloads. To fix: {FIX}."
+        )
     reason = hub_unreachable()
     if reason is None:
         return
@@ -209,19 +218,22 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
 
 
-def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bool = True) -> int:
+def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bool = True,
+              err: TextIO | None = None) -> int:
     """Download the model (and Moondream's tokenizer) into the HF cache, then check it loads.
 
     Returns 0 when everything is in place, 1 on a download or load failure, 2 when the
-    request itself is refused (an unpinned revision for remote code).
+    request itself is refused (an unpinned revision for remote code) or the Hub cannot be
+    reached: one line on `err` saying what to do, never an exception dump.
     """
     import dataclasses
 
+    err = err or out
     target = dataclasses.replace(cfg, revision=revision or cfg.revision)
     try:
         require_pinned_revision(target)
     except ModelUnavailable as e:
-        print(f"error: {e}", file=out)
+        print(f"watcher: {e}", file=err)
         return 2
     folder: Path | None = None
     try:
@@ -240,8 +252,15 @@ def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bo
             tok = _download(MOONDREAM_TOKENIZER, None)
             print(f"  {tok} ({_human(_size(tok))})", file=out)
     except Exception as e:
-        print(f"error: download failed: {type(e).__name__}: {e}", file=out)
-        return 1
+        reason = _network_reason(e)
+        if reason is None:
+            print(f"watcher: download failed: {type(e).__name__}: {_first_line(e)}", file=err)
+            return 1
+        print(f"watcher: cannot download from the Hugging Face Hub: {reason}. Connect this "
+              "machine to the network and run `watcher model fetch` again, or fetch on a "
+              f"connected machine and copy its cache ({hub_cache_dir()}) here, or set "
+              "model.path to a local copy.", file=err)
+        return 2
     print(f"cache: {hub_cache_dir()}", file=out)
     if not verify:
         return 0
@@ -254,11 +273,44 @@ def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bo
     try:
         backend = load_backend(target)
     except Exception as e:
-        print(f"error: downloaded, but it does not load: {e}", file=out)
+        print(f"watcher: downloaded, but it does not load: {_first_line(e)}", file=err)
         return 1
     backend.close()
     print("ok: the model loads from the cache; it works offline now.", file=out)
     return 0
+
+
+# Exception type names (anywhere in the chain) that mean "no network to the Hub": the
+# requests/urllib3/httpx stack's and huggingface_hub's own, matched by name so none of
+# those libraries need importing here.
+_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout",
+                   "Timeout", "TimeoutException", "MaxRetryError", "NewConnectionError",
+                   "NameResolutionError", "ProxyError", "SSLError", "OfflineModeIsEnabled",
+                   "LocalEntryNotFoundError", "gaierror", "timeout", "TimeoutError",
+                   "ConnectionRefusedError", "ConnectionResetError", "URLError"}
+
+
+def _network_reason(e: BaseException) -> str | None:
+    """Why the Hub could not be reached, in a few words, or None for any other error."""
+    chain, seen = [], set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if not any(type(x).__name__ in _NETWORK_ERRORS for x in chain):
+        return None
+    if offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE is set in your environment; unset it)"
+    inner = chain[-1]
+    detail = getattr(inner, "strerror", None) or _first_line(inner)
+    return f"no connection ({type(inner).__name__}: {detail})"
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _revision_lines(revisions: Iterable) -> list[str]:

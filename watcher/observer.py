@@ -7,9 +7,10 @@ import fnmatch
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -205,6 +206,18 @@ class PassedOver:
                 for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
 
 
+class Expected(NamedTuple):
+    """An indexed image as the catch-up scan sees it: size and mtime_ns (as the plain
+    (size, mtime_ns) tuples), its sidecar (None when there is none to keep), and whether it
+    was written with the folder's current settings. (A named tuple, not a dataclass: one is
+    made per indexed image at every scan, and frozen dataclasses cost more to build.)"""
+
+    size: int
+    mtime_ns: int
+    sidecar: str | None
+    current: bool
+
+
 @dataclass
 class ScanResult:
     """A catch-up scan: what needs captioning, what is up to date, what disappeared."""
@@ -215,6 +228,11 @@ class ScanResult:
     removed: list[str] = field(default_factory=list)
     new: int = 0
     changed: int = 0
+    # Unchanged images whose sidecar was written with other settings (task, prefix, suffix,
+    # model) than the folder's now: queued again (the overwrite policy still applies).
+    outdated: list[Path] = field(default_factory=list)
+    # Unchanged, current images whose sidecar (ours) is missing: rewritten from the index.
+    restore: list[str] = field(default_factory=list)
     # Image names that are not captioned, and why: links out of the root or in a loop,
     # named pipes, sockets, devices. Kept as `skipped` jobs so `watcher status` shows them.
     skipped: list[tuple[Path, str]] = field(default_factory=list)
@@ -227,13 +245,18 @@ class ScanResult:
 def walk(filt: Filter, top: Path | None = None,
          skipped: list[tuple[Path, str]] | None = None,
          passed_over: PassedOver | None = None, unreadable: list[Path] | None = None,
+         names: set[str] | None = None,
          ) -> Iterator[tuple[Path, os.stat_result]]:
     """Every wanted image under the folder with its stat: one stat per file, no more.
     Directory symlinks are not followed; file symlinks only when they stay inside the root.
     Image names refused (see ScanResult.skipped) are logged and added to `skipped`; other
     files passed over by name are counted in `passed_over` (sidecars excepted); folders that
     cannot be listed go in `unreadable`. An unexpected error on one entry is logged and
-    recorded against that entry (as skipped): it never stops the walk."""
+    recorded against that entry (as skipped): it never stops the walk.
+
+    With `names`: a folder is listed whole before its images are yielded, and `names` then
+    holds the paths of every entry in that folder (only that one): whether an image's
+    sidecar exists costs no extra stat."""
     stack = [top or filt.root]
     while stack:
         d = stack.pop()
@@ -247,8 +270,13 @@ def walk(filt: Filter, top: Path | None = None,
         others: list[tuple[str, str]] = []  # (path, name) not images by name: passed over
         # unless a sidecar
         sidecars: set[str] = set()
+        found: list[tuple[Path, os.stat_result]] = []
+        if names is not None:
+            names.clear()
         with it:
             for entry in it:
+                if names is not None:
+                    names.add(entry.path)
                 p = Path(entry.path)
                 try:
                     if entry.is_dir(follow_symlinks=False):
@@ -279,7 +307,11 @@ def walk(filt: Filter, top: Path | None = None,
                     if skipped is not None:
                         skipped.append((p, refused))
                     continue
-                yield p, st
+                if names is None:
+                    yield p, st
+                else:
+                    found.append((p, st))
+        yield from found
         for path, name in others:
             if name in sidecars:
                 continue
@@ -314,20 +346,37 @@ def _regular(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode)
 
 
-def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
+def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
          failed: dict[str, tuple[int | None, int | None]], *, retry_failed: bool = False,
          top: Path | None = None) -> ScanResult:
-    """Compare the folder with the index: an unchanged file costs one stat."""
+    """Compare the folder with the index: an unchanged file costs one stat.
+
+    When `indexed` holds Expected rows, an unchanged image is also work to do if its
+    sidecar was written with other settings (queued, `outdated`) or our sidecar is missing
+    (`restore`). Failed images that no longer exist are in `removed`, like indexed ones."""
     result = ScanResult()
     seen: set[str] = set()
-    for path, st in walk(filt, top, result.skipped, result.passed_over, result.unreadable):
+    check = isinstance(next(iter(indexed.values()), None), Expected)
+    names: set[str] | None = set() if check else None
+    for path, st in walk(filt, top, result.skipped, result.passed_over, result.unreadable,
+                         names):
         key = str(path)
         seen.add(key)
         known = indexed.get(key)
-        identity = (st.st_size, st.st_mtime_ns)
-        if known == identity:
+        if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            if check:
+                if not known.current:  # type: ignore[union-attr]
+                    result.queue.append(path)
+                    result.outdated.append(path)
+                    continue
+                sidecar = known.sidecar  # type: ignore[union-attr]
+                # Same folder as the image, so `names` lists it; stat only what is missing.
+                if sidecar and sidecar not in names and not os.path.lexists(sidecar):  # type: ignore[operator]
+                    result.restore.append(key)
+                    continue
             result.up_to_date += 1
             continue
+        identity = (st.st_size, st.st_mtime_ns)
         if not retry_failed and failed.get(key) == identity:
             result.failed_before += 1
             continue
@@ -342,6 +391,11 @@ def scan(filt: Filter, indexed: dict[str, tuple[int, int]],
     blind = tuple(str(u).rstrip("/") + "/" for u in result.unreadable)
     result.removed = [p for p in indexed if p not in seen and p.startswith(prefix)
                       and not p.startswith(blind)]
+    # A failed image deleted since: forgotten (never listed, never retried). Failures are
+    # few, and one that is merely skipped now stays for set_skipped to relabel.
+    result.removed += [p for p in failed if p not in seen and p not in indexed
+                       and p.startswith(prefix) and not p.startswith(blind)
+                       and not os.path.lexists(p)]
     return result
 
 

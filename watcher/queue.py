@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -236,6 +237,28 @@ class JobQueue:
                    WHERE path = ?""", (dest, time.time(), src)).rowcount > 0
         return self.db.conn.execute(
             "UPDATE jobs SET path = ? WHERE path = ?", (dest, src)).rowcount > 0
+
+    def failed_existing(self, paths: Iterable[str] | None = None
+                        ) -> tuple[list[str], list[str]]:
+        """Failed jobs (all, or those for `paths`), split into (files that still exist,
+        files deleted since): only the first are worth retrying."""
+        if paths is None:
+            rows = [decode(p) for (p,) in self.db.conn.execute(
+                "SELECT path FROM jobs WHERE state = 'failed' ORDER BY path")]
+        else:
+            rows = [p for p in paths if self.db.conn.execute(
+                "SELECT 1 FROM jobs WHERE state = 'failed' AND path = ?",
+                (encode(p),)).fetchone()]
+        exist = [p for p in rows if os.path.lexists(p)]
+        kept = set(exist)
+        return exist, [p for p in rows if p not in kept]
+
+    def forget_failed(self, paths: Iterable[str]) -> int:
+        """Forget failures (of files deleted since): no longer listed or retried."""
+        with transaction(self.db):
+            return sum(self.db.conn.execute(
+                "DELETE FROM jobs WHERE path = ? AND state = 'failed'", (encode(p),)).rowcount
+                for p in paths)
 
     def retry(self, paths: Iterable[str] | None = None) -> int:
         """Re-queue failed jobs (all of them, or those for `paths`)."""

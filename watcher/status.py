@@ -6,10 +6,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watcher.index import NoDatabase, connect, prefix_range
 from watcher.paths import decode, shown
 from watcher.queue import JobQueue
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 __all__ = ["collect", "daemon_pid", "render", "shown"]
 
@@ -88,6 +92,12 @@ def collect(db_path: Path) -> dict:
             "ORDER BY updated DESC LIMIT 10").fetchall()
         n_kept = db.conn.execute(
             "SELECT count(*) FROM images WHERE sidecar_state = 'kept'").fetchone()[0]
+        # Failures of images deleted since are not failures any more: left out of the
+        # report (the connection is read-only; the next `caption` or scan forgets them).
+        from watcher.captioning import vanished_failures
+
+        gone = set(vanished_failures(db))
+        failures = [f for f in jobs.failures(10 + len(gone)) if f.path not in gone][:10]
         return {
             "database": str(db_path),
             "images": images,
@@ -95,7 +105,7 @@ def collect(db_path: Path) -> dict:
             "images_per_second": round(jobs.done_since(now - 60) / 60.0, 3),
             "daemon": daemon,
             "failures": [{"path": f.path, "reason": f.error, "attempts": f.attempts,
-                          "when": f.updated} for f in jobs.failures(10)],
+                          "when": f.updated} for f in failures],
             "sidecars_pending": n_pending_sidecars,
             "sidecars_pending_list": [{"path": decode(p), "reason": r}
                                       for p, r in pending_sidecars],
@@ -105,6 +115,7 @@ def collect(db_path: Path) -> dict:
             "sidecars_kept_list": [{"path": decode(p), "sidecar": decode(s) if s else s,
                                     "reason": r}
                                    for p, s, r in kept],
+            "missing": missing_rows_estimate(db),
         }
     finally:
         db.conn.close()
@@ -140,6 +151,18 @@ def _folder_state(f: dict) -> str:
         text += (f"; {n} indexed image{'s' if n != 1 else ''} point into it, kept until it "
                  "is back")
     return text + "]"
+
+
+def missing_rows_estimate(db: sqlite_utils.Database) -> int:
+    """Index rows whose folder no longer exists (moved, deleted, unmounted): one stat per
+    distinct folder, not per row, so status stays quick on a large index. Single deleted
+    files are found by the next scan; `watcher prune` finds them all."""
+    n = 0
+    for root, count in db.conn.execute("SELECT root, count(*) FROM images GROUP BY root"):
+        if not os.path.isdir(decode(root)):
+            n += count
+    return n
+
 
 
 def render(report: dict) -> str:
@@ -183,6 +206,9 @@ def render(report: dict) -> str:
         lines.append(f"skipped, not captioned: {report['skipped']}")
         for s in report.get("skipped_list", []):
             lines.append(f"  {shown(s['path'])}: {s['reason']}")
+    if report.get("missing"):
+        lines.append(f"index rows of missing files: {report['missing']} (their folders are "
+                     "gone; `watcher prune` removes them)")
     if report["failures"]:
         lines.append("last failures:")
         for f in report["failures"]:

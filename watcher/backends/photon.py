@@ -122,6 +122,12 @@ def _error(f: Future) -> BaseException | None:
         return RuntimeError("request cancelled: the photon backend was closed")
 
 
+def _cancelled() -> Future:
+    f: Future = Future()
+    f.cancel()
+    return f
+
+
 class PhotonBackend:
     """Backend over a Photon client (or a stand-in with the same call signatures)."""
 
@@ -181,19 +187,30 @@ class PhotonBackend:
         out = self.engine.query(image, task.instruction, stream=False, settings=settings)
         return str(out["answer"]).strip()
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def _submit_all(self, calls: list[tuple[Callable[..., Any], tuple]], *,
+                    started: bool) -> list[Future]:
+        """Submit a whole round of requests at once, under the lock that close() takes: a
+        close() either comes before the round (nothing of it runs) or after it has been
+        queued (its queued requests are cancelled, its running ones finish). A describe()
+        already under way when close() came reports the cancelled requests as image
+        errors (PhotonBatchError); a describe() that starts after close() is refused."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("photon backend is closed")
-            return self._pool.submit(fn, *args)
+                if not started:
+                    raise RuntimeError("photon backend is closed")
+                return [_cancelled() for _ in calls]
+            return [self._pool.submit(fn, *args) for fn, args in calls]
 
     def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]:
         """Per image, one output per task; all requests of the batch run concurrently."""
         errors: dict[int, BaseException] = {}
         encoder = getattr(self.engine, "encode_image", None)
+        started = False
         # Encode each image once (Photon: one JPEG encode instead of one per task).
         if encoder is not None and len(tasks) > 1:
-            enc_futures = [self._submit(encoder, image) for image in images]
+            enc_futures = self._submit_all([(encoder, (image,)) for image in images],
+                                           started=False)
+            started = True
             encoded: list[Any] = []
             for i, (image, f) in enumerate(zip(images, enc_futures, strict=True)):
                 exc = _error(f)
@@ -202,12 +219,11 @@ class PhotonBackend:
                 encoded.append(image if exc is not None else f.result())
         else:
             encoded = list(images)
-        futures: dict[tuple[int, int], Future] = {}
-        for i, item in enumerate(encoded):
-            if i in errors:
-                continue
-            for j, task in enumerate(tasks):
-                futures[(i, j)] = self._submit(self._run, item, task)
+        keys = [(i, j) for i in range(len(encoded)) if i not in errors
+                for j in range(len(tasks))]
+        submitted = self._submit_all([(self._run, (encoded[i], tasks[j])) for i, j in keys],
+                                     started=started)
+        futures: dict[tuple[int, int], Future] = dict(zip(keys, submitted, strict=True))
         results: list[list[str]] = [["" for _ in tasks] for _ in images]
         for (i, j), f in futures.items():
             exc = _error(f)

@@ -1,0 +1,484 @@
+"""What `watcher caption`, `retry`, `recaption`, `show` and `prune` do, as library calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from watcher.config import Config, FolderConfig, ModelConfig
+from watcher.index import ImageRow, Index, prefix_range, transaction
+from watcher.observer import Expected, Filter, PassedOver, scan
+from watcher.paths import decode, encode, shown
+from watcher.queue import JobQueue
+
+if TYPE_CHECKING:
+    import sqlite_utils
+    from PIL import Image
+
+    from watcher.backends import Backend
+    from watcher.tasks import Task
+    from watcher.writer import Outcome
+
+log = structlog.get_logger("watcher.captioning")
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+# -- what the index expects ---------------------------------------------------------------
+
+def model_name(model: ModelConfig) -> str:
+    """The name a loaded backend records in the index for this model config."""
+    if model.path and model.backend != "photon":
+        return str(Path(model.path).expanduser())
+    return model.source
+
+
+def model_revision(model: ModelConfig) -> str | None:
+    """The revision a loaded backend records, as far as the config and the disk tell
+    (a local copy that is a cache snapshot is its commit)."""
+    if model.backend == "photon":
+        return model.revision if not model.path else None
+    if model.path:
+        resolved = Path(model.path).expanduser().resolve()
+        if resolved.parent.name == "snapshots" and _SHA.match(resolved.name):
+            return resolved.name
+        return model.revision if model.backend == "transformers" else None
+    return model.revision
+
+
+def compose(text: str, prefix: str, suffix: str) -> str:
+    """The sidecar caption from the model's cleaned text, as the writer builds it
+    (tasks.clean_caption on text already clean)."""
+    if not (prefix or suffix):
+        return text.strip()
+    return ", ".join(p for p in (prefix.strip(), text.strip(), suffix.strip()) if p)
+
+
+def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
+                   model: ModelConfig) -> dict[str, Expected]:
+    """For the catch-up scan (in place of Index.stats_under): each indexed image's size,
+    mtime, sidecar, and whether it was written with
+    the folder's present settings: its task, every index task, the model, and the
+    prefix/suffix (recomputed from the model's text in the index, so nothing more needs
+    storing). SQLite reads the JSON (this runs for every indexed image of a scan); a task
+    key with a double quote in it (a query's question) is looked up in Python instead.
+
+    The comparison is with the model's caption (`model_caption`, schema 2), not `caption`:
+    for a kept sidecar `caption` is the user's text, which no settings ever reproduce, and
+    comparing with it would re-caption that image on every run."""
+    tasks = folder.tasks(model.max_tokens)
+    names = (model_name(model), model.source)
+    plain = [t.key for t in tasks if '"' not in t.key]
+    quoted = [t.key for t in tasks if '"' in t.key]
+    has_all = " AND ".join(["json_type(outputs, ?) IS NOT NULL"] * len(plain)) or "1"
+    cur = db.conn.execute(
+        f"""SELECT path, size, mtime_ns, coalesce(model_caption, caption), task, outputs,
+                   CASE WHEN instr(task, '"') = 0
+                        THEN json_extract(outputs, '$."' || task || '"') END,
+                   ({has_all}), model, sidecar, sidecar_state
+            FROM images WHERE path >= ? AND path < ?""",
+        (*['$."' + k + '"' for k in plain], *prefix_range(under)))
+    want_task = tasks[0].key
+    out: dict[str, Expected] = {}
+    for path, size, mtime_ns, caption, task, outputs, text, complete, model_, sidecar, state \
+            in cur:
+        if '"' in task or quoted:
+            parsed = json.loads(outputs or "{}")
+            text = parsed.get(task)
+            complete = complete and all(k in parsed for k in quoted)
+        current = bool(task == want_task and complete and model_ in names
+                       and isinstance(text, str)
+                       and compose(text, folder.prefix, folder.suffix) == caption)
+        # A sidecar that could not be written is `pending` (retry's business), not missing.
+        out[decode(path)] = Expected(
+            size, mtime_ns,
+            decode(sidecar) if sidecar is not None and state in ("written", "kept") else None,
+            current)
+    return out
+
+
+# -- sidecars from the index ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Restored:
+    """Sidecars written again from the index (no model work), and those that could not be."""
+
+    written: tuple[str, ...] = ()
+    pending: tuple[tuple[str, str], ...] = ()  # (image path, reason)
+
+
+def missing_sidecars(db: sqlite_utils.Database, paths: Iterable[str] | None = None
+                     ) -> list[str]:
+    """Images in the index (all, or these) whose sidecar is recorded as there but is not,
+    while the image still is."""
+    if paths is None:
+        rows = db.conn.execute("SELECT path, sidecar FROM images WHERE sidecar IS NOT NULL "
+                               "AND sidecar_state IN ('written', 'kept')").fetchall()
+    else:
+        rows = []
+        for p in paths:
+            rows += db.conn.execute(
+                "SELECT path, sidecar FROM images WHERE path = ? AND sidecar IS NOT NULL "
+                "AND sidecar_state IN ('written', 'kept')", (encode(p),)).fetchall()
+    found = [(decode(p), decode(s)) for p, s in rows]
+    return [p for p, s in found if not os.path.lexists(s) and os.path.lexists(p)]
+
+
+def restore_sidecars(db: sqlite_utils.Database, cfg: Config, paths: Iterable[str]
+                     ) -> Restored:
+    """Write the missing sidecars of `paths` again from their index rows (no model work).
+    They go through the writer's confined path (writer.write_pending_sidecars): the folder
+    opened without following links below the watched root, the name checked against image
+    names, and the overwrite policy asked again, so a file that appeared meanwhile, or a
+    folder swapped for a link, is not written over. What is written is ours (the model's
+    caption), also for a sidecar of the user's that was deleted. A sidecar that cannot be
+    written stays `pending`, as in the writer."""
+    from watcher.writer import write_pending_sidecars
+
+    index = Index(db)
+    todo = []
+    for path in paths:
+        row = index.get(path)
+        if row is None or not row.sidecar or os.path.lexists(row.sidecar):
+            continue
+        todo.append(path)
+    if not todo:
+        return Restored()
+    with transaction(db):
+        db.conn.executemany("UPDATE images SET sidecar_state = 'pending' WHERE path = ?",
+                            [(encode(p),) for p in todo])
+    _, still = write_pending_sidecars(db, cfg, todo)
+    written = []
+    for path in todo:
+        row = index.get(path)
+        if row is not None and row.sidecar_state == "written":
+            log.info("missing sidecar written again from the index", path=shown(path),
+                     sidecar=shown(row.sidecar or ""))
+            written.append(path)
+    return Restored(tuple(written), tuple(still))
+
+
+# -- failures of files that are gone ----------------------------------------------------------
+
+def vanished_failures(db: sqlite_utils.Database) -> list[str]:
+    """Failed images that no longer exist (read only: `watcher status` uses it too)."""
+    rows = db.conn.execute("SELECT path FROM jobs WHERE state = 'failed'").fetchall()
+    return [p for p in (decode(r) for (r,) in rows) if not os.path.lexists(p)]
+
+
+def forget_vanished_failures(db: sqlite_utils.Database) -> int:
+    """Failed images that no longer exist are forgotten: never listed, never retried."""
+    gone = vanished_failures(db)
+    if gone:
+        with transaction(db):
+            db.conn.executemany("DELETE FROM jobs WHERE path = ? AND state = 'failed'",
+                                [(encode(p),) for p in gone])
+    return len(gone)
+
+
+def forget_outputs(db: sqlite_utils.Database, paths: Sequence[str]) -> None:
+    """Before a forced re-caption: the stored model texts of these images are dropped so
+    the model runs again instead of reusing them (the caption stays searchable; an
+    interrupted run re-queues them, as their outputs no longer match the settings)."""
+    with transaction(db):
+        db.conn.executemany("UPDATE images SET outputs = '{}' WHERE path = ?",
+                            [(encode(p),) for p in paths])
+
+
+# -- prune ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pruned:
+    images: tuple[str, ...]
+    jobs: tuple[str, ...]
+
+
+def missing_rows(db: sqlite_utils.Database) -> Pruned:
+    """Index rows and jobs of images that no longer exist (one lstat each)."""
+    images = [p for p in (decode(r) for (r,) in db.conn.execute("SELECT path FROM images"))
+              if not os.path.lexists(p)]
+    jobs = [p for p in (decode(r) for (r,) in db.conn.execute(
+        "SELECT path FROM jobs WHERE state != 'running'")) if not os.path.lexists(p)]
+    return Pruned(tuple(images), tuple(jobs))
+
+
+def prune(db: sqlite_utils.Database, *, dry_run: bool = False) -> Pruned:
+    """Remove index rows and jobs of images that no longer exist (`dry_run`: only say)."""
+    found = missing_rows(db)
+    if not dry_run:
+        with transaction(db):
+            db.conn.executemany("DELETE FROM images WHERE path = ?",
+                                [(encode(p),) for p in found.images])
+            db.conn.executemany("DELETE FROM jobs WHERE path = ? AND state != 'running'",
+                                [(encode(p),) for p in found.jobs])
+    return found
+
+
+# -- show -------------------------------------------------------------------------------------
+
+def show(db: sqlite_utils.Database, path: str) -> dict[str, Any] | None:
+    """What is known of one image: index row, sidecar text on disk, job state."""
+    row: ImageRow | None = Index(db).get(path)
+    job = JobQueue(db).state_of(path)
+    if row is None and job is None:
+        return None
+    out: dict[str, Any] = {"path": path, "exists": os.path.lexists(path)}
+    if job is not None:
+        out["job"] = {"state": job[0], "reason": job[1]}
+    if row is not None:
+        sidecar_text = _read_sidecar(row.sidecar) if row.sidecar else None
+        out.update({
+            "caption": row.caption, "model_caption": row.ours, "task": row.task,
+            "outputs": row.outputs,
+            "model": row.model, "revision": row.revision, "sidecar": row.sidecar,
+            "sidecar_state": row.sidecar_state, "sidecar_error": row.sidecar_error,
+            "sidecar_text": sidecar_text, "width": row.width, "height": row.height,
+            "sha256": row.sha256, "created": row.created, "updated": row.updated,
+        })
+    return out
+
+
+def _read_sidecar(path: str, limit: int = 1 << 20) -> str | None:
+    """The sidecar's text, or None. Only a regular file is opened, without following a
+    link or blocking on a pipe: the name is in a folder anyone may have written to."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    with open(fd, "rb") as f:
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
+# -- the caption run ----------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a caption run found to do, before any model work."""
+
+    roots: tuple[Path, ...]
+    queued: list[tuple[Path, Path]] = field(default_factory=list)  # (image, folder root)
+    new: int = 0
+    changed: int = 0
+    outdated: list[str] = field(default_factory=list)  # queued: other settings than now
+    retried: int = 0  # failed before, tried again
+    up_to_date: int = 0
+    restore: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # Files not captioned because of their name (no extension, not an image), per reason.
+    passed_over: PassedOver = field(default_factory=PassedOver)
+
+
+def plan_caption(db: sqlite_utils.Database, cfg: Config, dirs: Sequence[Path], *,
+                 force: bool = False, only: Callable[[str], bool] | None = None) -> Plan:
+    """Scan `dirs` against the index: what is new, changed, written with other settings,
+    missing its sidecar, gone. Records nothing (see apply_plan). `force`: every image is
+    queued again. `only`: restrict the work to these paths (recaption)."""
+    jobs = JobQueue(db)
+    plan = Plan(tuple(dirs))
+    for d in dirs:
+        folder = cfg.folder_for(d)
+        assert folder is not None
+        failed = jobs.failed_under(d)
+        expected = expected_under(db, d, folder, cfg.model)
+        if force:
+            expected = {p: e._replace(current=False) for p, e in expected.items()}
+        result = scan(Filter(folder), expected, failed, retry_failed=True, top=d)
+        queue = [p for p in result.queue if only is None or only(str(p))]
+        plan.queued += [(p, folder.path) for p in queue]
+        plan.retried += sum(1 for p in queue if str(p) in failed)
+        plan.new += result.new
+        plan.changed += result.changed
+        plan.outdated += [str(p) for p in result.outdated
+                          if only is None or only(str(p))]
+        plan.up_to_date += result.up_to_date + (len(result.queue) - len(queue))
+        plan.restore += [p for p in result.restore if only is None or only(p)]
+        plan.removed += result.removed
+        # Queued (say by `retry`) and deleted since: nothing to run.
+        plan.removed += [q for q in (decode(r) for (r,) in db.conn.execute(
+            "SELECT path FROM jobs WHERE state = 'pending' AND path >= ? AND path < ?",
+            prefix_range(d))) if not os.path.lexists(q)]
+        plan.skipped += result.skipped
+        plan.passed_over.merge(result.passed_over)
+    return plan
+
+
+def apply_plan(db: sqlite_utils.Database, cfg: Config, plan: Plan, *,
+               force: bool = False) -> tuple[int, Restored]:
+    """Record the plan: forget what is gone, note skipped names, write missing sidecars
+    from the index, queue the rest. Returns (jobs queued, sidecars restored)."""
+    index, jobs = Index(db), JobQueue(db)
+    with transaction(db):
+        for gone in plan.removed:
+            index.delete(gone)
+            jobs.forget(gone)
+        for d in plan.roots:
+            folder = cfg.folder_for(d)
+            assert folder is not None
+            jobs.set_skipped(d, folder.path, [s for s in plan.skipped
+                                              if str(s[0]).startswith(str(d).rstrip("/") + "/")])
+    restored = restore_sidecars(db, cfg, plan.restore)
+    if force:
+        forget_outputs(db, [str(p) for p, _ in plan.queued])
+    return jobs.enqueue_many(plan.queued), restored
+
+
+def open_jobs(jobs: JobQueue, roots: Iterable[Path]) -> int:
+    total = 0
+    for r in roots:
+        counts = jobs.counts(r)
+        total += counts["pending"] + counts["running"]
+    return total
+
+
+def failures_under(jobs: JobQueue, roots: Iterable[Path]) -> list:
+    prefixes = [str(d).rstrip("/") + "/" for d in roots]
+    return [f for f in jobs.failures(limit=10_000) if any(f.path.startswith(p)
+                                                          for p in prefixes)]
+
+
+class LazyBackend:
+    """A backend that loads the model on the first batch that needs it: a run whose work
+    is all copies of captioned images (or failures found while decoding) never loads it.
+    Before loading, `name` and `revision` are what the config says they will be (the worker
+    compares them with the index to reuse captions of identical bytes)."""
+
+    def __init__(self, model: ModelConfig, opener: Callable[[], Backend]) -> None:
+        self._opener = opener
+        self._backend: Backend | None = None
+        self._lock = threading.Lock()
+        self._name = model_name(model)
+        self._revision = model_revision(model)
+        self.max_batch = max(1, model.batch_size)
+        self.loaded = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self._backend.name if self._backend is not None else self._name
+
+    @property
+    def revision(self) -> str | None:
+        return self._backend.revision if self._backend is not None else self._revision
+
+    def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]
+                 ) -> list[list[str]]:
+        with self._lock:
+            if self._backend is None:
+                self._backend = self._opener()
+                self.loaded.set()
+        return self._backend.describe(images, tasks)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._backend is not None:
+                self._backend.close()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The end of a caption run, for the summary line and the exit code."""
+
+    done: tuple[Outcome, ...]
+    failed: tuple[Any, ...]  # queue.Failure rows under the run's folders
+    # Images skipped while the run went on (their folder became a link): (path, reason).
+    skipped: tuple[tuple[Path, str], ...] = ()
+
+    @property
+    def kept(self) -> list[Outcome]:
+        return [o for o in self.done if o.sidecar_state == "kept"]
+
+    @property
+    def reused(self) -> int:
+        return sum(1 for o in self.done if o.reused)
+
+    @property
+    def pending(self) -> list[Outcome]:
+        return [o for o in self.done if o.sidecar_state == "pending"]
+
+
+def run_pipeline(cfg: Config, roots: tuple[Path, ...], backend: Backend, jobs: JobQueue,
+                 on_outcome: Callable[[Outcome], None]) -> Summary:
+    """Drain the queued jobs under `roots` through the pipeline in this process."""
+    from watcher.pipeline import Pipeline
+
+    outcomes: list[Outcome] = []
+
+    def record(o: Outcome) -> None:
+        outcomes.append(o)
+        on_outcome(o)
+
+    pipeline = Pipeline(cfg, backend, roots=roots, on_outcome=record)
+    pipeline.start()
+    try:
+        pipeline.wait_until(lambda: open_jobs(jobs, roots) == 0)
+    finally:
+        pipeline.stop()
+        backend.close()
+    return Summary(tuple(o for o in outcomes if o.state == "done"),
+                   tuple(failures_under(jobs, roots)),
+                   tuple((Path(o.path), o.reason or "") for o in outcomes
+                         if o.state == "skipped"))
+
+
+def follow_daemon(db: sqlite_utils.Database, roots: tuple[Path, ...], paths: Sequence[str],
+                  on_outcome: Callable[[Outcome], None], *, alive: Callable[[], bool],
+                  poll: float = 0.2) -> Summary | None:
+    """Follow jobs the running daemon drains, from the jobs table, until each queued path
+    is done or failed (or forgotten: deleted meanwhile). Returns None if the daemon stops
+    first (the jobs stay queued for its next start)."""
+    from watcher.writer import Outcome
+
+    waiting = set(paths)
+    index, jobs = Index(db), JobQueue(db)
+    done: list[Outcome] = []
+    while waiting:
+        finished = []
+        for p in list(waiting):
+            row = jobs.state_of(p)
+            if row is None:
+                o = Outcome(p, "gone", "image deleted meanwhile")
+            elif row[0] == "done":
+                r = index.get(p)
+                o = Outcome(p, "done", r.sidecar_error if r else None,
+                            r.caption if r else None, r.sidecar if r else None,
+                            r.sidecar_state if r else None)
+                done.append(o)
+            elif row[0] == "failed":
+                o = Outcome(p, "failed", row[1])
+            else:
+                continue
+            finished.append(p)
+            on_outcome(o)
+        waiting.difference_update(finished)
+        if waiting:
+            if not alive():
+                return None
+            time.sleep(poll)  # polling another process's table: no event to wait on
+    return Summary(tuple(done), tuple(failures_under(jobs, roots)))
+
+
+def with_overrides(cfg: Config, dirs: Sequence[Path], **overrides: Any) -> Config:
+    """The config's folders plus one (with the defaults) for each dir not inside them; the
+    overrides (task, question, overwrite) apply to the folders covering `dirs`."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    extra = [d for d in dirs if cfg.folder_for(d) is None]
+    folders = cfg.folders + cfg.with_folders(extra).folders
+    if overrides:
+        folders = tuple(dataclasses.replace(f, **overrides) if any(
+            d == f.path or f.path in d.parents or d in f.path.parents for d in dirs) else f
+            for f in folders)
+    return dataclasses.replace(cfg, folders=folders)

@@ -1,0 +1,78 @@
+"""`watcher init`: a commented config file with every key at its default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from watcher.config import Config, FolderConfig, ModelConfig
+
+
+def _y(value: object) -> str:
+    """A YAML scalar or flow list (JSON is valid YAML for these)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_config(folders: list[Path], database: Path | None = None) -> str:
+    """The config text: defaults filled in from the code (so it cannot drift), comments
+    saying what each key does, and `folders` watched."""
+    m, c, f = ModelConfig(), Config(), FolderConfig(path=Path("."))
+    db = database or c.database
+    folder_lines = "\n".join(f"  - path: {_y(str(p))}" for p in folders) or "  []"
+    if not folders:
+        folder_lines = ("  []   # e.g.\n  # - path: ~/Pictures/inbox\n"
+                        "  # - path: ~/datasets/lora\n  #   task: prompt")
+    return f"""\
+# moondream-watcher configuration, written by `watcher init`. Every key is at its default;
+# change what you need. Reference: config.example.yaml in the project.
+
+model:
+  backend: {m.backend}                # moondream | transformers | photon
+  id: {_y(m.id)}    # Hugging Face model id
+  revision: {_y(m.revision)}           # a tag or commit; remote code is never run unpinned
+  path: null                       # a local copy of the model; wins over id/revision
+  device: {m.device}                     # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+  dtype: {m.dtype}                      # auto | float32 | float16 | bfloat16
+  batch_size: {m.batch_size}                    # images per model call
+  max_tokens: {m.max_tokens}                  # longest output, in tokens
+  trust_remote_code: {_y(m.trust_remote_code)}         # transformers backend only
+  isolate: {_y(m.isolate)}                    # run the model in its own process
+
+database: {_y(str(db))}   # the index: captions, search, queue
+
+decode_threads: {c.decode_threads}                  # CPU threads that read and prepare images
+max_pixels: {c.max_pixels}              # refuse images above this many pixels
+max_side: {c.max_side}                     # downscale larger images before the model
+max_attempts: {c.max_attempts}                    # transient errors retry this often
+retry_backoff: {c.retry_backoff}                 # seconds before the first retry, doubled each time
+
+log:
+  format: {c.log.format}                     # auto (JSON unless on a terminal) | json | console
+  level: {c.log.level}                      # debug | info | warning | error
+
+# Settings every folder gets unless it sets its own.
+defaults:
+  task: {f.task}                      # prompt | short | normal | long | query
+  index_tasks: {_y(f.index_tasks)}                  # extra outputs kept in the index only
+  question: null                   # the question for task query
+  prefix: {_y(f.prefix)}                       # prepended to every caption (LoRA trigger words)
+  suffix: {_y(f.suffix)}                       # appended to every caption
+  sidecar: {_y(f.sidecar)}            # {{stem}}.txt (photo.txt) or {{name}}.txt (photo.jpg.txt)
+  overwrite: {f.overwrite}                  # never | ours (only ours, unchanged) | always
+  polling: {_y(f.polling)}                   # poll instead of OS events (network shares)
+  poll_interval: {f.poll_interval}               # seconds between polls when polling
+  settle_seconds: {f.settle_seconds}              # unchanged this long before a file is read
+  ignore: {_y(f.ignore)}                       # glob patterns never captioned
+  extensions: {_y(f.extensions)}
+  on_delete: {f.on_delete}                  # keep | remove-ours
+  rescan_minutes: {_y(f.rescan_minutes)}              # also rescan every N minutes (0: never)
+
+folders:
+{folder_lines}
+"""
