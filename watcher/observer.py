@@ -245,18 +245,16 @@ class ScanResult:
 def walk(filt: Filter, top: Path | None = None,
          skipped: list[tuple[Path, str]] | None = None,
          passed_over: PassedOver | None = None, unreadable: list[Path] | None = None,
-         names: set[str] | None = None,
+         unseen: set[str] | None = None,
          ) -> Iterator[tuple[Path, os.stat_result]]:
     """Every wanted image under the folder with its stat: one stat per file, no more.
     Directory symlinks are not followed; file symlinks only when they stay inside the root.
     Image names refused (see ScanResult.skipped) are logged and added to `skipped`; other
     files passed over by name are counted in `passed_over` (sidecars excepted); folders that
     cannot be listed go in `unreadable`. An unexpected error on one entry is logged and
-    recorded against that entry (as skipped): it never stops the walk.
-
-    With `names`: a folder is listed whole before its images are yielded, and `names` then
-    holds the paths of every entry in that folder (only that one): whether an image's
-    sidecar exists costs no extra stat."""
+    recorded against that entry (as skipped): it never stops the walk. Every entry listed
+    is struck out of `unseen` (given): what is left there at the end was not found, at no
+    extra stat (the scan's sidecars)."""
     stack = [top or filt.root]
     while stack:
         d = stack.pop()
@@ -270,13 +268,10 @@ def walk(filt: Filter, top: Path | None = None,
         others: list[tuple[str, str]] = []  # (path, name) not images by name: passed over
         # unless a sidecar
         sidecars: set[str] = set()
-        found: list[tuple[Path, os.stat_result]] = []
-        if names is not None:
-            names.clear()
         with it:
             for entry in it:
-                if names is not None:
-                    names.add(entry.path)
+                if unseen is not None:
+                    unseen.discard(entry.path)
                 p = Path(entry.path)
                 try:
                     if entry.is_dir(follow_symlinks=False):
@@ -307,11 +302,7 @@ def walk(filt: Filter, top: Path | None = None,
                     if skipped is not None:
                         skipped.append((p, refused))
                     continue
-                if names is None:
-                    yield p, st
-                else:
-                    found.append((p, st))
-        yield from found
+                yield p, st
         for path, name in others:
             if name in sidecars:
                 continue
@@ -357,9 +348,14 @@ def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
     result = ScanResult()
     seen: set[str] = set()
     check = isinstance(next(iter(indexed.values()), None), Expected)
-    names: set[str] | None = set() if check else None
+    # The sidecars the index expects, struck out as the walk lists them (the strings are
+    # the index rows' own: no copy of every name in the tree is kept).
+    unseen: set[str] | None = None
+    has_sidecar: list[str] = []  # unchanged, current images whose sidecar is to be there
+    if check:
+        unseen = {e.sidecar for e in indexed.values() if e.sidecar}  # type: ignore[union-attr]
     for path, st in walk(filt, top, result.skipped, result.passed_over, result.unreadable,
-                         names):
+                         unseen):
         key = str(path)
         seen.add(key)
         known = indexed.get(key)
@@ -369,11 +365,8 @@ def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
                     result.queue.append(path)
                     result.outdated.append(path)
                     continue
-                sidecar = known.sidecar  # type: ignore[union-attr]
-                # Same folder as the image, so `names` lists it; stat only what is missing.
-                if sidecar and sidecar not in names and not os.path.lexists(sidecar):  # type: ignore[operator]
-                    result.restore.append(key)
-                    continue
+                if known.sidecar:  # type: ignore[union-attr]
+                    has_sidecar.append(key)
             result.up_to_date += 1
             continue
         identity = (st.st_size, st.st_mtime_ns)
@@ -385,6 +378,12 @@ def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
             result.new += 1
         else:
             result.changed += 1
+    if unseen:  # sidecars not listed beside their image: missing (stat only those)
+        for key in has_sidecar:
+            sidecar = indexed[key].sidecar  # type: ignore[union-attr]
+            if sidecar in unseen and not os.path.lexists(sidecar):
+                result.restore.append(key)
+                result.up_to_date -= 1
     prefix = str(top or filt.root).rstrip("/") + "/"
     # A folder that could not be listed (the root gone, permissions) says nothing about the
     # files under it: they are not "removed".
