@@ -301,46 +301,48 @@ def _open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result] | str | 
     return fd, st
 
 
-def hash_at(dir_fd: int, name: str) -> str | None:
-    """sha256 of the regular file `name` in `dir_fd` (read in chunks), None if nothing is
-    there, NOT_A_FILE for anything else, TOO_BIG above SIDECAR_MAX_BYTES (not read)."""
+def _capped_chunks(dir_fd: int, name: str, use: Callable[[bytes], None]) -> str | None:
+    """Feed the regular file `name` in `dir_fd` to `use` in chunks. None when all of it was
+    read; else why not: _MISSING, NOT_A_FILE, or TOO_BIG above SIDECAR_MAX_BYTES (a sparse
+    2 GB file is never read; one that grows past the cap while read stops there)."""
     opened = _open_regular(dir_fd, name)
     if not isinstance(opened, tuple):
-        return opened
+        return opened if opened is not None else _MISSING
     fd, st = opened
     try:
         if st.st_size > SIDECAR_MAX_BYTES:
             return TOO_BIG
-        h, total = hashlib.sha256(), 0
+        total = 0
         while chunk := os.read(fd, _CHUNK):
             total += len(chunk)
             if total > SIDECAR_MAX_BYTES:  # grew since the fstat
                 return TOO_BIG
-            h.update(chunk)
-        return h.hexdigest()
+            use(chunk)
+        return None
     finally:
         os.close(fd)
+
+
+_MISSING = "missing"  # _capped_chunks: nothing by that name
+
+
+def hash_at(dir_fd: int, name: str) -> str | None:
+    """sha256 of the regular file `name` in `dir_fd` (read in chunks), None if nothing is
+    there, NOT_A_FILE for anything else, TOO_BIG above SIDECAR_MAX_BYTES (not read)."""
+    h = hashlib.sha256()
+    why = _capped_chunks(dir_fd, name, h.update)
+    if why is None:
+        return h.hexdigest()
+    return None if why == _MISSING else why
 
 
 def read_text_at(dir_fd: int, name: str) -> str | None:
     """The text of the sidecar `name` (UTF-8, undecodable bytes replaced), None if it is not
     a regular file of at most SIDECAR_MAX_BYTES."""
-    opened = _open_regular(dir_fd, name)
-    if not isinstance(opened, tuple):
+    chunks: list[bytes] = []
+    if _capped_chunks(dir_fd, name, chunks.append) is not None:
         return None
-    fd, st = opened
-    try:
-        if st.st_size > SIDECAR_MAX_BYTES:
-            return None
-        chunks, total = [], 0
-        while chunk := os.read(fd, _CHUNK):
-            total += len(chunk)
-            if total > SIDECAR_MAX_BYTES:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks).decode("utf-8", errors="replace")
-    finally:
-        os.close(fd)
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def file_hash(path: Path) -> str | None:
