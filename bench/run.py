@@ -65,6 +65,7 @@ def log(msg: str) -> None:
 
 # --- machine, commit ------------------------------------------------------------------------
 
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -81,9 +82,14 @@ def machine() -> dict:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
-    info = {"host": platform.node(), "os": f"{platform.system()} {platform.release()}",
-            "cpu": cpu, "cores": cores, "ram_gib": mem,
-            "python": platform.python_version()}
+    info = {
+        "host": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "cpu": cpu,
+        "cores": cores,
+        "ram_gib": mem,
+        "python": platform.python_version(),
+    }
     with contextlib.suppress(Exception):
         import torch
         import transformers
@@ -99,8 +105,9 @@ def machine() -> dict:
 
 def git_commit() -> str:
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
+        return subprocess.run(
+            ["git", *a], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
 
     sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", "watcher")
@@ -108,6 +115,7 @@ def git_commit() -> str:
 
 
 # --- images ---------------------------------------------------------------------------------
+
 
 def image_bytes(i: int, size: tuple[int, int], fmt: str = "JPEG") -> bytes:
     """A distinct picture for `i` (the tests' generator), with `i` stamped into its pixels so
@@ -166,15 +174,19 @@ def check_rows(db: Path, images: Sequence[Path]) -> None:
         con.close()
     missing = [p for p in images if rows.get(str(p)) != "written"]
     if missing:
-        raise BenchFailure(f"{len(missing)} of {len(images)} index rows missing or not "
-                           f"'written', e.g. {missing[0]}: {rows.get(str(missing[0]))}")
+        raise BenchFailure(
+            f"{len(missing)} of {len(images)} index rows missing or not "
+            f"'written', e.g. {missing[0]}: {rows.get(str(missing[0]))}"
+        )
     undone = [p for p in images if jobs.get(str(p)) != "done"]
     if undone:
-        raise BenchFailure(f"{len(undone)} jobs not done, e.g. {undone[0]}: "
-                           f"{jobs.get(str(undone[0]))}")
+        raise BenchFailure(
+            f"{len(undone)} jobs not done, e.g. {undone[0]}: {jobs.get(str(undone[0]))}"
+        )
 
 
 # --- the tiny model and the backend ---------------------------------------------------------
+
 
 def tiny_model(work: Path) -> Path:
     path = work / "tiny-llava"
@@ -215,6 +227,7 @@ class TimedBackend:
 
 # --- the daemon in a subprocess -------------------------------------------------------------
 
+
 def parse_ts(ts: str) -> float:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
@@ -248,11 +261,26 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def write_config(path: Path, *, model: Path, db: Path, folders: list[dict], batch: int,
-                 max_tokens: int, device: str = "cpu", dtype: str = "auto") -> Path:
+def write_config(
+    path: Path,
+    *,
+    model: Path,
+    db: Path,
+    folders: list[dict],
+    batch: int,
+    max_tokens: int,
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> Path:
     data = {
-        "model": {"backend": "transformers", "path": str(model), "batch_size": batch,
-                  "max_tokens": max_tokens, "device": device, "dtype": dtype},
+        "model": {
+            "backend": "transformers",
+            "path": str(model),
+            "batch_size": batch,
+            "max_tokens": max_tokens,
+            "device": device,
+            "dtype": dtype,
+        },
         "database": str(db),
         "log": {"level": "info", "format": "json"},
         "folders": folders,
@@ -282,7 +310,11 @@ class DaemonProc:
         self.t_start = time.time()
         self.proc = subprocess.Popen(
             [sys.executable, *self.entry, "--config", str(self.config), "run"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
         self._sampler = threading.Thread(target=self._sample, daemon=True, name="bench-rss")
         self._sampler.start()
         self.wait(lambda: self.find("watching"), ready_timeout, "daemon start")
@@ -316,22 +348,28 @@ class DaemonProc:
 
     def find(self, event: str, **fields) -> list[dict]:
         self.poll()
-        return [e for e in self.events if e.get("event") == event
-                and all(e.get(k) == v for k, v in fields.items())]
+        return [
+            e
+            for e in self.events
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
 
-    def wait(self, predicate: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.05):
+    def wait(
+        self, predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+    ):
         deadline = time.monotonic() + timeout
         while True:
             value = predicate()
             if value:
                 return value
             if self.proc.poll() is not None:
-                raise BenchFailure(f"daemon exited ({self.proc.returncode}) waiting for {what}:"
-                                   f"\n{self.tail()}")
+                raise BenchFailure(
+                    f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.tail()}"
+                )
             if time.monotonic() > deadline:
-                raise BenchFailure(f"timed out after {timeout:.0f}s waiting for {what}:\n"
-                                   f"{self.tail()}")
+                raise BenchFailure(
+                    f"timed out after {timeout:.0f}s waiting for {what}:\n{self.tail()}"
+                )
             time.sleep(interval)
 
     def tail(self, n: int = 3000) -> str:
@@ -477,6 +515,7 @@ class ThreadCpu:
 
 # --- helpers --------------------------------------------------------------------------------
 
+
 def pct(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100), linear interpolation."""
     s = sorted(values)
@@ -509,18 +548,21 @@ class Result:
 
 # --- 1. pipeline efficiency -----------------------------------------------------------------
 
+
 def bare_loop(backend, tasks, paths: Sequence[Path], batch: int, cfg) -> tuple[float, float]:
     """Decode then caption, one batch at a time, in this thread. (seconds, model seconds)."""
-    from watcher.decode import prepare
-    from watcher.queue import Job
+    from watcher.jobs import Job
+    from watcher.pipeline.decode import prepare
 
     model = 0.0
     outputs = 0
     t0 = time.perf_counter()
     for start in range(0, len(paths), batch):
-        chunk = paths[start:start + batch]
-        prepared = [prepare(Job(0, p, p.parent, 0, 0), max_pixels=cfg.max_pixels,
-                            max_side=cfg.max_side) for p in chunk]
+        chunk = paths[start : start + batch]
+        prepared = [
+            prepare(Job(0, p, p.parent, 0, 0), max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+            for p in chunk
+        ]
         m0 = time.perf_counter()
         backend.max_batch = batch
         out = backend.describe([p.image for p in prepared], tasks)
@@ -532,8 +574,9 @@ def bare_loop(backend, tasks, paths: Sequence[Path], batch: int, cfg) -> tuple[f
     return elapsed, model
 
 
-def run_caption(cfg_path: Path, folder: Path, backend: TimedBackend, log_file: Path
-                ) -> tuple[float, float]:
+def run_caption(
+    cfg_path: Path, folder: Path, backend: TimedBackend, log_file: Path
+) -> tuple[float, float]:
     """`watcher caption FOLDER` in this process, on the already-loaded model (a model process,
     as `watcher caption` runs it)."""
     import watcher.backends as backends
@@ -568,8 +611,16 @@ def bench_pipeline(args, work: Path) -> Result:
         log(f"pipeline: building the random-weight '{args.model}' model")
         model = build_random_llava(work / f"{args.model}-llava", args.model)
     cands = sorted(set(args.batches))
-    backend = load_backend(ModelConfig(backend="transformers", path=str(model), revision=None,
-                                       batch_size=max(cands), max_tokens=T, device="cpu"))
+    backend = load_backend(
+        ModelConfig(
+            backend="transformers",
+            path=str(model),
+            revision=None,
+            batch_size=max(cands),
+            max_tokens=T,
+            device="cpu",
+        )
+    )
     tasks = FolderConfig(path=Path("/")).tasks(T)
     cfg = Config()
 
@@ -587,8 +638,16 @@ def bench_pipeline(args, work: Path) -> Result:
     # (c) runs the model as `watcher caption` does, in a model process of its own
     # (model.isolate), loaded once for every round.
     os.environ.update(THREAD_ENV)
-    child = open_backend(ModelConfig(backend="transformers", path=str(model), revision=None,
-                                     batch_size=best, max_tokens=T, device="cpu"))
+    child = open_backend(
+        ModelConfig(
+            backend="transformers",
+            path=str(model),
+            revision=None,
+            batch_size=best,
+            max_tokens=T,
+            device="cpu",
+        )
+    )
     timed = TimedBackend(child)
     timed.max_batch = best
     # Warm it as the bare loop's model and the daemon's are warmed (first calls allocate).
@@ -601,9 +660,14 @@ def bench_pipeline(args, work: Path) -> Result:
     for d in [daemon_root / "warm", *round_dirs]:
         d.mkdir(parents=True, exist_ok=True)
     settle = args.pipeline_settle
-    dcfg = write_config(base / "daemon.yaml", model=model, db=base / "daemon.db",
-                        folders=[{"path": str(daemon_root), "settle_seconds": settle}],
-                        batch=best, max_tokens=T)
+    dcfg = write_config(
+        base / "daemon.yaml",
+        model=model,
+        db=base / "daemon.db",
+        folders=[{"path": str(daemon_root), "settle_seconds": settle}],
+        batch=best,
+        max_tokens=T,
+    )
     daemon = DaemonProc(dcfg, base / "daemon.log").start()
     try:
         # Warm the daemon's model with a few batches (first calls allocate).
@@ -614,9 +678,19 @@ def bench_pipeline(args, work: Path) -> Result:
         # (sqlite-utils, the CLI), start-up cost like the daemon's, not pipeline cost.
         cap_warm = base / "caption-warm"
         write_images(cap_warm, range(4 * 10**6, 4 * 10**6 + 3 * best), size)
-        run_caption(write_config(base / "caption-warm.yaml", model=model,
-                                 db=base / "caption-warm.db", folders=[], batch=best,
-                                 max_tokens=T), cap_warm, timed, base / "caption.log")
+        run_caption(
+            write_config(
+                base / "caption-warm.yaml",
+                model=model,
+                db=base / "caption-warm.db",
+                folders=[],
+                batch=best,
+                max_tokens=T,
+            ),
+            cap_warm,
+            timed,
+            base / "caption.log",
+        )
 
         for r in range(args.rounds):
             ids = range(r * n, (r + 1) * n)
@@ -644,8 +718,14 @@ def bench_pipeline(args, work: Path) -> Result:
 
             def run_c(r=r, cap_dir=cap_dir, cap_imgs=cap_imgs, row=row):
                 db = base / f"caption{r}.db"
-                ccfg = write_config(base / f"caption{r}.yaml", model=model, db=db, folders=[],
-                                    batch=best, max_tokens=T)
+                ccfg = write_config(
+                    base / f"caption{r}.yaml",
+                    model=model,
+                    db=db,
+                    folders=[],
+                    batch=best,
+                    max_tokens=T,
+                )
                 calls = len(timed.sizes)
                 cpu0 = cpu_self() + cpu_of(child.pid)
                 with ThreadCpu() as stages:
@@ -690,9 +770,11 @@ def bench_pipeline(args, work: Path) -> Result:
             # Model-thread time the pipeline costs per image, beyond the bare batched loop.
             row["c_overhead_ms"] = 1000 * (1 / row["c"] - 1 / row["b"])
             row["d_overhead_ms"] = 1000 * (1 / row["d"] - 1 / row["b"])
-            log(f"pipeline round {r}: b {row['b']:.1f} (runs {row['b_runs'][0]:.1f}, "
+            log(
+                f"pipeline round {r}: b {row['b']:.1f} (runs {row['b_runs'][0]:.1f}, "
                 f"{row['b_runs'][1]:.1f})  c {row['c']:.1f}  d {row['d']:.1f} images/s  "
-                f"c/b {row['c/b']:.3f}  d/b {row['d/b']:.3f}")
+                f"c/b {row['c/b']:.3f}  d/b {row['d/b']:.3f}"
+            )
             rounds.append(row)
         if daemon.errors():
             raise BenchFailure(f"daemon logged errors: {daemon.errors()[:3]}")
@@ -700,41 +782,80 @@ def bench_pipeline(args, work: Path) -> Result:
         daemon.stop()
         child.close()
 
-    med = {k: statistics.median(r[k] for r in rounds)
-           for k in ("b", "c", "d", "d_raw", "c/b", "d/b", "b_model_share",
-                     "c_model_share", "d_model_share", "c_overhead_ms", "d_overhead_ms",
-                     "b_cpu", "c_cpu", "d_cpu")}
+    med = {
+        k: statistics.median(r[k] for r in rounds)
+        for k in (
+            "b",
+            "c",
+            "d",
+            "d_raw",
+            "c/b",
+            "d/b",
+            "b_model_share",
+            "c_model_share",
+            "d_model_share",
+            "c_overhead_ms",
+            "d_overhead_ms",
+            "b_cpu",
+            "c_cpu",
+            "d_cpu",
+        )
+    }
     stage_names = sorted({k for r in rounds for k in r["c_stages"]})
-    med_stages = {k: statistics.median(r["c_stages"].get(k, 0.0) for r in rounds)
-                  for k in stage_names}
+    med_stages = {
+        k: statistics.median(r["c_stages"].get(k, 0.0) for r in rounds) for k in stage_names
+    }
     if "a" in rounds[0]:
         med["a"] = rounds[0]["a"]
     c_sizes = [b for r in rounds for b in r["c_batches"]]
     d_sizes = [b for r in rounds for b in r["d_batches"]]
     ok = med["c/b"] >= 0.95 and med["d/b"] >= 0.95
+
     def fmt(r: dict) -> list:
-        return [f"{r['a']:.1f}" if "a" in r else "", f"{r['b']:.1f}", f"{r['c']:.1f}",
-                f"{r['d']:.1f}", f"{r['d_raw']:.1f}", f"{r['c/b']:.3f}", f"{r['d/b']:.3f}",
-                f"{r['c_overhead_ms']:.2f} / {r['d_overhead_ms']:.2f}",
-                f"{r['b_model_share']:.0%} / {r['c_model_share']:.0%} / {r['d_model_share']:.0%}"]
+        return [
+            f"{r['a']:.1f}" if "a" in r else "",
+            f"{r['b']:.1f}",
+            f"{r['c']:.1f}",
+            f"{r['d']:.1f}",
+            f"{r['d_raw']:.1f}",
+            f"{r['c/b']:.3f}",
+            f"{r['d/b']:.3f}",
+            f"{r['c_overhead_ms']:.2f} / {r['d_overhead_ms']:.2f}",
+            f"{r['b_model_share']:.0%} / {r['c_model_share']:.0%} / {r['d_model_share']:.0%}",
+        ]
 
     lines = [
         f"N = {n} images ({size[0]}x{size[1]} JPEG) per round, "
-        + ("tiny llava" if args.model == "tiny" else
-           f"random-weight '{args.model}' llava ({_describe_dims(args.model)})")
+        + (
+            "tiny llava"
+            if args.model == "tiny"
+            else f"random-weight '{args.model}' llava ({_describe_dims(args.model)})"
+        )
         + " on CPU "
         f"({args.torch_threads} torch thread), {T} generated tokens per image, {args.rounds} "
         "rounds, fresh images each round.",
         "Bare loop images/s by batch size (first 64 images): "
-        + ", ".join(f"{bs}: {v:.1f}" for bs, v in sweep.items()) + f" -> best batch {best}.",
+        + ", ".join(f"{bs}: {v:.1f}" for bs, v in sweep.items())
+        + f" -> best batch {best}.",
         "b is the faster of two runs, one before and one after c and d; (d) is timed from "
         "the drop to the daemon's last `captioned` log line, minus settle_seconds = "
         f"{settle} ('d raw': with it).",
         "",
-        *table(["round", "a: loop, batch 1", f"b: loop, batch {best}", "c: watcher caption",
-                "d: daemon", "d raw", "c/b", "d/b", "overhead ms/image c / d",
-                "model busy b / c / d"],
-               [[r["round"], *fmt(r)] for r in rounds] + [["**median**", *fmt(med)]]),
+        *table(
+            [
+                "round",
+                "a: loop, batch 1",
+                f"b: loop, batch {best}",
+                "c: watcher caption",
+                "d: daemon",
+                "d raw",
+                "c/b",
+                "d/b",
+                "overhead ms/image c / d",
+                "model busy b / c / d",
+            ],
+            [[r["round"], *fmt(r)] for r in rounds] + [["**median**", *fmt(med)]],
+        ),
         "",
         "Model calls by images per call, all rounds (size x calls): `watcher caption` "
         f"{batch_histogram(c_sizes)}; daemon {batch_histogram(d_sizes)}. Full batches of "
@@ -743,8 +864,12 @@ def bench_pipeline(args, work: Path) -> Result:
         f"CPU per image (all threads, ms, median): b {med['b_cpu']:.2f}, c {med['c_cpu']:.2f}, "
         f"d {med['d_cpu']:.2f} (c and d: with their model process). `watcher caption` by "
         "thread (without the model process): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(med_stages.items(), key=lambda kv: -kv[1])
-                    if v >= 0.005) + ".",
+        + ", ".join(
+            f"{k} {v:.2f}"
+            for k, v in sorted(med_stages.items(), key=lambda kv: -kv[1])
+            if v >= 0.005
+        )
+        + ".",
         "Per CPU-second instead of per wall-second (b_cpu / c_cpu, b_cpu / d_cpu per round, "
         "median; the model is busy all the time in b, c and d, so on a machine shared with "
         "other work the wall-clock ratios measure how much CPU each phase was given as much "
@@ -755,9 +880,20 @@ def bench_pipeline(args, work: Path) -> Result:
         f"(median c/b {med['c/b']:.3f}, d/b {med['d/b']:.3f}). Every sidecar, index row and "
         "`done` job checked before each rate was taken.",
     ]
-    return Result("pipeline", lines, {"n": n, "max_tokens": T, "image_size": size,
-                                      "sweep": sweep, "best_batch": best, "rounds": rounds,
-                                      "median": med, "goal_met": ok})
+    return Result(
+        "pipeline",
+        lines,
+        {
+            "n": n,
+            "max_tokens": T,
+            "image_size": size,
+            "sweep": sweep,
+            "best_batch": best,
+            "rounds": rounds,
+            "median": med,
+            "goal_met": ok,
+        },
+    )
 
 
 def daemon_batches(captioned: list[dict]) -> list[int]:
@@ -776,11 +912,14 @@ def batch_histogram(sizes: Sequence[int]) -> str:
 def _describe_dims(size: str) -> str:
     d = MODEL_DIMS[size]
     v, t = d["vision"], d["text"]
-    return (f"SigLIP {v['num_hidden_layers']} x {v['hidden_size']} at {v['image_size']} px, "
-            f"Phi {t['num_hidden_layers']} x {t['hidden_size']}")
+    return (
+        f"SigLIP {v['num_hidden_layers']} x {v['hidden_size']} at {v['image_size']} px, "
+        f"Phi {t['num_hidden_layers']} x {t['hidden_size']}"
+    )
 
 
 # --- 2. latency -----------------------------------------------------------------------------
+
 
 def bench_latency(args, work: Path) -> Result:
     model = tiny_model(work)
@@ -788,9 +927,14 @@ def bench_latency(args, work: Path) -> Result:
     folder = base / "watched"
     folder.mkdir(parents=True)
     settle = args.settle
-    cfg = write_config(base / "daemon.yaml", model=model, db=base / "index.db",
-                       folders=[{"path": str(folder), "settle_seconds": settle}],
-                       batch=args.daemon_batch, max_tokens=args.max_tokens)
+    cfg = write_config(
+        base / "daemon.yaml",
+        model=model,
+        db=base / "index.db",
+        folders=[{"path": str(folder), "settle_seconds": settle}],
+        batch=args.daemon_batch,
+        max_tokens=args.max_tokens,
+    )
     formats = (("jpg", "JPEG"), ("png", "PNG"))
     samples = []
     with DaemonProc(cfg, base / "daemon.log") as d:
@@ -807,17 +951,24 @@ def bench_latency(args, work: Path) -> Result:
             deadline = time.monotonic() + settle + 60
             while not side.exists():
                 if time.monotonic() > deadline:
-                    raise BenchFailure(f"no sidecar for {path} after {settle + 60}s:\n"
-                                       f"{d.tail()}")
+                    raise BenchFailure(f"no sidecar for {path} after {settle + 60}s:\n{d.tail()}")
                 time.sleep(0.001)
             t1 = time.time()
-            ev = d.wait(lambda path=path: d.find("captioned", path=str(path)), 30,
-                        f"log line for {path}")[0]
+            ev = d.wait(
+                lambda path=path: d.find("captioned", path=str(path)), 30, f"log line for {path}"
+            )[0]
             if not side.read_text().strip():
                 raise BenchFailure(f"empty sidecar {side}")
             if i >= warmups:
-                samples.append({"path": str(path), "format": fmt, "t0": t0,
-                                "latency": t1 - t0, "model": ev.get("ms", 0) / 1000})
+                samples.append(
+                    {
+                        "path": str(path),
+                        "format": fmt,
+                        "t0": t0,
+                        "latency": t1 - t0,
+                        "model": ev.get("ms", 0) / 1000,
+                    }
+                )
             time.sleep(args.idle_gap)  # the daemon is idle when the next file arrives
         check_rows(base / "index.db", sorted(p for p in folder.iterdir() if p.suffix != ".txt"))
     # When each file was queued (the settle stage's end), from the jobs table.
@@ -836,25 +987,48 @@ def bench_latency(args, work: Path) -> Result:
         beyond = [s["latency"] - s["model"] for s in group]
         queued = [s["queued"] for s in group]
         after = [s["latency"] - s["queued"] - s["model"] for s in group]
-        r = {"n": len(group), "latency_p50": pct(lat, 50), "latency_p95": pct(lat, 95),
-             "latency_max": max(lat), "model_p50": pct(mod, 50), "model_p95": pct(mod, 95),
-             "beyond_model_p50": pct(beyond, 50), "beyond_model_p95": pct(beyond, 95),
-             "beyond_model_max": max(beyond), "queued_p50": pct(queued, 50),
-             "queued_p95": pct(queued, 95), "pipeline_p50": pct(after, 50),
-             "pipeline_p95": pct(after, 95)}
+        r = {
+            "n": len(group),
+            "latency_p50": pct(lat, 50),
+            "latency_p95": pct(lat, 95),
+            "latency_max": max(lat),
+            "model_p50": pct(mod, 50),
+            "model_p95": pct(mod, 95),
+            "beyond_model_p50": pct(beyond, 50),
+            "beyond_model_p95": pct(beyond, 95),
+            "beyond_model_max": max(beyond),
+            "queued_p50": pct(queued, 50),
+            "queued_p95": pct(queued, 95),
+            "pipeline_p50": pct(after, 50),
+            "pipeline_p95": pct(after, 95),
+        }
         # Goals: p50 within 100 ms of the model's own time (no settle wait for a closed,
         # complete file); p95 of what is beyond the model under 250 ms.
         r["goal_met"] = r["beyond_model_p50"] < 0.1 and r["beyond_model_p95"] < 0.25
         ok = ok and r["goal_met"]
         res[name] = r
-        rows += [[f"**{name}**: close -> sidecar", ms(r["latency_p50"]), ms(r["latency_p95"]),
-                  ms(r["latency_max"])],
-                 ["model's own time", ms(r["model_p50"]), ms(r["model_p95"]), ""],
-                 ["**close -> sidecar, beyond the model**", f"**{ms(r['beyond_model_p50'])}**",
-                  f"**{ms(r['beyond_model_p95'])}**", ms(r["beyond_model_max"])],
-                 ["... of which: close -> queued", ms(r["queued_p50"]), ms(r["queued_p95"]), ""],
-                 ["... of which: queued -> sidecar, beyond the model", ms(r["pipeline_p50"]),
-                  ms(r["pipeline_p95"]), ""]]
+        rows += [
+            [
+                f"**{name}**: close -> sidecar",
+                ms(r["latency_p50"]),
+                ms(r["latency_p95"]),
+                ms(r["latency_max"]),
+            ],
+            ["model's own time", ms(r["model_p50"]), ms(r["model_p95"]), ""],
+            [
+                "**close -> sidecar, beyond the model**",
+                f"**{ms(r['beyond_model_p50'])}**",
+                f"**{ms(r['beyond_model_p95'])}**",
+                ms(r["beyond_model_max"]),
+            ],
+            ["... of which: close -> queued", ms(r["queued_p50"]), ms(r["queued_p95"]), ""],
+            [
+                "... of which: queued -> sidecar, beyond the model",
+                ms(r["pipeline_p50"]),
+                ms(r["pipeline_p95"]),
+                "",
+            ],
+        ]
     lines = [
         f"{len(samples)} single images ({len(samples) // 2} JPEG, {len(samples) // 2} PNG, "
         f"{args.image_size[0]}x{args.image_size[1]}), each written and closed once into the "
@@ -873,8 +1047,10 @@ def bench_latency(args, work: Path) -> Result:
 
 # --- 3. scale -------------------------------------------------------------------------------
 
-def make_indexed_tree(root: Path, db_path: Path, folders: int, per_folder: int,
-                      model_name: str, sidecars: bool = True) -> int:
+
+def make_indexed_tree(
+    root: Path, db_path: Path, folders: int, per_folder: int, model_name: str, sidecars: bool = True
+) -> int:
     """`folders` x `per_folder` tiny .jpg files (plus their sidecars), every one already in
     the index with its size and mtime_ns, and its job done: what a captioned library looks
     like to the catch-up scan (which only stats)."""
@@ -882,8 +1058,7 @@ def make_indexed_tree(root: Path, db_path: Path, folders: int, per_folder: int,
 
     db = connect(db_path)
     cols = [f.name for f in dataclasses.fields(ImageRow)]
-    sql = (f"INSERT INTO images ({', '.join(cols)}) VALUES "
-           f"({', '.join(':' + c for c in cols)})")
+    sql = f"INSERT INTO images ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
     now = time.time()
     n = 0
     for f in range(folders):
@@ -899,20 +1074,37 @@ def make_indexed_tree(root: Path, db_path: Path, folders: int, per_folder: int,
             if sidecars:
                 side = p.with_suffix(".txt")
                 side.write_text(f"caption {n}\n")
-            rows.append(ImageRow(
-                path=str(p), root=str(root), sha256=f"{n:064x}", size=st.st_size,
-                mtime_ns=st.st_mtime_ns, width=1, height=1, caption=f"caption {n}",
-                task="short", outputs={"short": f"caption {n}"}, model=model_name,
-                revision=None, sidecar=str(side) if side else None, sidecar_sha256=None,
-                sidecar_state="written", sidecar_error=None, created=now, updated=now,
-            ).to_row())
+            rows.append(
+                ImageRow(
+                    path=str(p),
+                    root=str(root),
+                    sha256=f"{n:064x}",
+                    size=st.st_size,
+                    mtime_ns=st.st_mtime_ns,
+                    width=1,
+                    height=1,
+                    caption=f"caption {n}",
+                    task="short",
+                    outputs={"short": f"caption {n}"},
+                    model=model_name,
+                    revision=None,
+                    sidecar=str(side) if side else None,
+                    sidecar_sha256=None,
+                    sidecar_state="written",
+                    sidecar_error=None,
+                    created=now,
+                    updated=now,
+                ).to_row()
+            )
             jobs.append((str(p), str(root), now, now))
             n += 1
         with transaction(db):
             db.conn.executemany(sql, rows)
             db.conn.executemany(
                 "INSERT INTO jobs (path, root, state, gen, attempts, next_try, enqueued, "
-                "updated) VALUES (?, ?, 'done', 0, 1, 0, ?, ?)", jobs)
+                "updated) VALUES (?, ?, 'done', 0, 1, 0, ?, ?)",
+                jobs,
+            )
     db.conn.close()
     return n
 
@@ -929,9 +1121,14 @@ def scale_run(args, work: Path, name: str, folders: int, per_folder: int) -> dic
         log(f"scale: built {name}: {files} indexed images in {time.perf_counter() - t0:.1f}s")
     # Cold-ish cache is not what we measure: the tree was just written (warm dentries), as
     # on a machine where the daemon restarts; `--drop-caches` is not attempted (needs root).
-    cfg = write_config(base / "daemon.yaml", model=model, db=db,
-                       folders=[{"path": str(root)}], batch=args.daemon_batch,
-                       max_tokens=args.max_tokens)
+    cfg = write_config(
+        base / "daemon.yaml",
+        model=model,
+        db=db,
+        folders=[{"path": str(root)}],
+        batch=args.daemon_batch,
+        max_tokens=args.max_tokens,
+    )
     with DaemonProc(cfg, base / "daemon.log", sample_every=0.05) as d:
         scan = d.wait(lambda: d.find("scan done"), 600, "scan done")[0]
         time.sleep(1.0)  # let anything the scan queued show up
@@ -945,12 +1142,14 @@ def scale_run(args, work: Path, name: str, folders: int, per_folder: int) -> dic
     expect = {"new": 0, "changed": 0, "removed": 0, "up_to_date": files}
     got = {k: scan.get(k) for k in expect}
     if got != expect or queued:
-        raise BenchFailure(f"scale {name}: scan found {got}, expected {expect} "
-                           f"(queued: {queued[:1]})")
+        raise BenchFailure(
+            f"scale {name}: scan found {got}, expected {expect} (queued: {queued[:1]})"
+        )
     # The model is loaded before the watches are set up; watches are set up before `watching`.
     t_ready = max(e["t"] for e in ready) if ready else d.t_start
     out = {
-        "files": files, "folders": folders,
+        "files": files,
+        "folders": folders,
         "scan_seconds": scan["seconds"],
         "files_per_s": files / scan["seconds"] if scan["seconds"] else None,
         "watch_setup_s": watching["t"] - t_ready,
@@ -975,12 +1174,19 @@ def bench_scale(args, work: Path) -> Result:
     rows = []
     for label, r in runs.items():
         extra = r["peak_rss"] - base["peak_rss"]
-        rows.append([label, f"{r['files']:,}", f"{r['scan_seconds']:.2f} s",
-                     f"{r['files_per_s']:,.0f}" if r["files_per_s"] else "-",
-                     f"{r['watch_setup_s']:.2f} s", f"{mib(r['peak_rss'])} MiB",
-                     f"+{mib(extra)} MiB" if r is not base else "-",
-                     f"{extra / r['files']:.0f} B" if r["files"] else "-",
-                     f"{mib(r['rss_after'])} MiB"])
+        rows.append(
+            [
+                label,
+                f"{r['files']:,}",
+                f"{r['scan_seconds']:.2f} s",
+                f"{r['files_per_s']:,.0f}" if r["files_per_s"] else "-",
+                f"{r['watch_setup_s']:.2f} s",
+                f"{mib(r['peak_rss'])} MiB",
+                f"+{mib(extra)} MiB" if r is not base else "-",
+                f"{extra / r['files']:.0f} B" if r["files"] else "-",
+                f"{mib(r['rss_after'])} MiB",
+            ]
+        )
     ok = nested["scan_seconds"] < 10
     lines = [
         f"Already-indexed libraries (every image in the index with matching size and mtime, "
@@ -990,8 +1196,20 @@ def bench_scale(args, work: Path) -> Result:
         "process plus its model process's (model included: compare with the empty-folder "
         "baseline).",
         "",
-        *table(["library", "images", "catch-up scan", "files/s", "watch set-up", "peak RSS",
-                "over baseline", "per image", "RSS after scan"], rows),
+        *table(
+            [
+                "library",
+                "images",
+                "catch-up scan",
+                "files/s",
+                "watch set-up",
+                "peak RSS",
+                "over baseline",
+                "per image",
+                "RSS after scan",
+            ],
+            rows,
+        ),
         "",
         f"Goal scan < 10 s for {files:,} images: {'met' if ok else 'NOT met'} "
         f"({nested['scan_seconds']:.2f} s). Every scan checked: 0 new, 0 changed, 0 removed, "
@@ -1002,6 +1220,7 @@ def bench_scale(args, work: Path) -> Result:
 
 # --- 4. burst -------------------------------------------------------------------------------
 
+
 def bench_burst(args, work: Path) -> Result:
     model = tiny_model(work)
     base = work / "burst"
@@ -1011,9 +1230,14 @@ def bench_burst(args, work: Path) -> Result:
     t0 = time.perf_counter()
     staged = write_images(base / "stage", range(4 * 10**6, 4 * 10**6 + n), args.burst_image_size)
     log(f"burst: {n} images written in {time.perf_counter() - t0:.1f}s")
-    cfg = write_config(base / "daemon.yaml", model=model, db=base / "index.db",
-                       folders=[{"path": str(folder), "settle_seconds": args.settle}],
-                       batch=args.burst_batch, max_tokens=args.burst_tokens)
+    cfg = write_config(
+        base / "daemon.yaml",
+        model=model,
+        db=base / "index.db",
+        folders=[{"path": str(folder), "settle_seconds": args.settle}],
+        batch=args.burst_batch,
+        max_tokens=args.burst_tokens,
+    )
     timeline = []
     with DaemonProc(cfg, base / "daemon.log", sample_every=0.1) as d:
         time.sleep(1.0)
@@ -1026,8 +1250,14 @@ def bench_burst(args, work: Path) -> Result:
         while True:
             counts = dict(con.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
             done = len({e["path"] for e in captioned_under(d, folder)})
-            timeline.append({"t": round(time.time() - t_drop, 2), **counts, "sidecars": done,
-                             "rss": d.rss[-1][1] if d.rss else 0})
+            timeline.append(
+                {
+                    "t": round(time.time() - t_drop, 2),
+                    **counts,
+                    "sidecars": done,
+                    "rss": d.rss[-1][1] if d.rss else 0,
+                }
+            )
             if done >= n:
                 break
             if d.proc.poll() is not None:
@@ -1048,16 +1278,25 @@ def bench_burst(args, work: Path) -> Result:
     model_s = sum(e.get("ms", 0) for e in got) / 1000
     max_running = max(s.get("running", 0) for s in timeline)
     max_pending = max(s.get("pending", 0) for s in timeline)
-    res = {"images": n, "drop_seconds": t_dropped - t_drop, "first_sidecar_s": first,
-           "drain_s": last, "images_per_s": n / last,
-           "steady_images_per_s": (n - 1) / (last - first) if last > first else None,
-           "model_busy": model_s / (last - first) if last > first else None,
-           "max_running": max_running, "max_pending": max_pending,
-           "rss_idle": rss_idle, "peak_rss": mem.get("VmHWM", 0),
-           "rss_after": mem.get("VmRSS", 0), "timeline": timeline}
+    res = {
+        "images": n,
+        "drop_seconds": t_dropped - t_drop,
+        "first_sidecar_s": first,
+        "drain_s": last,
+        "images_per_s": n / last,
+        "steady_images_per_s": (n - 1) / (last - first) if last > first else None,
+        "model_busy": model_s / (last - first) if last > first else None,
+        "max_running": max_running,
+        "max_pending": max_pending,
+        "rss_idle": rss_idle,
+        "peak_rss": mem.get("VmHWM", 0),
+        "rss_after": mem.get("VmRSS", 0),
+        "timeline": timeline,
+    }
     # A few points of the queue over time.
-    pick = sorted({0, len(timeline) // 4, len(timeline) // 2, 3 * len(timeline) // 4,
-                   len(timeline) - 1})
+    pick = sorted(
+        {0, len(timeline) // 4, len(timeline) // 2, 3 * len(timeline) // 4, len(timeline) - 1}
+    )
     lines = [
         f"{n:,} new {args.burst_image_size[0]}x{args.burst_image_size[1]} JPEGs moved into the "
         f"watched folder of an idle daemon at once ({res['drop_seconds']:.2f} s to move them; "
@@ -1065,19 +1304,47 @@ def bench_burst(args, work: Path) -> Result:
         f"{args.burst_tokens} tokens per image: the fastest model rate, the hardest on the "
         "rest of the pipeline).",
         "",
-        *table(["drain (drop -> last sidecar)", "images/s", "first sidecar", "model busy",
-                "peak RSS", "RSS idle before", "RSS after", "max running jobs"],
-               [[f"{last:.1f} s", f"{res['images_per_s']:.1f}", f"{first:.2f} s",
-                 f"{res['model_busy']:.0%}" if res["model_busy"] else "-",
-                 f"{mib(res['peak_rss'])} MiB", f"{mib(rss_idle)} MiB",
-                 f"{mib(res['rss_after'])} MiB", max_running]]),
+        *table(
+            [
+                "drain (drop -> last sidecar)",
+                "images/s",
+                "first sidecar",
+                "model busy",
+                "peak RSS",
+                "RSS idle before",
+                "RSS after",
+                "max running jobs",
+            ],
+            [
+                [
+                    f"{last:.1f} s",
+                    f"{res['images_per_s']:.1f}",
+                    f"{first:.2f} s",
+                    f"{res['model_busy']:.0%}" if res["model_busy"] else "-",
+                    f"{mib(res['peak_rss'])} MiB",
+                    f"{mib(rss_idle)} MiB",
+                    f"{mib(res['rss_after'])} MiB",
+                    max_running,
+                ]
+            ],
+        ),
         "",
         "Queue over time (jobs table; `running` is bounded by the pipeline's in-flight limit):",
         "",
-        *table(["t", "pending", "running", "done", "sidecars", "RSS"],
-               [[f"{timeline[i]['t']:.1f} s", timeline[i].get("pending", 0),
-                 timeline[i].get("running", 0), timeline[i].get("done", 0),
-                 timeline[i]["sidecars"], f"{mib(timeline[i]['rss'])} MiB"] for i in pick]),
+        *table(
+            ["t", "pending", "running", "done", "sidecars", "RSS"],
+            [
+                [
+                    f"{timeline[i]['t']:.1f} s",
+                    timeline[i].get("pending", 0),
+                    timeline[i].get("running", 0),
+                    timeline[i].get("done", 0),
+                    timeline[i]["sidecars"],
+                    f"{mib(timeline[i]['rss'])} MiB",
+                ]
+                for i in pick
+            ],
+        ),
         "",
         f"Checked: {n:,} sidecars, {n:,} index rows `written`, {n:,} jobs `done`, no failures.",
     ]
@@ -1090,29 +1357,57 @@ def bench_burst(args, work: Path) -> Result:
 MODEL_DIMS = {
     # Moondream2's size: SigLIP 27 x 1152 at 378 px / patch 14 (729 image tokens), Phi 24 x
     # 2048, vocab 51200.
-    "moondream": {"vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                 num_attention_heads=16, image_size=378, patch_size=14),
-                  "text": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                               num_attention_heads=32),
-                  "vocab": 51200},
+    "moondream": {
+        "vision": dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=378,
+            patch_size=14,
+        ),
+        "text": dict(
+            hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32
+        ),
+        "vocab": 51200,
+    },
     # Small enough for CPU benchmarks, big enough that its time goes to matrix kernels (which
     # release the GIL) rather than to Python, like a real model's.
-    "small": {"vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                             num_attention_heads=4, image_size=112, patch_size=16),
-              "text": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                           num_attention_heads=8),
-              "vocab": None},  # the tokenizer's own size
+    "small": {
+        "vision": dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=16,
+        ),
+        "text": dict(
+            hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8
+        ),
+        "vocab": None,
+    },  # the tokenizer's own size
     # A code check of the GPU benchmark on CPU.
-    "smoke": {"vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, image_size=56, patch_size=14),
-              "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4),
-              "vocab": 51200},
+    "smoke": {
+        "vision": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+        ),
+        "text": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        ),
+        "vocab": 51200,
+    },
 }
 
 
-def build_random_llava(out_dir: Path, size: str, *, device: str = "cpu",
-                       dtype: str = "float32") -> Path:
+def build_random_llava(
+    out_dir: Path, size: str, *, device: str = "cpu", dtype: str = "float32"
+) -> Path:
     """A random-weight LlavaForConditionalGeneration of MODEL_DIMS[size] with the tiny
     models' word tokenizer and chat template (generation only ever produces content words and
     never stops early, so every image costs exactly max_tokens tokens)."""
@@ -1141,25 +1436,41 @@ def build_random_llava(out_dir: Path, size: str, *, device: str = "cpu",
     # Ids past the tokenizer's words exist in the model only: never generate them.
     suppressed = sorted(set(suppressed) | set(range(len(tok), vocab)))
     vis = dims["vision"]
-    tcfg = PhiConfig(vocab_size=vocab, max_position_embeddings=4096, partial_rotary_factor=0.5,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id, **dims["text"])
+    tcfg = PhiConfig(
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        partial_rotary_factor=0.5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **dims["text"],
+    )
     image_tokens = (vis["image_size"] // vis["patch_size"]) ** 2
-    config = LlavaConfig(vision_config=SiglipVisionConfig(**vis), text_config=tcfg,
-                         image_token_index=tok.convert_tokens_to_ids(_IMAGE_TOKEN),
-                         vision_feature_layer=-1, vision_feature_select_strategy="full",
-                         image_seq_length=image_tokens)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "float32": torch.float32}[dtype]
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(**vis),
+        text_config=tcfg,
+        image_token_index=tok.convert_tokens_to_ids(_IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_seq_length=image_tokens,
+    )
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+        dtype
+    ]
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(torch_dtype).eval()
     model.generation_config = _generation_config(tok, suppressed)
     processor = LlavaProcessor(
         image_processor=SiglipImageProcessor(
-            size={"height": vis["image_size"], "width": vis["image_size"]}),
-        tokenizer=tok, patch_size=vis["patch_size"], vision_feature_select_strategy="full",
-        num_additional_image_tokens=0, chat_template=LLAVA_CHAT_TEMPLATE,
-        image_token=_IMAGE_TOKEN)
+            size={"height": vis["image_size"], "width": vis["image_size"]}
+        ),
+        tokenizer=tok,
+        patch_size=vis["patch_size"],
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=_IMAGE_TOKEN,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -1178,9 +1489,16 @@ class GpuSampler:
         if shutil.which("nvidia-smi") is None:
             return self
         self.proc = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
-             "--format=csv,noheader,nounits", "-lms", "100"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu,memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "100",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
         return self
 
@@ -1210,30 +1528,49 @@ def bench_gpu(args, work: Path) -> Result:
     smoke = args.gpu_smoke
     device = "cpu" if smoke else "cuda"
     if not smoke and not torch.cuda.is_available():
-        return Result("gpu", ["Not run: no CUDA device on this machine. On a GPU machine: "
-                              "`.venv/bin/python bench/run.py gpu`."], {"skipped": True},
-                      ok=True)
+        return Result(
+            "gpu",
+            [
+                "Not run: no CUDA device on this machine. On a GPU machine: "
+                "`.venv/bin/python bench/run.py gpu`."
+            ],
+            {"skipped": True},
+            ok=True,
+        )
     dtype = "float32" if smoke else "bfloat16"
     base = work / "gpu"
     t0 = time.perf_counter()
-    model = build_random_llava(base / "model", "smoke" if smoke else "moondream",
-                               device=device, dtype=dtype)
+    model = build_random_llava(
+        base / "model", "smoke" if smoke else "moondream", device=device, dtype=dtype
+    )
     if device == "cuda":
         torch.cuda.empty_cache()
-    log(f"gpu: built the {'small smoke-test' if smoke else 'Moondream2-sized'} model in "
-        f"{time.perf_counter() - t0:.0f}s")
+    log(
+        f"gpu: built the {'small smoke-test' if smoke else 'Moondream2-sized'} model in "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
     T = args.gpu_tokens
     batches = sorted(set(args.gpu_batches))
-    backend = load_backend(ModelConfig(backend="transformers", path=str(model), revision=None,
-                                       batch_size=max(batches), max_tokens=T, device=device,
-                                       dtype=dtype))
+    backend = load_backend(
+        ModelConfig(
+            backend="transformers",
+            path=str(model),
+            revision=None,
+            batch_size=max(batches),
+            max_tokens=T,
+            device=device,
+            dtype=dtype,
+        )
+    )
     params = sum(p.numel() for p in backend._model.parameters())
     tasks = FolderConfig(path=Path("/")).tasks(T)
     from PIL import Image
 
     n_img = args.gpu_images
-    imgs = [Image.open(io.BytesIO(image_bytes(5 * 10**6 + i, (640, 480)))).convert("RGB")
-            for i in range(n_img)]
+    imgs = [
+        Image.open(io.BytesIO(image_bytes(5 * 10**6 + i, (640, 480)))).convert("RGB")
+        for i in range(n_img)
+    ]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sweep = {}
     for bs in batches:
@@ -1245,7 +1582,7 @@ def bench_gpu(args, work: Path) -> Result:
         outs = 0
         t0 = time.perf_counter()
         for s in range(0, n_img, bs):
-            out = backend.describe(imgs[s:s + bs], tasks)
+            out = backend.describe(imgs[s : s + bs], tasks)
             outs += sum(1 for o in out if o[0].strip())
         sync()
         secs = time.perf_counter() - t0
@@ -1265,9 +1602,16 @@ def bench_gpu(args, work: Path) -> Result:
     folder.mkdir()
     n = args.gpu_queue
     staged = write_images(base / "stage", range(6 * 10**6, 6 * 10**6 + n), (640, 480))
-    cfg = write_config(base / "daemon.yaml", model=model, db=base / "index.db",
-                       folders=[{"path": str(folder), "settle_seconds": args.pipeline_settle}],
-                       batch=best, max_tokens=T, device=device, dtype=dtype)
+    cfg = write_config(
+        base / "daemon.yaml",
+        model=model,
+        db=base / "index.db",
+        folders=[{"path": str(folder), "settle_seconds": args.pipeline_settle}],
+        batch=best,
+        max_tokens=T,
+        device=device,
+        dtype=dtype,
+    )
     sampler = GpuSampler().start()
     try:
         with DaemonProc(cfg, base / "daemon.log") as d:
@@ -1296,31 +1640,54 @@ def bench_gpu(args, work: Path) -> Result:
     lines = [
         f"Random-weight model of Moondream2's size ({params / 1e9:.2f} B parameters: SigLIP "
         f"27 x 1152 at 378 px / patch 14, Phi 24 x 2048, vocab 51200), {dtype}, {T} generated "
-        f"tokens per image, {n_img} images per batch size." if not smoke else
-        f"SMOKE TEST on CPU with a shrunken model ({params / 1e6:.1f} M parameters): checks "
+        f"tokens per image, {n_img} images per batch size."
+        if not smoke
+        else f"SMOKE TEST on CPU with a shrunken model ({params / 1e6:.1f} M parameters): checks "
         "the code path only; the figures mean nothing.",
         "",
-        *table(["batch", "images/s", "vs batch 1", "peak GPU memory"],
-               [[bs, f"{v['images_per_s']:.2f}", f"{v['images_per_s'] / seq:.2f}x",
-                 f"{mib(v['peak_mem'])} MiB"] for bs, v in sweep.items()]),
+        *table(
+            ["batch", "images/s", "vs batch 1", "peak GPU memory"],
+            [
+                [
+                    bs,
+                    f"{v['images_per_s']:.2f}",
+                    f"{v['images_per_s'] / seq:.2f}x",
+                    f"{mib(v['peak_mem'])} MiB",
+                ]
+                for bs, v in sweep.items()
+            ],
+        ),
         "",
         f"Daemon draining {n} images at batch {best}: {drain_rate:.2f} images/s from the drop, "
         f"GPU utilisation {util:.0f}% (mean of nvidia-smi samples from the first batch to the "
         f"last sidecar), {mem:.0f} MiB GPU memory in use."
-        if util is not None else
-        f"Daemon draining {n} images at batch {best}: {drain_rate:.2f} images/s "
+        if util is not None
+        else f"Daemon draining {n} images at batch {best}: {drain_rate:.2f} images/s "
         "(no nvidia-smi: utilisation not sampled).",
         "",
         f"Goals >= 90% busy and batched >= 3x sequential ({speedup:.1f}x): "
         f"{'met' if ok else 'NOT met'}.",
     ]
-    return Result("gpu", lines, {"smoke": smoke, "params": params, "sweep": sweep,
-                                 "best_batch": best, "queue": n, "drain_images_per_s":
-                                 drain_rate, "gpu_util_mean": util, "gpu_mem_mib": mem,
-                                 "speedup": speedup, "goal_met": ok})
+    return Result(
+        "gpu",
+        lines,
+        {
+            "smoke": smoke,
+            "params": params,
+            "sweep": sweep,
+            "best_batch": best,
+            "queue": n,
+            "drain_images_per_s": drain_rate,
+            "gpu_util_mean": util,
+            "gpu_mem_mib": mem,
+            "speedup": speedup,
+            "goal_met": ok,
+        },
+    )
 
 
 # --- driver ---------------------------------------------------------------------------------
+
 
 def size_arg(text: str) -> tuple[int, int]:
     w, _, h = text.lower().partition("x")
@@ -1332,44 +1699,75 @@ def ints(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
-                   help=f"any of {', '.join(ALL_BENCHMARKS)}, or all (default: the CPU ones; "
-                        "gpu too when CUDA is there)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes: n 64, 1 round, 10 drops, 10k files, 1k burst")
-    p.add_argument("--no-record", action="store_true",
-                   help="do not append to bench/RESULTS.md")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "benchmarks",
+        nargs="*",
+        metavar="BENCHMARK",
+        help=f"any of {', '.join(ALL_BENCHMARKS)}, or all (default: the CPU ones; "
+        "gpu too when CUDA is there)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: n 64, 1 round, 10 drops, 10k files, 1k burst",
+    )
+    p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--note", default="", help="a line to record with the results")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch CPU threads for the tiny model, here and in the daemons "
-                        "(default 1: its ops are too small to split, and a second OpenMP "
-                        "thread makes timings erratic on a busy 2-core machine; 0: torch's "
-                        "default)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for the tiny model, here and in the daemons "
+        "(default 1: its ops are too small to split, and a second OpenMP "
+        "thread makes timings erratic on a busy 2-core machine; 0: torch's "
+        "default)",
+    )
     g = p.add_argument_group("pipeline")
     g.add_argument("--n", type=int, default=200, help="images per round (default 200)")
-    g.add_argument("--model", choices=("tiny", "small"), default="tiny",
-                   help="tiny: the tests' tiny llava (default; its time is Python overhead, "
-                        "which holds the GIL); small: a random-weight model whose time goes "
-                        "to matrix kernels, as a real model's does")
+    g.add_argument(
+        "--model",
+        choices=("tiny", "small"),
+        default="tiny",
+        help="tiny: the tests' tiny llava (default; its time is Python overhead, "
+        "which holds the GIL); small: a random-weight model whose time goes "
+        "to matrix kernels, as a real model's does",
+    )
     g.add_argument("--rounds", type=int, default=3)
-    g.add_argument("--skip-a", action="store_true",
-                   help="skip (a), the bare loop at batch 1 (slow on --model small)")
-    g.add_argument("--batches", type=ints, default=[1, 4, 8, 16, 32],
-                   help="batch sizes tried for the best one (default 1,4,8,16,32)")
-    g.add_argument("--max-tokens", type=int, default=120,
-                   help="tokens generated per image (default 120, the config's max_tokens; "
-                        "the tiny model always generates exactly this many)")
+    g.add_argument(
+        "--skip-a",
+        action="store_true",
+        help="skip (a), the bare loop at batch 1 (slow on --model small)",
+    )
+    g.add_argument(
+        "--batches",
+        type=ints,
+        default=[1, 4, 8, 16, 32],
+        help="batch sizes tried for the best one (default 1,4,8,16,32)",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=120,
+        help="tokens generated per image (default 120, the config's max_tokens; "
+        "the tiny model always generates exactly this many)",
+    )
     g.add_argument("--image-size", type=size_arg, default=(320, 240))
-    g.add_argument("--pipeline-settle", type=float, default=0.25,
-                   help="settle_seconds for the throughput daemons (default 0.25)")
+    g.add_argument(
+        "--pipeline-settle",
+        type=float,
+        default=0.25,
+        help="settle_seconds for the throughput daemons (default 0.25)",
+    )
     g = p.add_argument_group("latency, burst")
     g.add_argument("--drops", type=int, default=50)
-    g.add_argument("--settle", type=float, default=1.0,
-                   help="settle_seconds (default 1.0, the config default)")
+    g.add_argument(
+        "--settle", type=float, default=1.0, help="settle_seconds (default 1.0, the config default)"
+    )
     g.add_argument("--idle-gap", type=float, default=0.3)
     g.add_argument("--daemon-batch", type=int, default=8)
     g.add_argument("--burst", type=int, default=10_000)
@@ -1384,15 +1782,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gpu-tokens", type=int, default=32)
     g.add_argument("--gpu-images", type=int, default=64)
     g.add_argument("--gpu-queue", type=int, default=500)
-    g.add_argument("--gpu-smoke", action="store_true",
-                   help="run the gpu benchmark on CPU with a shrunken model (a code check)")
+    g.add_argument(
+        "--gpu-smoke",
+        action="store_true",
+        help="run the gpu benchmark on CPU with a shrunken model (a code check)",
+    )
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in (*ALL_BENCHMARKS, "all")]
     if unknown:
         p.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(ALL_BENCHMARKS)}, all")
     if args.quick:
-        defaults = {"n": 64, "rounds": 1, "drops": 10, "scale_files": 10_000, "burst": 1000,
-                    "gpu_images": 16, "gpu_queue": 32}
+        defaults = {
+            "n": 64,
+            "rounds": 1,
+            "drops": 10,
+            "scale_files": 10_000,
+            "burst": 1000,
+            "gpu_images": 16,
+            "gpu_queue": 32,
+        }
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
@@ -1408,8 +1816,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def record(results: list[Result], info: dict, commit: str, command: str, started: float,
-           note: str) -> str:
+def record(
+    results: list[Result], info: dict, commit: str, command: str, started: float, note: str
+) -> str:
     when = dt.datetime.fromtimestamp(started, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     gpu = f", {info['gpu']}" if info.get("gpu") else ""
     lines = [
@@ -1438,23 +1847,36 @@ def _load() -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
-    command = " ".join(shlex.quote(a) for a in [
-        ".venv/bin/python" if Path(sys.executable).parent.parent == ROOT / ".venv"
-        else sys.executable, "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        shlex.quote(a)
+        for a in [
+            ".venv/bin/python"
+            if Path(sys.executable).parent.parent == ROOT / ".venv"
+            else sys.executable,
+            "bench/run.py",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
     quiet_logging()
     if args.torch_threads > 0:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-        THREAD_ENV.update({"OMP_NUM_THREADS": str(args.torch_threads),
-                           "MKL_NUM_THREADS": str(args.torch_threads)})
+        THREAD_ENV.update(
+            {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
+        )
     info = machine()
     commit = git_commit()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="watcher-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"scratch folder {work}")
-    fns = {"pipeline": bench_pipeline, "latency": bench_latency, "scale": bench_scale,
-           "burst": bench_burst, "gpu": bench_gpu}
+    fns = {
+        "pipeline": bench_pipeline,
+        "latency": bench_latency,
+        "scale": bench_scale,
+        "burst": bench_burst,
+        "gpu": bench_gpu,
+    }
     results: list[Result] = []
     try:
         for name in args.benchmarks:
@@ -1464,13 +1886,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 res = fns[name](args, work)
             except BenchFailure as e:
-                res = Result(name, [f"FAILED (no speed reported): {e}"], {"error": str(e)},
-                             ok=False)
+                res = Result(
+                    name, [f"FAILED (no speed reported): {e}"], {"error": str(e)}, ok=False
+                )
             res.data["seconds"] = round(time.perf_counter() - t0, 1)
             load1 = _load()
             res.data["load_avg"] = [load0, load1]
-            res.lines.append(f"Machine load (1-minute average, other users included): {load0:.2f} "
-                             f"at the start, {load1:.2f} at the end, on {os.cpu_count()} cores.")
+            res.lines.append(
+                f"Machine load (1-minute average, other users included): {load0:.2f} "
+                f"at the start, {load1:.2f} at the end, on {os.cpu_count()} cores."
+            )
             results.append(res)
             print(f"\n### {res.name}\n\n" + "\n".join(res.lines) + "\n", flush=True)
     finally:
@@ -1479,14 +1904,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = record(results, info, commit, command, started, args.note)
     OUT_DIR.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
-    (OUT_DIR / f"results-{stamp}.json").write_text(json.dumps(
-        {"machine": info, "commit": commit, "command": command,
-         "results": {r.name: {"ok": r.ok, **r.data} for r in results}}, indent=1,
-        default=str))
+    (OUT_DIR / f"results-{stamp}.json").write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "commit": commit,
+                "command": command,
+                "results": {r.name: {"ok": r.ok, **r.data} for r in results},
+            },
+            indent=1,
+            default=str,
+        )
+    )
     if not args.no_record:
         if not RESULTS_MD.exists():
-            RESULTS_MD.write_text("# Benchmark results\n\nAppended by `bench/run.py` "
-                                  "(see bench/README.md); newest last.\n")
+            RESULTS_MD.write_text(
+                "# Benchmark results\n\nAppended by `bench/run.py` "
+                "(see bench/README.md); newest last.\n"
+            )
         with open(RESULTS_MD, "a") as f:
             f.write("\n" + text)
         log(f"appended to {RESULTS_MD.relative_to(ROOT)}")

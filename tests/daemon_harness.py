@@ -18,8 +18,12 @@ import yaml
 from watcher.paths import decode, encode
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition",
-             interval: float = 0.05):
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 60.0,
+    what: str = "condition",
+    interval: float = 0.05,
+):
     """Poll `predicate` until truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -70,8 +74,12 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra) -> Path:
     data = {
-        "model": {"backend": "transformers", "path": str(model_path), "batch_size": 8,
-                  "max_tokens": 6},
+        "model": {
+            "backend": "transformers",
+            "path": str(model_path),
+            "batch_size": 8,
+            "max_tokens": 6,
+        },
         "database": str(tmp_path / "index.db"),
         "log": {"level": "info", "format": "json"},
         "folders": folders,
@@ -84,23 +92,40 @@ def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra)
 
 
 class Daemon:
-    def __init__(self, config: Path, tmp_path: Path, *args: str, env: dict | None = None,
-                 wrapper: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        config: Path,
+        tmp_path: Path,
+        *args: str,
+        env: dict | None = None,
+        wrapper: tuple[str, ...] = (),
+    ):
         """`wrapper`: a command the daemon runs under (e.g. setpriv dropping capabilities)."""
         self.config = config
         self.wrapper = tuple(wrapper)
         self.db = Path(yaml.safe_load(config.read_text())["database"])
         self.log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
         self.args = args
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                    **(env or {})}
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True) -> Daemon:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "watcher", "--config", str(self.config), "run",
-             *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+            [
+                *self.wrapper,
+                sys.executable,
+                "-m",
+                "watcher",
+                "--config",
+                str(self.config),
+                "run",
+                *self.args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
         if wait_ready:
             wait_for(lambda: self.logged("watching") or self._dead(), 120, "daemon start")
             assert self.proc.poll() is None, self.log_text()
@@ -122,8 +147,11 @@ class Daemon:
         return out
 
     def logged(self, event: str, **fields) -> list[dict]:
-        return [e for e in self.events() if e.get("event") == event and all(
-            e.get(k) == v for k, v in fields.items())]
+        return [
+            e
+            for e in self.events()
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -175,8 +203,9 @@ class Daemon:
     def job_state(self, path: Path) -> tuple | None:
         con = sqlite3.connect(self.db, timeout=30)
         try:
-            return con.execute("SELECT state, error FROM jobs WHERE path = ?",
-                               (encode(path),)).fetchone()
+            return con.execute(
+                "SELECT state, error FROM jobs WHERE path = ?", (encode(path),)
+            ).fetchone()
         finally:
             con.close()
 

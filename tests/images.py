@@ -25,9 +25,15 @@ def _parent(path: Path | str) -> Path:
     return path
 
 
-def write_jpeg(path: Path | str, size: tuple[int, int] = (64, 48),
-               color: tuple[int, int, int] = RED, exif_orientation: int | None = None, *,
-               marker: bool = False, quality: int = 90) -> Path:
+def write_jpeg(
+    path: Path | str,
+    size: tuple[int, int] = (64, 48),
+    color: tuple[int, int, int] = RED,
+    exif_orientation: int | None = None,
+    *,
+    marker: bool = False,
+    quality: int = 90,
+) -> Path:
     """A solid-colour JPEG. `exif_orientation` sets the EXIF Orientation tag (the pixels are
     stored as given). `marker` puts a black square in the stored top-left corner, so a test can
     see where the image's corner ended up."""
@@ -44,16 +50,23 @@ def write_jpeg(path: Path | str, size: tuple[int, int] = (64, 48),
     return path
 
 
-def write_png(path: Path | str, size: tuple[int, int] = (64, 48),
-              color: tuple[int, ...] = GREEN, mode: str = "RGB") -> Path:
+def write_png(
+    path: Path | str,
+    size: tuple[int, int] = (64, 48),
+    color: tuple[int, ...] = GREEN,
+    mode: str = "RGB",
+) -> Path:
     """A solid PNG in `mode` (RGB, RGBA, L, LA, P, 1, ...); `color` is given in that mode."""
     path = _parent(path)
     Image.new(mode, size, color).save(path, "PNG")
     return path
 
 
-def write_cmyk_jpeg(path: Path | str, size: tuple[int, int] = (64, 48),
-                    cmyk: tuple[int, int, int, int] = (0, 255, 255, 0)) -> Path:
+def write_cmyk_jpeg(
+    path: Path | str,
+    size: tuple[int, int] = (64, 48),
+    cmyk: tuple[int, int, int, int] = (0, 255, 255, 0),
+) -> Path:
     """A CMYK JPEG (as print workflows write them); the default ink is pure red."""
     path = _parent(path)
     Image.new("CMYK", size, cmyk).save(path, "JPEG", quality=95)
@@ -103,8 +116,9 @@ def _frames(size: tuple[int, int], colors) -> list[Image.Image]:
     return [Image.new("RGB", size, c) for c in colors]
 
 
-def write_animated_gif(path: Path | str, size: tuple[int, int] = (64, 48),
-                       colors=(RED, GREEN, BLUE)) -> Path:
+def write_animated_gif(
+    path: Path | str, size: tuple[int, int] = (64, 48), colors=(RED, GREEN, BLUE)
+) -> Path:
     """An animated GIF, one solid frame per colour (the first frame is `colors[0]`)."""
     path = _parent(path)
     first, *rest = _frames(size, colors)
@@ -112,19 +126,23 @@ def write_animated_gif(path: Path | str, size: tuple[int, int] = (64, 48),
     return path
 
 
-def write_animated_webp(path: Path | str, size: tuple[int, int] = (64, 48),
-                        colors=(RED, GREEN, BLUE)) -> Path:
+def write_animated_webp(
+    path: Path | str, size: tuple[int, int] = (64, 48), colors=(RED, GREEN, BLUE)
+) -> Path:
     """An animated WebP, one solid frame per colour (the first frame is `colors[0]`)."""
     path = _parent(path)
     first, *rest = _frames(size, colors)
-    first.save(path, "WEBP", save_all=True, append_images=rest, duration=100, loop=0,
-               lossless=True)
+    first.save(path, "WEBP", save_all=True, append_images=rest, duration=100, loop=0, lossless=True)
     return path
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
-    return (struct.pack(">I", len(body)) + kind + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(body))
+        + kind
+        + body
+        + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -144,8 +162,12 @@ def _bomb_png_bytes(width: int, height: int) -> bytes:
         left -= n
     out.append(z.flush())
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(out))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", b"".join(out))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def write_bomb_png(path: Path | str, size: tuple[int, int] = (30000, 30000)) -> Path:
@@ -161,8 +183,9 @@ def write_big_jpeg(path: Path | str, size: tuple[int, int] = (8000, 6000)) -> Pa
     rising from top to bottom, green falling, blue constant 128."""
     path = _parent(path)
     g = Image.linear_gradient("L").resize(size, Image.Resampling.BILINEAR)  # 0 top, 255 bottom
-    im = Image.merge("RGB", (g, g.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
-                             Image.new("L", size, 128)))
+    im = Image.merge(
+        "RGB", (g, g.transpose(Image.Transpose.FLIP_TOP_BOTTOM), Image.new("L", size, 128))
+    )
     im.save(path, "JPEG", quality=70)
     return path
 

@@ -12,12 +12,11 @@ from daemon_harness import Daemon, wait_for, write_config
 from images import distinct_image
 from test_worker import _run, _work
 
-import watcher.worker as worker_mod
-from watcher.worker import STOP, Captioned, ModelWorker
+import watcher.pipeline.model_worker as worker_mod
+from watcher.pipeline.model_worker import STOP, Captioned, ModelWorker
 
 
-def test_images_being_decoded_are_waited_for_however_quick_the_last_call(tmp_path,
-                                                                         monkeypatch):
+def test_images_being_decoded_are_waited_for_however_quick_the_last_call(tmp_path, monkeypatch):
     # The "may come" wait has run out at once (as after a very quick model call, or a model
     # that is faster than decoding): only the images known to be in decode can fill it.
     monkeypatch.setattr(worker_mod, "FILL_WAIT", 0.0)
@@ -63,33 +62,46 @@ def test_a_lone_image_goes_alone_and_says_so(tmp_path) -> None:
 def _calls(d: Daemon, folder: Path) -> list[int]:
     """The daemon's model calls under `folder`, as images per call, from the `batch` field
     of its `captioned` log lines (a call of s images gives s lines saying s)."""
-    seen = collections.Counter(e["batch"] for e in d.logged("captioned")
-                               if e["path"].startswith(str(folder) + os.sep))
+    seen = collections.Counter(
+        e["batch"] for e in d.logged("captioned") if e["path"].startswith(str(folder) + os.sep)
+    )
     return sorted((s for s, k in seen.items() for _ in range(k // s)), reverse=True)
 
 
-def test_a_burst_into_the_daemon_runs_full_batches_and_a_lone_image_goes_alone(tmp_path,
-                                                                            tiny_llava):
+def test_a_burst_into_the_daemon_runs_full_batches_and_a_lone_image_goes_alone(
+    tmp_path, tiny_llava
+):
     watched, staging = tmp_path / "watched", tmp_path / "staging"
     (watched / "burst").mkdir(parents=True)
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}],
-                       model={"backend": "transformers", "path": str(tiny_llava),
-                              "batch_size": 16, "max_tokens": 6, "isolate": False},
-                       decode_threads=1, max_side=64)
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched), "settle_seconds": 0.3}],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 16,
+            "max_tokens": 6,
+            "isolate": False,
+        },
+        decode_threads=1,
+        max_side=64,
+    )
     # Large PNGs (no reduced-scale decode), one decode thread, and small images for the
     # model: decoding a batch takes longer than the tiny model takes to caption it, as
     # with a real model on a GPU.
     n = 32
-    staged = [distinct_image(i, staging / f"img{i:03d}.png", size=(1600, 1200))
-              for i in range(n)]
+    staged = [distinct_image(i, staging / f"img{i:03d}.png", size=(1600, 1200)) for i in range(n)]
     with Daemon(cfg, tmp_path) as d:
         for p in staged:  # moved in at once, as a copy tool finishing a folder does
             os.rename(p, watched / "burst" / p.name)
-        wait_for(lambda: all(d.captioned(watched / "burst" / p.name) for p in staged), 120,
-                 "every image of the burst")
+        wait_for(
+            lambda: all(d.captioned(watched / "burst" / p.name) for p in staged),
+            120,
+            "every image of the burst",
+        )
         assert _calls(d, watched / "burst") == [16] * (n // 16)
         distinct_image(n, watched / "lone.jpg")
         wait_for(lambda: d.captioned(watched / "lone.jpg"), 60, "the lone image")
-        assert [e["batch"] for e in d.logged("captioned", path=str(watched / "lone.jpg"))] \
-            == [1]
+        assert [e["batch"] for e in d.logged("captioned", path=str(watched / "lone.jpg"))] == [1]
     assert d.proc.returncode == 0

@@ -15,8 +15,7 @@ from images import distinct_image, write_empty, write_text_as_png
 
 def _config(tmp_path: Path, model: Path, **extra) -> Path:
     data = {
-        "model": {"backend": "transformers", "path": str(model), "batch_size": 4,
-                  "max_tokens": 8},
+        "model": {"backend": "transformers", "path": str(model), "batch_size": 4, "max_tokens": 8},
         "database": str(tmp_path / "index.db"),
         "log": {"level": "warning"},
     }
@@ -32,9 +31,13 @@ def _config(tmp_path: Path, model: Path, **extra) -> Path:
 def _rows(db: Path) -> dict[str, tuple]:
     con = sqlite3.connect(db)
     try:
-        return {r[0]: r[1:] for r in con.execute(
-            "SELECT path, caption, task, model, sidecar, sidecar_state, width, height "
-            "FROM images")}
+        return {
+            r[0]: r[1:]
+            for r in con.execute(
+                "SELECT path, caption, task, model, sidecar, sidecar_state, width, height "
+                "FROM images"
+            )
+        }
     finally:
         con.close()
 
@@ -61,8 +64,9 @@ def test_caption_twenty_images_search_and_second_run(tmp_path, tiny_llava, monke
 
     # A word found in exactly one sidecar finds that image first.
     counts = Counter(w for t in sidecars.values() for w in set(t.lower().split()))
-    stem, word = next((s, w) for s, t in sorted(sidecars.items())
-                      for w in t.lower().split() if counts[w] == 1)
+    stem, word = next(
+        (s, w) for s, t in sorted(sidecars.items()) for w in t.lower().split() if counts[w] == 1
+    )
     code, out, _ = _run("--config", str(cfg), "search", word)
     assert code == 0
     assert out.splitlines()[0] == str(pics / f"{stem}.jpg")
@@ -157,8 +161,9 @@ def test_usage_and_config_errors_exit_2(tmp_path, tiny_llava):
     bad.write_text("folders:\n  - path: /x\n    task: detailed\n")
     code, _, err = _run("--config", str(bad), "caption", str(tmp_path))
     assert code == 2
-    assert "folders[0].task: expected one of prompt, short, normal, long, query; " \
-           "got 'detailed'" in err
+    assert (
+        "folders[0].task: expected one of prompt, short, normal, long, query; got 'detailed'" in err
+    )
     assert _run("caption")[0] == 2
 
 
@@ -208,16 +213,31 @@ def test_python_dash_m_works(tmp_path, tiny_llava, task):
     pics = tmp_path / "pics"
     distinct_image(5, pics / "a.jpg")
     cfg = _config(tmp_path, tiny_llava)
-    r = subprocess.run([sys.executable, "-m", "watcher", "--config", str(cfg), "caption",
-                        "--task", task, str(pics)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "--config",
+            str(cfg),
+            "caption",
+            "--task",
+            task,
+            str(pics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "1 new, 0 up to date, 0 failed" in r.stdout
 
 
 @pytest.mark.timeout(120)
-def test_unexpected_writer_error_gives_jobs_back_and_caption_finishes(tmp_path, tiny_llava,
-                                                                      monkeypatch):
+def test_unexpected_writer_error_gives_jobs_back_and_caption_finishes(
+    tmp_path, tiny_llava, monkeypatch
+):
     """A bug that escapes the writer's batch must not leave jobs `running` (caption would
     wait on them forever): they are retried, and here the retry succeeds."""
     from watcher.index import Index

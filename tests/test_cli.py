@@ -21,8 +21,13 @@ import watcher.backends as backends
 
 def config(tmp_path: Path, model: Path, **extra) -> Path:
     data = {
-        "model": {"backend": "transformers", "path": str(model), "batch_size": 4,
-                  "max_tokens": 8, "isolate": False},
+        "model": {
+            "backend": "transformers",
+            "path": str(model),
+            "batch_size": 4,
+            "max_tokens": 8,
+            "isolate": False,
+        },
         "database": str(tmp_path / "index.db"),
         "log": {"level": "warning"},
         "retry_backoff": 0.05,
@@ -46,6 +51,7 @@ def row(db: Path, path: Path) -> dict:
 @pytest.fixture
 def no_model(monkeypatch):
     """Any attempt to load the model fails the test."""
+
     def refuse(*_a, **_k):
         raise AssertionError("the model was loaded")
 
@@ -62,6 +68,7 @@ def env(**extra) -> dict:
 
 
 # -- bug 3: failures of deleted files ---------------------------------------------------------
+
 
 def test_deleted_failed_image_is_forgotten_by_retry_status_and_caption(tmp_path, tiny_llava):
     pics = tmp_path / "pics"
@@ -104,6 +111,7 @@ def test_caption_forgets_a_deleted_failed_image(tmp_path, tiny_llava):
 
 # -- bug 4: a deleted sidecar is work to do ---------------------------------------------------
 
+
 def test_deleted_sidecar_is_written_again_from_the_index(tmp_path, tiny_llava, monkeypatch):
     pics = tmp_path / "pics"
     distinct_image(1, pics / "a.jpg")
@@ -116,7 +124,9 @@ def test_deleted_sidecar_is_written_again_from_the_index(tmp_path, tiny_llava, m
     (pics / "a.txt").unlink()
     code, out, _ = run_cli("--config", str(cfg), "caption", str(pics))
     assert (code, out.strip()) == (
-        0, "0 new, 1 up to date, 1 missing sidecar written again from the index")
+        0,
+        "0 new, 1 up to date, 1 missing sidecar written again from the index",
+    )
     assert (pics / "a.txt").read_text() == caption + "\n"
 
     (pics / "a.txt").unlink()
@@ -131,6 +141,7 @@ def test_deleted_sidecar_is_written_again_from_the_index(tmp_path, tiny_llava, m
 
 # -- bug 5: other settings are work to do -------------------------------------------------------
 
+
 def test_other_task_prefix_or_model_settings_caption_again(tmp_path, tiny_llava):
     pics = tmp_path / "pics"
     distinct_image(1, pics / "a.jpg")
@@ -142,8 +153,10 @@ def test_other_task_prefix_or_model_settings_caption_again(tmp_path, tiny_llava)
 
     code, out, _ = run_cli("--config", str(cfg), "caption", "--task", "prompt", str(pics))
     assert code == 0, out
-    assert summary(out) == ("0 new, 2 captioned again (other settings or --force), "
-                                   "0 up to date, 1 existing sidecar left alone, 0 failed")
+    assert summary(out) == (
+        "0 new, 2 captioned again (other settings or --force), "
+        "0 up to date, 1 existing sidecar left alone, 0 failed"
+    )
     assert f"sidecar kept: {pics / 'b.txt'}: edited by you; not overwritten" in out.splitlines()
     assert "(`--overwrite always` replaces kept sidecars)" in out.splitlines()
     assert row(db, pics / "a.jpg")["task"] == "prompt"
@@ -166,6 +179,7 @@ def test_other_task_prefix_or_model_settings_caption_again(tmp_path, tiny_llava)
 
 # -- bug 6: broken pipes and bytes that are not UTF-8 ------------------------------------------
 
+
 def _index_with_many_rows(tmp_path: Path, n: int = 3000) -> Path:
     from watcher.index import ImageRow, Index, connect, transaction
 
@@ -174,12 +188,28 @@ def _index_with_many_rows(tmp_path: Path, n: int = 3000) -> Path:
     index = Index(db)
     with transaction(db):
         for i in range(n):
-            index.upsert(ImageRow(
-                path=f"/pics/{i:05d}.jpg", root="/pics", sha256=f"{i:064x}", size=1,
-                mtime_ns=1, width=1, height=1, caption=f"a blue sky over the sea number {i} "
-                + "with clouds " * 5, task="short", outputs={}, model="m", revision=None,
-                sidecar=None, sidecar_sha256=None, sidecar_state="written",
-                sidecar_error=None, created=0.0, updated=0.0))
+            index.upsert(
+                ImageRow(
+                    path=f"/pics/{i:05d}.jpg",
+                    root="/pics",
+                    sha256=f"{i:064x}",
+                    size=1,
+                    mtime_ns=1,
+                    width=1,
+                    height=1,
+                    caption=f"a blue sky over the sea number {i} " + "with clouds " * 5,
+                    task="short",
+                    outputs={},
+                    model="m",
+                    revision=None,
+                    sidecar=None,
+                    sidecar_sha256=None,
+                    sidecar_state="written",
+                    sidecar_error=None,
+                    created=0.0,
+                    updated=0.0,
+                )
+            )
     db.conn.close()
     return db_path
 
@@ -189,8 +219,13 @@ def test_search_piped_into_head_exits_quietly(tmp_path):
     for args in ("search sky --json --limit 5000", "search sky --limit 5000"):
         r = subprocess.run(
             f"set -o pipefail; {sys.executable} -m watcher --db {db} {args} | head -1",
-            shell=True, executable="/bin/bash", capture_output=True, text=True, env=env(),
-            timeout=120)
+            shell=True,
+            executable="/bin/bash",
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=120,
+        )
         assert r.stderr == "", r.stderr
         assert r.returncode == 141  # as `cat` or `grep` killed by SIGPIPE
         assert len(r.stdout.splitlines()) == 1
@@ -198,8 +233,13 @@ def test_search_piped_into_head_exits_quietly(tmp_path):
 
 def test_search_query_that_is_not_utf8_is_a_clear_error(tmp_path):
     db = _index_with_many_rows(tmp_path, 3)
-    r = subprocess.run([sys.executable, "-m", "watcher", "--db", str(db), "search",
-                        b"sky\xff"], capture_output=True, text=True, env=env(), timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "watcher", "--db", str(db), "search", b"sky\xff"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr == "watcher: the search text is not valid UTF-8; captions are UTF-8 text\n"
 
@@ -210,13 +250,32 @@ def test_search_json_scores_grow_with_relevance(tmp_path):
 
     conn = connect(db)
     with transaction(conn):
-        for name, caption in (("best", "sky sky sky"), ("worse", "sky and a long caption "
-                                                               "about many other things")):
-            Index(conn).upsert(ImageRow(
-                path=f"/p/{name}.jpg", root="/p", sha256=name, size=1, mtime_ns=1, width=1,
-                height=1, caption=caption, task="short", outputs={}, model="m", revision=None,
-                sidecar=None, sidecar_sha256=None, sidecar_state="written", sidecar_error=None,
-                created=0.0, updated=0.0))
+        for name, caption in (
+            ("best", "sky sky sky"),
+            ("worse", "sky and a long caption about many other things"),
+        ):
+            Index(conn).upsert(
+                ImageRow(
+                    path=f"/p/{name}.jpg",
+                    root="/p",
+                    sha256=name,
+                    size=1,
+                    mtime_ns=1,
+                    width=1,
+                    height=1,
+                    caption=caption,
+                    task="short",
+                    outputs={},
+                    model="m",
+                    revision=None,
+                    sidecar=None,
+                    sidecar_sha256=None,
+                    sidecar_state="written",
+                    sidecar_error=None,
+                    created=0.0,
+                    updated=0.0,
+                )
+            )
     code, out, _ = run_cli("--db", str(db), "search", "sky", "--json")
     hits = json.loads(out)
     assert [h["path"] for h in hits] == ["/p/best.jpg", "/p/worse.jpg"]
@@ -224,6 +283,7 @@ def test_search_json_scores_grow_with_relevance(tmp_path):
 
 
 # -- bug 7: control characters, kept vs done ----------------------------------------------------
+
 
 def test_progress_lines_escape_newlines_and_say_kept(tmp_path, tiny_llava):
     pics = tmp_path / "pics"
@@ -236,16 +296,25 @@ def test_progress_lines_escape_newlines_and_say_kept(tmp_path, tiny_llava):
     lines = out.splitlines()
     progress = [ln for ln in lines if ln.startswith("[")]
     assert len(progress) == 2, out
-    assert any(ln.startswith("[") and "] done: " in ln and "new\\x0aline.jpg" in ln
-               and "new\\x0aline.txt" in ln for ln in progress), out
-    assert any("] kept: " in ln and "existing sidecar left alone" in ln and "mine.txt" in ln
-               for ln in progress), out
-    assert (f"sidecar kept: {pics / 'mine.txt'}: not written by watcher (your own); not "
-            "overwritten") in lines, out
+    assert any(
+        ln.startswith("[")
+        and "] done: " in ln
+        and "new\\x0aline.jpg" in ln
+        and "new\\x0aline.txt" in ln
+        for ln in progress
+    ), out
+    assert any(
+        "] kept: " in ln and "existing sidecar left alone" in ln and "mine.txt" in ln
+        for ln in progress
+    ), out
+    assert (
+        f"sidecar kept: {pics / 'mine.txt'}: not written by watcher (your own); not overwritten"
+    ) in lines, out
     assert "(`--overwrite always` replaces kept sidecars)" in lines, out
 
 
 # -- bug 8: a progress bar on a terminal, log lines above it ------------------------------------
+
 
 def _run_in_pty(argv: list[str], timeout: float = 240) -> tuple[int, str]:
     import pty
@@ -281,12 +350,12 @@ def test_progress_bar_on_a_terminal_has_rate_and_eta_and_logs_above_it(tmp_path,
     for i in range(12):
         distinct_image(i, pics / f"{i:02d}.jpg")
     cfg = config(tmp_path, tiny_llava, log={"level": "info"})
-    code, text = _run_in_pty([sys.executable, "-m", "watcher", "--config", str(cfg),
-                              "caption", str(pics)])
+    code, text = _run_in_pty(
+        [sys.executable, "-m", "watcher", "--config", str(cfg), "caption", str(pics)]
+    )
     assert code == 0, text
     # What a terminal shows: the bar redraws with \r; each log line is a line of its own.
-    screen_lines = [seg for ln in text.replace("\r\n", "\n").split("\n")
-                    for seg in ln.split("\r")]
+    screen_lines = [seg for ln in text.replace("\r\n", "\n").split("\n") for seg in ln.split("\r")]
     bars = [s for s in screen_lines if s.startswith("captioning")]
     assert bars, text
     assert re.search(r"12/12 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+ images/s\]", bars[-1]), bars[-1]
@@ -301,8 +370,13 @@ def test_no_bar_when_not_a_terminal_and_no_slow_processor_warning(tmp_path, tiny
     pics = tmp_path / "pics"
     distinct_image(1, pics / "a.jpg")
     cfg = config(tmp_path, tiny_llava)
-    r = subprocess.run([sys.executable, "-m", "watcher", "--config", str(cfg), "caption",
-                        str(pics)], capture_output=True, text=True, env=env(), timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "watcher", "--config", str(cfg), "caption", str(pics)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=240,
+    )
     assert r.returncode == 0
     assert r.stdout.splitlines()[0].startswith("[1/1] done: ")
     assert "images/s" not in r.stdout and "\r" not in r.stdout
@@ -311,27 +385,37 @@ def test_no_bar_when_not_a_terminal_and_no_slow_processor_warning(tmp_path, tiny
 
 # -- bug 9: no network, missing model -----------------------------------------------------------
 
+
 def test_model_fetch_without_network_says_what_to_do(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "watcher", "model", "fetch"], capture_output=True,
-                       text=True, timeout=120,
-                       env=env(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
-                               HF_HOME=str(tmp_path / "hf"),
-                               HF_ENDPOINT="http://127.0.0.1:9",  # nothing listens there
-                               WATCHER_CONFIG=str(tmp_path / "none.yaml")))
+    r = subprocess.run(
+        [sys.executable, "-m", "watcher", "model", "fetch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(
+            HF_HUB_OFFLINE="0",
+            TRANSFORMERS_OFFLINE="0",
+            HF_HOME=str(tmp_path / "hf"),
+            HF_ENDPOINT="http://127.0.0.1:9",  # nothing listens there
+            WATCHER_CONFIG=str(tmp_path / "none.yaml"),
+        ),
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     errors = r.stderr.strip().splitlines()
     assert len(errors) == 1, r.stderr
-    assert errors[0].startswith("watcher: cannot download from the Hugging Face Hub: "
-                                "no connection")
+    assert errors[0].startswith("watcher: cannot download from the Hugging Face Hub: no connection")
     assert "run `watcher model fetch` again" in errors[0]
     assert "Traceback" not in r.stderr and "MaxRetryError(" not in r.stderr
 
 
 def test_model_fetch_with_offline_mode_set_names_it(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "watcher", "model", "fetch"], capture_output=True,
-                       text=True, timeout=120,
-                       env=env(HF_HOME=str(tmp_path / "hf"),
-                               WATCHER_CONFIG=str(tmp_path / "none.yaml")))
+    r = subprocess.run(
+        [sys.executable, "-m", "watcher", "model", "fetch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(HF_HOME=str(tmp_path / "hf"), WATCHER_CONFIG=str(tmp_path / "none.yaml")),
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "HF_HUB_OFFLINE is set in your environment; unset it" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -341,11 +425,16 @@ def test_run_with_missing_model_says_it_once_without_blaming_offline_mode(tmp_pa
     pics = tmp_path / "pics"
     pics.mkdir()
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump({"database": str(tmp_path / "index.db"),
-                                   "folders": [{"path": str(pics)}]}))
-    r = subprocess.run([sys.executable, "-m", "watcher", "--config", str(cfg), "run"],
-                       capture_output=True, text=True, timeout=120,
-                       env=env(HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf")))
+    cfg.write_text(
+        yaml.safe_dump({"database": str(tmp_path / "index.db"), "folders": [{"path": str(pics)}]})
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "watcher", "--config", str(cfg), "run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf")),
+    )
     assert r.returncode == 2
     assert r.stderr.count("vikhyatk/moondream2") == 1, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -354,6 +443,7 @@ def test_run_with_missing_model_says_it_once_without_blaming_offline_mode(tmp_pa
 
 
 # -- the model is loaded only when needed -------------------------------------------------------
+
 
 def test_copies_and_failures_need_no_model(tmp_path, tiny_llava, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
@@ -369,12 +459,12 @@ def test_copies_and_failures_need_no_model(tmp_path, tiny_llava, monkeypatch):
     monkeypatch.setattr(backends, "open_backend", lambda *a, **k: pytest.fail("model loaded"))
     code, out, _ = run_cli("--config", str(cfg), "caption", str(second))
     assert code == 1, out
-    assert ("2 new, 0 up to date (2 copies of identical images, no model work), 1 failed"
-            in out), out
+    assert "2 new, 0 up to date (2 copies of identical images, no model work), 1 failed" in out, out
     assert (second / "copy.txt").read_text() == (first / "a.txt").read_text()
 
 
 # -- bug 10 is tests/test_photon.py::test_close_waits_for_running_requests_and_cancels_... ------
+
 
 def test_photon_close_between_submissions_fails_the_images_not_the_call():
     """close() arriving while describe() is queuing its requests (deterministically: the
@@ -420,20 +510,28 @@ def test_photon_close_between_submissions_fails_the_images_not_the_call():
 
 # -- bugs 4 and 5 in the daemon's catch-up scan --------------------------------------------------
 
+
 @pytest.mark.timeout(300)
-def test_daemon_start_writes_a_missing_sidecar_and_recaptions_other_settings(tmp_path,
-                                                                             tiny_llava):
+def test_daemon_start_writes_a_missing_sidecar_and_recaptions_other_settings(tmp_path, tiny_llava):
     from daemon_harness import Daemon, wait_for, write_config
 
     pics = tmp_path / "pics"
     distinct_image(1, pics / "a.jpg")
     distinct_image(2, pics / "b.jpg")
-    model = {"backend": "transformers", "path": str(tiny_llava), "batch_size": 8,
-             "max_tokens": 6, "isolate": False}
+    model = {
+        "backend": "transformers",
+        "path": str(tiny_llava),
+        "batch_size": 8,
+        "max_tokens": 6,
+        "isolate": False,
+    }
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics)}], model=model)
     with Daemon(cfg, tmp_path) as d:
-        wait_for(lambda: d.captioned(pics / "a.jpg") and d.captioned(pics / "b.jpg"), 120,
-                 "first captions")
+        wait_for(
+            lambda: d.captioned(pics / "a.jpg") and d.captioned(pics / "b.jpg"),
+            120,
+            "first captions",
+        )
     caption_a = (pics / "a.txt").read_text()
     (pics / "a.txt").unlink()
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics)}], model=model)
@@ -442,14 +540,15 @@ def test_daemon_start_writes_a_missing_sidecar_and_recaptions_other_settings(tmp
         assert (pics / "a.txt").read_text() == caption_a
         wait_for(lambda: d.logged("scan done"), 60, "scan")
         assert d.logged("scan done")[0]["sidecars_restored"] == 1
-        assert d.logged("missing sidecar written again from the index",
-                        path=str(pics / "a.jpg"))
+        assert d.logged("missing sidecar written again from the index", path=str(pics / "a.jpg"))
     # Another task for the folder: both images are work to do at the next start.
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics), "task": "prompt"}],
-                       model=model)
+    cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics), "task": "prompt"}], model=model)
     with Daemon(cfg, tmp_path) as d:
-        wait_for(lambda: all(r["task"] == "prompt" for r in d.rows().values()), 120,
-                 "captioned again with task prompt")
+        wait_for(
+            lambda: all(r["task"] == "prompt" for r in d.rows().values()),
+            120,
+            "captioned again with task prompt",
+        )
         assert d.logged("scan done")[0]["outdated"] == 2
         wait_for(lambda: d.captioned(pics / "a.jpg"), 60, "done")
         assert (pics / "a.txt").read_text() == d.rows()[str(pics / "a.jpg")]["caption"] + "\n"
@@ -463,8 +562,13 @@ def test_caption_piped_into_head_finishes_the_work_and_exits_quietly(tmp_path, t
     r = subprocess.run(
         f"set -o pipefail; {sys.executable} -m watcher --config {cfg} caption {pics} "
         "| head -c 1 >/dev/null",
-        shell=True, executable="/bin/bash", capture_output=True, text=True, env=env(),
-        timeout=240)
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=240,
+    )
     assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr, r.stderr
     assert r.returncode in (0, 141)  # 0 when everything was written before head left
     assert all((pics / f"{i}.txt").exists() for i in range(6))

@@ -30,6 +30,7 @@ def _captioned(tmp_path: Path, tiny_llava: Path, n: int = 2) -> tuple[Path, Path
 
 # -- show
 
+
 def test_show_prints_sidecar_caption_model_and_state(tmp_path, tiny_llava):
     pics, cfg = _captioned(tmp_path, tiny_llava)
     r = row(tmp_path / "index.db", pics / "a.jpg")
@@ -41,14 +42,18 @@ def test_show_prints_sidecar_caption_model_and_state(tmp_path, tiny_llava):
     assert f"  sidecar: {pics / 'a.txt'}" in lines
     assert f"  sidecar text: {r['caption']}" in lines
     assert f"  caption (index): {r['caption']}" in lines
-    assert any(ln.startswith(f"  model: {tiny_llava}") and ln.endswith(", task short")
-               for ln in lines), out
+    assert any(
+        ln.startswith(f"  model: {tiny_llava}") and ln.endswith(", task short") for ln in lines
+    ), out
 
     (pics / "a.txt").write_text("edited\n")
     code, out, _ = run_cli("--config", str(cfg), "show", str(pics / "a.jpg"), "--json")
     info = json.loads(out)
-    assert (info["sidecar_text"], info["caption"], info["task"]) == ("edited\n", r["caption"],
-                                                                    "short")
+    assert (info["sidecar_text"], info["caption"], info["task"]) == (
+        "edited\n",
+        r["caption"],
+        "short",
+    )
     assert info["model"] == str(tiny_llava) and info["outputs"] == {"short": r["caption"]}
 
     code, _, err = run_cli("--config", str(cfg), "show", str(pics / "nope.jpg"))
@@ -57,18 +62,22 @@ def test_show_prints_sidecar_caption_model_and_state(tmp_path, tiny_llava):
 
 # -- prune and status
 
+
 def test_prune_removes_rows_of_missing_images_and_status_counts_them(tmp_path, tiny_llava):
     pics, cfg = _captioned(tmp_path, tiny_llava)
     moved = tmp_path / "moved"
     shutil.move(str(pics), str(moved))  # the whole folder moved away (or unmounted)
     code, out, _ = run_cli("--config", str(cfg), "status")
-    assert "index rows of missing files: 2 (their folders are gone; `watcher prune` removes " \
-           "them)" in out
+    assert (
+        "index rows of missing files: 2 (their folders are gone; `watcher prune` removes "
+        "them)" in out
+    )
 
     code, out, _ = run_cli("--config", str(cfg), "prune", "--dry-run")
     assert code == 0
-    assert out.splitlines()[0] == ("would remove 2 index rows and 2 jobs of images that no "
-                                   "longer exist")
+    assert out.splitlines()[0] == (
+        "would remove 2 index rows and 2 jobs of images that no longer exist"
+    )
     assert f"  {pics / 'a.jpg'}" in out.splitlines()
     code, out, _ = run_cli("--config", str(cfg), "prune")
     assert out.splitlines()[0] == "removed 2 index rows and 2 jobs of images that no longer exist"
@@ -79,6 +88,7 @@ def test_prune_removes_rows_of_missing_images_and_status_counts_them(tmp_path, t
 
 
 # -- init
+
 
 def test_init_writes_a_commented_config_with_the_defaults(tmp_path):
     from watcher.config import Config, load_config
@@ -93,8 +103,11 @@ def test_init_writes_a_commented_config_with_the_defaults(tmp_path):
     cfg = load_config(target)
     assert [f.path for f in cfg.folders] == [pics]
     defaults = Config()
-    assert (cfg.model, cfg.max_pixels, cfg.log) == (defaults.model, defaults.max_pixels,
-                                                    defaults.log)
+    assert (cfg.model, cfg.max_pixels, cfg.log) == (
+        defaults.model,
+        defaults.max_pixels,
+        defaults.log,
+    )
     assert cfg.folders[0] == defaults.with_folders([pics]).folders[0]
 
     code, _, err = run_cli("--config", str(target), "init")
@@ -106,33 +119,40 @@ def test_init_writes_a_commented_config_with_the_defaults(tmp_path):
 
 # -- --force, recaption, --dry-run
 
+
 def test_caption_force_runs_the_model_again_under_the_overwrite_policy(tmp_path, tiny_llava):
     pics, cfg = _captioned(tmp_path, tiny_llava)
     (pics / "b.txt").write_text("mine\n")
     first = (pics / "a.txt").read_text()
     code, out, _ = run_cli("--config", str(cfg), "caption", "--force", str(pics))
     assert code == 0, out
-    assert summary(out) == ("0 new, 2 captioned again (other settings or --force), 0 up to "
-                            "date, 1 existing sidecar left alone, 0 failed")
+    assert summary(out) == (
+        "0 new, 2 captioned again (other settings or --force), 0 up to "
+        "date, 1 existing sidecar left alone, 0 failed"
+    )
     assert "no model work" not in out  # the model really ran again
     assert (pics / "a.txt").read_text() == first  # deterministic model: same text
     assert (pics / "b.txt").read_text() == "mine\n"
 
-    code, out, _ = run_cli("--config", str(cfg), "caption", "--force", "--overwrite", "always",
-                           str(pics))
+    code, out, _ = run_cli(
+        "--config", str(cfg), "caption", "--force", "--overwrite", "always", str(pics)
+    )
     assert code == 0 and "left alone" not in out, out
     assert (pics / "b.txt").read_text() == row(tmp_path / "index.db", pics / "b.jpg")[
-        "caption"] + "\n"
+        "caption"
+    ] + "\n"
 
 
 def test_recaption_paths_folder_and_query(tmp_path, tiny_llava):
     pics, cfg = _captioned(tmp_path, tiny_llava)
     code, out, _ = run_cli("--config", str(cfg), "recaption", str(pics / "a.jpg"))
     assert code == 0, out
-    assert summary(out).startswith("0 new, 1 captioned again (other settings or --force), 1 up "
-                                   "to date")
-    code, out, _ = run_cli("--config", str(cfg), "recaption", "--folder", str(pics),
-                           "--task", "prompt")
+    assert summary(out).startswith(
+        "0 new, 1 captioned again (other settings or --force), 1 up to date"
+    )
+    code, out, _ = run_cli(
+        "--config", str(cfg), "recaption", "--folder", str(pics), "--task", "prompt"
+    )
     assert code == 0 and "2 captioned again" in summary(out), out
     assert row(tmp_path / "index.db", pics / "b.jpg")["task"] == "prompt"
     word = row(tmp_path / "index.db", pics / "b.jpg")["caption"].split()[0].strip(",")
@@ -142,8 +162,9 @@ def test_recaption_paths_folder_and_query(tmp_path, tiny_llava):
     assert code == 2 and "recaption needs images, --folder DIR or --query TEXT" in err
 
 
-def test_caption_dry_run_says_what_would_happen_and_changes_nothing(tmp_path, tiny_llava,
-                                                                  monkeypatch):
+def test_caption_dry_run_says_what_would_happen_and_changes_nothing(
+    tmp_path, tiny_llava, monkeypatch
+):
     pics, cfg = _captioned(tmp_path, tiny_llava)
     distinct_image(7, pics / "new.jpg")
     (pics / "a.txt").unlink()
@@ -154,15 +175,29 @@ def test_caption_dry_run_says_what_would_happen_and_changes_nothing(tmp_path, ti
         "would caption 1 image (1 new, 0 changed, 0 with other settings, 0 failed before), "
         "write 1 missing sidecar from the index, forget 0 deleted images; 1 up to date",
         f"would caption: {pics / 'new.jpg'}",
-        f"would write the missing sidecar of: {pics / 'a.jpg'}"]
+        f"would write the missing sidecar of: {pics / 'a.jpg'}",
+    ]
     assert not (pics / "new.txt").exists() and not (pics / "a.txt").exists()
     assert row(tmp_path / "index.db", pics / "new.jpg") == {}
 
 
 # -- conventions
 
-COMMANDS = ["caption", "recaption", "run", "search", "status", "retry", "show", "prune", "init",
-            "reload", "model", "service", "completion"]
+COMMANDS = [
+    "caption",
+    "recaption",
+    "run",
+    "search",
+    "status",
+    "retry",
+    "show",
+    "prune",
+    "init",
+    "reload",
+    "model",
+    "service",
+    "completion",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -198,6 +233,7 @@ def test_completion_script(monkeypatch):
 
 # -- caption while the daemon runs
 
+
 @pytest.mark.timeout(300)
 def test_caption_hands_work_to_the_running_daemon(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
@@ -205,18 +241,30 @@ def test_caption_hands_work_to_the_running_daemon(tmp_path, tiny_llava):
     other = tmp_path / "other"
     for i in range(3):
         distinct_image(i, other / f"{i}.jpg")
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched)}],
-                       model={"backend": "transformers", "path": str(tiny_llava),
-                              "batch_size": 8, "max_tokens": 6, "isolate": False})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched)}],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 8,
+            "max_tokens": 6,
+            "isolate": False,
+        },
+    )
     with Daemon(cfg, tmp_path):
-        r = subprocess.run([sys.executable, "-m", "watcher", "--config", str(cfg), "caption",
-                            str(other)], capture_output=True, text=True, env=env(),
-                           timeout=240)
+        r = subprocess.run(
+            [sys.executable, "-m", "watcher", "--config", str(cfg), "caption", str(other)],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=240,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "is using" in r.stderr and "handing it 3 images" in r.stderr
         assert "3 new, 0 up to date, 0 failed" in r.stdout
-        assert sum(ln.startswith("[") and "] done: " in ln
-                   for ln in r.stdout.splitlines()) == 3
+        assert sum(ln.startswith("[") and "] done: " in ln for ln in r.stdout.splitlines()) == 3
         for i in range(3):
             assert (other / f"{i}.txt").read_text().endswith("\n")
         code, out, _ = run_cli("--config", str(cfg), "caption", str(other))
@@ -226,6 +274,7 @@ def test_caption_hands_work_to_the_running_daemon(tmp_path, tiny_llava):
 
 
 # -- the README's "Using it" examples
+
 
 def test_readme_using_it_examples_run(tmp_path, tiny_llava):
     """Each example of the README's "Using it" section (as in the notes for the lead), run
@@ -269,8 +318,7 @@ def test_show_never_opens_a_pipe_or_follows_a_link_at_the_sidecar_name(tmp_path,
     (pics / "b.txt").unlink()
     (pics / "b.txt").symlink_to(secret)
     for name in ("a", "b"):
-        code, out, _ = run_cli("--config", str(cfg), "show", str(pics / f"{name}.jpg"),
-                               "--json")
+        code, out, _ = run_cli("--config", str(cfg), "show", str(pics / f"{name}.jpg"), "--json")
         assert code == 0 and json.loads(out)["sidecar_text"] is None
     code, out, _ = run_cli("--config", str(cfg), "show", str(pics / "b.jpg"))
     assert f"  sidecar: {pics / 'b.txt'}  (missing, or not a regular file)" in out

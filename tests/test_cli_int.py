@@ -28,7 +28,8 @@ def _row(db: Path, path: Path) -> dict:
 
 
 def test_a_kept_sidecar_is_up_to_date_next_time_and_show_gives_both_texts(
-        tmp_path, tiny_llava, monkeypatch):
+    tmp_path, tiny_llava, monkeypatch
+):
     pics = tmp_path / "pics"
     distinct_image(1, pics / "a.jpg")
     distinct_image(2, pics / "b.jpg")
@@ -97,7 +98,8 @@ def test_non_utf8_names_restore_show_status_and_prune(tmp_path, tiny_llava):
 
 
 def test_a_missing_sidecar_is_not_restored_through_a_folder_swapped_for_a_link(
-        tmp_path, tiny_llava):
+    tmp_path, tiny_llava
+):
     pics, outside = tmp_path / "pics", tmp_path / "outside"
     distinct_image(1, pics / "sub" / "x.jpg")
     cfg = config(tmp_path, tiny_llava, folders=[{"path": str(pics)}])

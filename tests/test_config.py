@@ -30,34 +30,58 @@ def test_example_config_loads_and_documents_every_key(tmp_path: Path) -> None:
         assert f"{f.name}:" in text, f"model.{f.name} is not documented in the example"
     for f in dataclasses.fields(FolderConfig):
         assert f"{f.name}:" in text, f"folder key {f.name} is not documented in the example"
-    for key in ("database", "decode_threads", "max_pixels", "max_side", "max_attempts",
-                "retry_backoff", "log", "defaults"):
+    for key in (
+        "database",
+        "decode_threads",
+        "max_pixels",
+        "max_side",
+        "max_attempts",
+        "retry_backoff",
+        "log",
+        "defaults",
+    ):
         assert f"{key}:" in text
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"folders": [{"path": "/a"}, {"path": "/b", "task": "detailed"}]},
-         "cfg.yaml: folders[1].task: expected one of prompt, short, normal, long, query; "
-         "got 'detailed'"),
+        (
+            {"folders": [{"path": "/a"}, {"path": "/b", "task": "detailed"}]},
+            "cfg.yaml: folders[1].task: expected one of prompt, short, normal, long, query; "
+            "got 'detailed'",
+        ),
         ({"folders": [{"task": "short"}]}, "cfg.yaml: folders[0].path: missing"),
-        ({"folders": [{"path": "/a", "overwrite": "sometimes"}]},
-         "folders[0].overwrite: expected one of never, ours, always; got 'sometimes'"),
-        ({"folders": [{"path": "/a", "settle_seconds": "soon"}]},
-         "folders[0].settle_seconds: expected a number >= 0; got 'soon'"),
-        ({"folders": [{"path": "/a", "polling": "yes"}]},
-         "folders[0].polling: expected true or false; got 'yes'"),
+        (
+            {"folders": [{"path": "/a", "overwrite": "sometimes"}]},
+            "folders[0].overwrite: expected one of never, ours, always; got 'sometimes'",
+        ),
+        (
+            {"folders": [{"path": "/a", "settle_seconds": "soon"}]},
+            "folders[0].settle_seconds: expected a number >= 0; got 'soon'",
+        ),
+        (
+            {"folders": [{"path": "/a", "polling": "yes"}]},
+            "folders[0].polling: expected true or false; got 'yes'",
+        ),
         ({"folders": [{"path": "/a", "colour": 1}]}, "folders[0].colour: unknown key"),
-        ({"folders": [{"path": "/a", "task": "query"}]},
-         "folders[0].question: missing; task 'query' needs a question"),
-        ({"folders": [{"path": "/a", "sidecar": "captions/{stem}.txt"}]},
-         "folders[0].sidecar: expected a file name pattern"),
+        (
+            {"folders": [{"path": "/a", "task": "query"}]},
+            "folders[0].question: missing; task 'query' needs a question",
+        ),
+        (
+            {"folders": [{"path": "/a", "sidecar": "captions/{stem}.txt"}]},
+            "folders[0].sidecar: expected a file name pattern",
+        ),
         ({"model": {"batch_size": 0}}, "model.batch_size: expected an integer >= 1; got 0"),
-        ({"model": {"backend": "moondream", "revision": "main"}},
-         "model.revision: expected a tag or commit sha, not a branch; got 'main'"),
-        ({"model": {"backend": "moondream", "revision": None}},
-         "model.revision: remote code is only trusted on a pinned revision"),
+        (
+            {"model": {"backend": "moondream", "revision": "main"}},
+            "model.revision: expected a tag or commit sha, not a branch; got 'main'",
+        ),
+        (
+            {"model": {"backend": "moondream", "revision": None}},
+            "model.revision: remote code is only trusted on a pinned revision",
+        ),
         ({"model": {"backend": "gpt"}}, "model.backend: expected one of moondream"),
         ({"log": {"level": "loud"}}, "log.level: expected one of debug, info"),
         ({"max_pixels": True}, "max_pixels: expected an integer >= 1; got True"),
@@ -72,10 +96,14 @@ def test_config_errors_name_file_key_and_expectation(data, message: str) -> None
 
 
 def test_defaults_apply_to_folders_and_folders_override(tmp_path: Path) -> None:
-    cfg = parse_config({
-        "defaults": {"task": "prompt", "prefix": "mylora"},
-        "folders": [{"path": "a"}, {"path": "/b", "task": "long"}],
-    }, "cfg.yaml", base_dir=tmp_path)
+    cfg = parse_config(
+        {
+            "defaults": {"task": "prompt", "prefix": "mylora"},
+            "folders": [{"path": "a"}, {"path": "/b", "task": "long"}],
+        },
+        "cfg.yaml",
+        base_dir=tmp_path,
+    )
     a, b = cfg.folders
     assert a.path == tmp_path / "a" and a.task == "prompt" and a.prefix == "mylora"
     assert b.task == "long" and b.prefix == "mylora"

@@ -36,9 +36,18 @@ def test_events_create_copy_move_part_nested_and_slow_writer(tmp_path, tiny_llav
     watched.mkdir()
     outside.mkdir()
     settle = 1.5
-    cfg = write_config(tmp_path, tiny_llava, [{
-        "path": str(watched), "polling": polling, "poll_interval": 0.2,
-        "settle_seconds": settle}])
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [
+            {
+                "path": str(watched),
+                "polling": polling,
+                "poll_interval": 0.2,
+                "settle_seconds": settle,
+            }
+        ],
+    )
     with Daemon(cfg, tmp_path) as d:
         # created in place
         distinct_image(1, watched / "created.jpg")
@@ -60,11 +69,20 @@ def test_events_create_copy_move_part_nested_and_slow_writer(tmp_path, tiny_llav
             f.write(data[: len(data) // 2])
             f.flush()
             time.sleep(0.6)  # the pause is the scenario under test, not a wait for a result
-            f.write(data[len(data) // 2:])
-        expected = ["created.jpg", "copied.jpg", "moved.jpg", "download.png",
-                    "new/deeper/nested.jpg", "slow.png"]
-        wait_for(lambda: all(sidecar_ready(watched / e) for e in expected), 60,
-                 "sidecars for every arrival")
+            f.write(data[len(data) // 2 :])
+        expected = [
+            "created.jpg",
+            "copied.jpg",
+            "moved.jpg",
+            "download.png",
+            "new/deeper/nested.jpg",
+            "slow.png",
+        ]
+        wait_for(
+            lambda: all(sidecar_ready(watched / e) for e in expected),
+            60,
+            "sidecars for every arrival",
+        )
         rows = wait_for(lambda: (r := d.rows()) and len(r) == 6 and r, 30, "6 index rows")
         assert sorted(rows) == sorted(str(watched / e) for e in expected)
         slow = rows[str(watched / "slow.png")]
@@ -78,13 +96,19 @@ def test_events_create_copy_move_part_nested_and_slow_writer(tmp_path, tiny_llav
 def test_move_within_tree_and_delete(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     (watched / "sub").mkdir(parents=True)
-    cfg = write_config(tmp_path, tiny_llava, [{
-        "path": str(watched), "settle_seconds": 0.3, "on_delete": "remove-ours"}])
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched), "settle_seconds": 0.3, "on_delete": "remove-ours"}],
+    )
     with Daemon(cfg, tmp_path) as d:
         distinct_image(1, watched / "a.jpg")
         distinct_image(2, watched / "b.jpg")
-        wait_for(lambda: d.captioned(watched / "a.jpg") and d.captioned(watched / "b.jpg"),
-                 60, "first sidecars")
+        wait_for(
+            lambda: d.captioned(watched / "a.jpg") and d.captioned(watched / "b.jpg"),
+            60,
+            "first sidecars",
+        )
         caption = (watched / "a.txt").read_text()
         os.rename(watched / "a.jpg", watched / "sub" / "renamed.jpg")
         wait_for(lambda: str(watched / "sub" / "renamed.jpg") in d.rows(), 30, "row to move")
@@ -113,24 +137,38 @@ def test_modified_image_recaptioned_only_if_sidecar_is_ours(tmp_path, tiny_llava
     with Daemon(cfg, tmp_path) as d:
         distinct_image(1, watched / "ours.jpg")
         distinct_image(2, watched / "theirs.jpg")
-        wait_for(lambda: d.captioned(watched / "ours.jpg")
-                 and d.captioned(watched / "theirs.jpg"), 60, "sidecars")
+        wait_for(
+            lambda: d.captioned(watched / "ours.jpg") and d.captioned(watched / "theirs.jpg"),
+            60,
+            "sidecars",
+        )
         before = (watched / "ours.txt").read_text()
         (watched / "theirs.txt").write_text("my words\n")
         distinct_image(11, watched / "ours.jpg")
         distinct_image(12, watched / "theirs.jpg")
         new_sha = hashlib.sha256((watched / "theirs.jpg").read_bytes()).hexdigest()
-        wait_for(lambda: d.rows().get(str(watched / "theirs.jpg"), {}).get("sha256")
-                 == new_sha, 60, "re-caption of the modified image")
+        wait_for(
+            lambda: d.rows().get(str(watched / "theirs.jpg"), {}).get("sha256") == new_sha,
+            60,
+            "re-caption of the modified image",
+        )
         wait_for(lambda: (watched / "ours.txt").read_text() != before, 60, "ours rewritten")
         assert (watched / "theirs.txt").read_text() == "my words\n"
 
 
 def test_thousand_images_added_while_stopped(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched)}],
-                       model={"backend": "transformers", "path": str(tiny_llava),
-                              "batch_size": 16, "max_tokens": 4})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched)}],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 16,
+            "max_tokens": 4,
+        },
+    )
     for i in range(1000):
         distinct_image(i, watched / f"d{i // 100}" / f"{i:04d}.png", size=(32, 24))
     with Daemon(cfg, tmp_path) as d:
@@ -146,9 +184,17 @@ def test_thousand_images_added_while_stopped(tmp_path, tiny_llava):
 def test_kill_9_mid_burst_then_restart(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     watched.mkdir()
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}],
-                       model={"backend": "transformers", "path": str(tiny_llava),
-                              "batch_size": 8, "max_tokens": 4})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched), "settle_seconds": 0.2}],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 8,
+            "max_tokens": 4,
+        },
+    )
     d = Daemon(cfg, tmp_path).start()
     for i in range(500):
         distinct_image(i, watched / f"{i:03d}.png", size=(32, 24))
@@ -157,8 +203,11 @@ def test_kill_9_mid_burst_then_restart(tmp_path, tiny_llava):
     assert len(d.rows()) < 500, "too late: the burst had finished before the kill"
     with Daemon(cfg, tmp_path) as d2:
         wait_for(lambda: len(d2.rows()) == 500, 300, "500 rows after restart")
-        wait_for(lambda: all(sidecar_ready(watched / f"{i:03d}.png") for i in range(500)),
-                 30, "500 complete sidecars")
+        wait_for(
+            lambda: all(sidecar_ready(watched / f"{i:03d}.png") for i in range(500)),
+            30,
+            "500 complete sidecars",
+        )
     rows = d2.rows()
     assert len(rows) == 500
     for path, row in rows.items():
@@ -176,8 +225,9 @@ def test_three_copies_captioned_once(tmp_path, tiny_llava):
         for name in ("one.jpg", "two.jpg", "three.jpg"):
             shutil.copy(src, watched / name)
         names = ("one", "two", "three")
-        wait_for(lambda: all(d.captioned(watched / f"{n}.jpg") for n in names), 60,
-                 "three sidecars")
+        wait_for(
+            lambda: all(d.captioned(watched / f"{n}.jpg") for n in names), 60, "three sidecars"
+        )
         wait_for(lambda: len(d.logged("captioned")) == 3, 30, "three log lines")
         for e in d.logged("captioned"):  # every image: path, task, model, ms, outcome
             assert e["path"].startswith(str(watched)) and e["task"] == "short"
@@ -194,12 +244,21 @@ def test_sigterm_stops_quickly_with_exit_0_and_second_daemon_refused(tmp_path, t
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched)}])
     d = Daemon(cfg, tmp_path).start()
     second = subprocess.run(
-        [sys.executable, "-m", "watcher", "--config", str(cfg), "run"], capture_output=True,
-        text=True, timeout=60, env=d.env)
+        [sys.executable, "-m", "watcher", "--config", str(cfg), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=d.env,
+    )
     assert second.returncode == 2
     assert "already using" in second.stderr and "watcher run (pid" in second.stderr
-    out = subprocess.run([sys.executable, "-m", "watcher", "--config", str(cfg), "status",
-                          "--json"], capture_output=True, text=True, timeout=60, env=d.env)
+    out = subprocess.run(
+        [sys.executable, "-m", "watcher", "--config", str(cfg), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=d.env,
+    )
     report = json.loads(out.stdout)
     assert report["daemon"]["running"] and report["daemon"]["pid"] == d.proc.pid
     assert [f["path"] for f in report["daemon"]["folders"]] == [str(watched)]
@@ -224,9 +283,19 @@ def test_rescan_finds_what_the_watch_missed(tmp_path, tiny_llava):
     watched.mkdir()
     # A polling watch that does not look again within the test: only `rescan_minutes` (1.2 s)
     # can find a file added after start, as it would after an inotify queue overflow.
-    cfg = write_config(tmp_path, tiny_llava, [{
-        "path": str(watched), "polling": True, "poll_interval": 3600,
-        "rescan_minutes": 0.02, "settle_seconds": 0.1}])
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [
+            {
+                "path": str(watched),
+                "polling": True,
+                "poll_interval": 3600,
+                "rescan_minutes": 0.02,
+                "settle_seconds": 0.1,
+            }
+        ],
+    )
     with Daemon(cfg, tmp_path) as d:
         wait_for(lambda: d.logged("scan done"), 60, "the start-up scan")
         [startup] = d.logged("scan done")

@@ -49,8 +49,10 @@ def test_notify_ready_status_watchdog_stopping_in_order(tmp_path, tiny_llava):
         receive_until("STOPPING=1")
     finally:
         sock.close()
-    first = {k: next(i for i, line in enumerate(seen) if line.startswith(k))
-             for k in ("READY=1", "STATUS=", "WATCHDOG=1", "STOPPING=1")}
+    first = {
+        k: next(i for i, line in enumerate(seen) if line.startswith(k))
+        for k in ("READY=1", "STATUS=", "WATCHDOG=1", "STOPPING=1")
+    }
     assert first["READY=1"] < first["WATCHDOG=1"] < first["STOPPING=1"]
     assert first["READY=1"] <= first["STATUS="] < first["STOPPING=1"]
     status = next(line for line in seen if line.startswith("STATUS=") and "queued" in line)
@@ -70,26 +72,38 @@ def test_sighup_adds_a_folder_and_refuses_a_broken_config(tmp_path, tiny_llava):
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: d.logged("config reloaded"), 30, "reload")
         distinct_image(2, b / "after.jpg")
-        wait_for(lambda: d.captioned(b / "after.jpg") and d.captioned(b / "before.jpg"),
-                 60, "sidecars in the added folder")
+        wait_for(
+            lambda: d.captioned(b / "after.jpg") and d.captioned(b / "before.jpg"),
+            60,
+            "sidecars in the added folder",
+        )
         assert d.rows()[str(b / "after.jpg")]["task"] == "long"
 
         cfg.write_text("folders:\n  - path: /x\n    task: detailed\n")
         d.proc.send_signal(signal.SIGHUP)
-        [refused] = wait_for(lambda: d.logged("config reload refused; keeping the running "
-                                              "config"), 30, "refusal")
+        [refused] = wait_for(
+            lambda: d.logged("config reload refused; keeping the running config"), 30, "refusal"
+        )
         assert "folders[0].task: expected one of" in refused["reason"]
         assert d.proc.poll() is None
         distinct_image(3, a / "still.jpg")
         distinct_image(4, b / "still.jpg")
-        wait_for(lambda: d.captioned(a / "still.jpg") and d.captioned(b / "still.jpg"),
-                 60, "old config still running")
+        wait_for(
+            lambda: d.captioned(a / "still.jpg") and d.captioned(b / "still.jpg"),
+            60,
+            "old config still running",
+        )
 
         # `watcher reload` sends the same signal to the daemon found in the database.
         data["folders"] = data["folders"][:1]
         cfg.write_text(yaml.safe_dump(data))
-        r = subprocess.run([sys.executable, "-m", "watcher", "--config", str(cfg), "reload"],
-                           capture_output=True, text=True, timeout=60, env=d.env)
+        r = subprocess.run(
+            [sys.executable, "-m", "watcher", "--config", str(cfg), "reload"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=d.env,
+        )
         assert r.returncode == 0 and f"pid {d.proc.pid}" in r.stdout
         wait_for(lambda: len(d.logged("config reloaded")) == 2, 30, "second reload")
         wait_for(lambda: d.logged("stopped watching", folder=str(b)), 30, "b unwatched")
@@ -100,8 +114,8 @@ def test_watch_limit_fails_that_folder_only(tmp_path, monkeypatch):
     import watchdog.observers.inotify_c as inotify_c
 
     from watcher.config import Config
-    from watcher.daemon import Watch
-    from watcher.observer import Sink
+    from watcher.intake.observer import Sink
+    from watcher.service.daemon import Watch
 
     full, fine = tmp_path / "full", tmp_path / "fine"
     full.mkdir()
@@ -135,34 +149,53 @@ def test_failed_files_show_in_status_and_retry_requeues(tmp_path, tiny_llava):
     with Daemon(cfg, tmp_path) as d:
         write_text_as_png(watched / "notes.png")
         distinct_image(1, watched / "good.jpg")
-        wait_for(lambda: d.job_state(watched / "notes.png")
-                 and d.job_state(watched / "notes.png")[0] == "failed", 60, "failure")
+        wait_for(
+            lambda: (
+                d.job_state(watched / "notes.png")
+                and d.job_state(watched / "notes.png")[0] == "failed"
+            ),
+            60,
+            "failure",
+        )
         wait_for(lambda: d.captioned(watched / "good.jpg"), 60, "good sidecar")
         assert d.proc.poll() is None, "a bad file stopped the daemon"
         run = [sys.executable, "-m", "watcher", "--config", str(cfg)]
-        st = subprocess.run(run + ["status", "--json"], capture_output=True, text=True,
-                            timeout=60, env=d.env)
+        st = subprocess.run(
+            run + ["status", "--json"], capture_output=True, text=True, timeout=60, env=d.env
+        )
         report = json.loads(st.stdout)
         assert report["queue"]["failed"] == 1
         [failure] = report["failures"]
         assert failure["path"] == str(watched / "notes.png")
         assert failure["reason"].startswith("not an image")
-        text = subprocess.run(run + ["status"], capture_output=True, text=True, timeout=60,
-                              env=d.env).stdout
+        text = subprocess.run(
+            run + ["status"], capture_output=True, text=True, timeout=60, env=d.env
+        ).stdout
         assert "daemon: running" in text and f"{watched / 'notes.png'}: not an image" in text
         # Fix the file, then retry: it is captioned.
         distinct_image(2, tmp_path / "fixed.png")
         (tmp_path / "fixed.png").rename(watched / "notes.png")
         wait_for(lambda: d.captioned(watched / "notes.png"), 60, "captioned after fix")
         write_text_as_png(watched / "bad2.png")
-        wait_for(lambda: (d.job_state(watched / "bad2.png") or ("",))[0] == "failed", 60,
-                 "bad2 failed")
-        r = subprocess.run(run + ["retry", str(watched / "bad2.png")], capture_output=True,
-                           text=True, timeout=60, env=d.env)
+        wait_for(
+            lambda: (d.job_state(watched / "bad2.png") or ("",))[0] == "failed", 60, "bad2 failed"
+        )
+        r = subprocess.run(
+            run + ["retry", str(watched / "bad2.png")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=d.env,
+        )
         assert r.returncode == 0 and "1 failed image queued again" in r.stdout
-        wait_for(lambda: (d.job_state(watched / "bad2.png") or ("",))[0] == "failed"
-                 and len(d.logged("image failed", path=str(watched / "bad2.png"))) == 2, 60,
-                 "retried and failed again, with its reason")
+        wait_for(
+            lambda: (
+                (d.job_state(watched / "bad2.png") or ("",))[0] == "failed"
+                and len(d.logged("image failed", path=str(watched / "bad2.png"))) == 2
+            ),
+            60,
+            "retried and failed again, with its reason",
+        )
 
 
 def test_hung_model_worker_stops_the_watchdog_pings_and_idle_does_not(tmp_path, tiny_llava):
@@ -174,8 +207,11 @@ def test_hung_model_worker_stops_the_watchdog_pings_and_idle_does_not(tmp_path, 
     sock_path, sock = _notify_socket(tmp_path)
     gate = tmp_path / "gate"
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}])
-    env = {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000",
-           "WATCHER_FAULTS": json.dumps({"model": {"gate": str(gate), "times": 1}})}
+    env = {
+        "NOTIFY_SOCKET": sock_path,
+        "WATCHDOG_USEC": "1000000",
+        "WATCHER_FAULTS": json.dumps({"model": {"gate": str(gate), "times": 1}}),
+    }
 
     def next_datagram() -> list[str]:
         return sock.recv(4096).decode().splitlines()
@@ -204,7 +240,8 @@ def test_hung_model_worker_stops_the_watchdog_pings_and_idle_does_not(tmp_path, 
                 except TimeoutError:
                     break
             assert "WATCHDOG=1" not in received and any(
-                r.startswith("STATUS=") for r in received), received
+                r.startswith("STATUS=") for r in received
+            ), received
             gate.touch()
             wait_for(lambda: d.captioned(watched / "a.jpg"), 60, "caption after release")
             sock.settimeout(30)

@@ -1,4 +1,4 @@
-"""watcher.decode.prepare on real files: what the worker gets, or what `watcher status` shows."""
+"""watcher.pipeline.decode.prepare on real files: what the worker gets, or what status shows."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 from PIL import Image, ImageFile, ImageStat
 from PIL.JpegImagePlugin import JpegImageFile
 
-from watcher import decode
-from watcher.decode import DecodeError, Prepared, file_identity, prepare
-from watcher.queue import Job
+from watcher.jobs import Job
+from watcher.pipeline import decode
+from watcher.pipeline.decode import DecodeError, Prepared, file_identity, prepare
 
 MAX_PIXELS = 100_000_000
 MAX_SIDE = 2048
@@ -29,8 +29,9 @@ def job(path: Path) -> Job:
     return Job(id=1, path=path, root=path.parent, gen=0, attempts=1)
 
 
-def run(path: Path, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
-        now: float | None = None) -> Prepared:
+def run(
+    path: Path, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE, now: float | None = None
+) -> Prepared:
     return prepare(job(path), max_pixels=max_pixels, max_side=max_side, now=now)
 
 
@@ -54,6 +55,7 @@ def mean(im: Image.Image, box=None) -> tuple[float, ...]:
 
 
 # --- images that decode -------------------------------------------------------------------
+
 
 def test_plain_jpeg_gives_every_field(tmp_path: Path) -> None:
     path = images.write_jpeg(tmp_path / "a.jpg", (64, 48), images.RED)
@@ -79,8 +81,9 @@ def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
     # Stored landscape 64x48 with a black square in the stored top-left corner; orientation 6
     # means "rotate 90 degrees clockwise to display": upright it is portrait 48x64 and the
     # stored top-left corner is at the top right.
-    path = images.write_jpeg(tmp_path / "rot.jpg", (64, 48), images.RED, exif_orientation=6,
-                             marker=True)
+    path = images.write_jpeg(
+        tmp_path / "rot.jpg", (64, 48), images.RED, exif_orientation=6, marker=True
+    )
     p = run(path)
     assert (p.width, p.height) == (48, 64)
     assert p.image.size == (48, 64)
@@ -155,16 +158,22 @@ def test_la_png_becomes_rgb_on_white(tmp_path: Path) -> None:
 
 def test_one_bit_and_grey_pngs(tmp_path: Path) -> None:
     assert run(images.write_png(tmp_path / "1.png", (8, 8), 1, mode="1")).image.getpixel(
-        (0, 0)) == (255, 255, 255)
+        (0, 0)
+    ) == (255, 255, 255)
     assert run(images.write_png(tmp_path / "l.png", (8, 8), 77, mode="L")).image.getpixel(
-        (0, 0)) == (77, 77, 77)
+        (0, 0)
+    ) == (77, 77, 77)
 
 
-@pytest.mark.parametrize("writer", [images.write_animated_gif, images.write_animated_webp],
-                         ids=["gif", "webp"])
+@pytest.mark.parametrize(
+    "writer", [images.write_animated_gif, images.write_animated_webp], ids=["gif", "webp"]
+)
 def test_animation_gives_its_first_frame(tmp_path: Path, writer) -> None:
-    path = writer(tmp_path / ("anim" + (".gif" if "gif" in writer.__name__ else ".webp")),
-                  (64, 48), (images.RED, images.GREEN, images.BLUE))
+    path = writer(
+        tmp_path / ("anim" + (".gif" if "gif" in writer.__name__ else ".webp")),
+        (64, 48),
+        (images.RED, images.GREEN, images.BLUE),
+    )
     with Image.open(path) as raw:
         assert getattr(raw, "n_frames", 1) == 3
     p = run(path)
@@ -220,6 +229,7 @@ def test_distinct_images_differ(tmp_path: Path) -> None:
 
 # --- images that do not decode ------------------------------------------------------------
 
+
 def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypatch) -> None:
     path = images.write_bomb_png(tmp_path / "bomb.png", (30000, 30000))
     assert path.stat().st_size < 200_000
@@ -229,8 +239,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypat
     start = time.perf_counter()
     e = fails(path)
     assert time.perf_counter() - start < 1
-    assert e.reason == ("image too large: 30000x30000 = 900.0 Mpx exceeds max_pixels "
-                        "(100.0 Mpx)")
+    assert e.reason == ("image too large: 30000x30000 = 900.0 Mpx exceeds max_pixels (100.0 Mpx)")
     assert not e.transient and not e.vanished
     assert loads == []  # no pixel data was ever decoded
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
@@ -262,8 +271,7 @@ def test_truncated_jpeg_just_written_is_transient(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("keep", [10, 20, 40])
-def test_png_cut_inside_its_header_is_corrupt_not_not_an_image(tmp_path: Path,
-                                                               keep: int) -> None:
+def test_png_cut_inside_its_header_is_corrupt_not_not_an_image(tmp_path: Path, keep: int) -> None:
     full = images.write_png(tmp_path / "full.png").read_bytes()
     path = tmp_path / "cut.png"
     path.write_bytes(full[:keep])
@@ -291,8 +299,9 @@ def test_empty_file(tmp_path: Path) -> None:
 def test_heic_without_pillow_heif_says_how_to_install(tmp_path: Path) -> None:
     path = images.write_fake_heic(tmp_path / "IMG_0001.HEIC")
     e = fails(path)
-    assert e.reason == ("HEIC/HEIF needs the optional pillow-heif package: "
-                        "pip install 'moondream-watcher[heif]'")
+    assert e.reason == (
+        "HEIC/HEIF needs the optional pillow-heif package: pip install 'moondream-watcher[heif]'"
+    )
     assert not e.transient
 
 
@@ -319,6 +328,7 @@ def test_eps_is_not_opened(tmp_path: Path) -> None:
 
 
 # --- the file itself ----------------------------------------------------------------------
+
 
 def test_file_changed_while_being_read(tmp_path: Path, monkeypatch) -> None:
     path = images.write_jpeg(tmp_path / "a.jpg")
@@ -358,8 +368,7 @@ def test_file_vanished(tmp_path: Path) -> None:
     assert e.vanished and not e.transient
 
 
-def test_file_deleted_right_after_the_read_counts_as_vanished(tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_file_deleted_right_after_the_read_counts_as_vanished(tmp_path: Path, monkeypatch) -> None:
     path = images.write_jpeg(tmp_path / "a.jpg")
     read_all = decode._read_all
 
@@ -412,8 +421,11 @@ def _without_file_permission_override():
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
     class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
 
     libc = ctypes.CDLL(None, use_errno=True)
     header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
@@ -473,8 +485,11 @@ def test_out_of_memory_is_transient(tmp_path: Path, monkeypatch) -> None:
     e = fails(path)
     assert e.reason == "not enough memory to read the file" and e.transient
 
-    monkeypatch.setattr(decode, "_read_all", lambda fd: (_ for _ in ()).throw(
-        OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))))
+    monkeypatch.setattr(
+        decode,
+        "_read_all",
+        lambda fd: (_ for _ in ()).throw(OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))),
+    )
     assert fails(path).transient
 
 
@@ -497,6 +512,10 @@ def test_file_identity(tmp_path: Path) -> None:
 
 def test_decode_error_carries_its_reason() -> None:
     e = DecodeError("empty file (0 bytes)")
-    assert (str(e), e.reason, e.transient, e.vanished) == ("empty file (0 bytes)",
-                                                            "empty file (0 bytes)", False, False)
+    assert (str(e), e.reason, e.transient, e.vanished) == (
+        "empty file (0 bytes)",
+        "empty file (0 bytes)",
+        False,
+        False,
+    )
     assert DecodeError("x", transient=True).transient

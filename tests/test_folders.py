@@ -61,7 +61,9 @@ def test_reload_after_run_dir_keeps_watching_dir(tmp_path, tiny_llava):
         wait_for(lambda: d.captioned(configured / "configured.jpg"), 60, "the config's folder")
         text, report = _status(cfg)
         assert sorted(f["path"] for f in report["daemon"]["folders"]) == [
-            str(configured), str(inbox)]
+            str(configured),
+            str(inbox),
+        ]
         assert "watching 2 folders" in text
 
 
@@ -87,8 +89,9 @@ def test_folder_missing_at_start_is_said_and_watched_once_it_appears(tmp_path, t
         staging = tmp_path / "staging"
         distinct_image(2, staging / "early.jpg")
         staging.rename(inbox)
-        wait_for(lambda: d.logged("watched folder is back", folder=str(inbox)), 30,
-                 "the folder noticed")
+        wait_for(
+            lambda: d.logged("watched folder is back", folder=str(inbox)), 30, "the folder noticed"
+        )
         distinct_image(3, inbox / "late.jpg")
         wait_for(lambda: d.captioned(inbox / "early.jpg"), 60, "the catch-up scan")
         wait_for(lambda: d.captioned(inbox / "late.jpg"), 60, "the new watch")
@@ -106,22 +109,27 @@ def test_root_deleted_and_recreated_is_watched_again(tmp_path, tiny_llava, gap):
         shutil.rmtree(watched)
         if gap:
             wait_for(lambda: d.logged("watched folder missing"), 30, "the folder missed")
-            wait_for(lambda: (_state(cfg, watched) or {}).get("state") == "missing", 30,
-                     "status says missing")
+            wait_for(
+                lambda: (_state(cfg, watched) or {}).get("state") == "missing",
+                30,
+                "status says missing",
+            )
             watched.mkdir()
             wait_for(lambda: d.logged("watched folder is back"), 30, "the folder back")
         else:
             watched.mkdir()  # a new folder (another inode) at the same name
-            wait_for(lambda: d.logged("watched folder replaced") or
-                     d.logged("watched folder is back"), 30, "the new folder noticed")
+            wait_for(
+                lambda: d.logged("watched folder replaced") or d.logged("watched folder is back"),
+                30,
+                "the new folder noticed",
+            )
         distinct_image(2, watched / "b.jpg")
         wait_for(lambda: d.captioned(watched / "b.jpg"), 60, "an image in the new folder")
         wait_for(lambda: str(watched / "a.jpg") not in d.rows(), 30, "the deleted image's row")
         assert _state(cfg, watched)["state"] == "watching"
 
 
-def test_root_renamed_away_is_missing_and_a_new_folder_at_its_name_is_watched(
-        tmp_path, tiny_llava):
+def test_root_renamed_away_is_missing_and_a_new_folder_at_its_name_is_watched(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     watched.mkdir()
     cfg = write_config(tmp_path, tiny_llava, [_folder(watched)])
@@ -129,8 +137,11 @@ def test_root_renamed_away_is_missing_and_a_new_folder_at_its_name_is_watched(
         distinct_image(1, watched / "a.jpg")
         wait_for(lambda: d.captioned(watched / "a.jpg"), 60, "a.jpg")
         watched.rename(tmp_path / "renamed")
-        wait_for(lambda: (_state(cfg, watched) or {}).get("state") == "missing", 30,
-                 "status says missing")
+        wait_for(
+            lambda: (_state(cfg, watched) or {}).get("state") == "missing",
+            30,
+            "status says missing",
+        )
         state = _state(cfg, watched)
         assert state["indexed_images"] == 1  # the rows are kept: it may be a disk unmounted
         text, _ = _status(cfg)

@@ -33,8 +33,8 @@ from PIL import Image
 
 from watcher import faults
 from watcher.config import ConfigError, parse_config
-from watcher.decode import HEIF_AVAILABLE, HEIF_MISSING
-from watcher.sidecar import TEMP_SUFFIX
+from watcher.outputs.sidecar import TEMP_SUFFIX
+from watcher.pipeline.decode import HEIF_AVAILABLE, HEIF_MISSING
 
 MAX_PIXELS = 50_000_000  # configured in these tests: the bomb (900 Mpx) is refused by it
 OLD = (1_000_000_000, 1_000_000_000)  # an mtime long past: a broken file is not still arriving
@@ -46,14 +46,25 @@ pytestmark = pytest.mark.timeout(240)
 
 # --- helpers ----------------------------------------------------------------------------------
 
+
 def _config(tmp_path: Path, model: Path, *, batch_size: int = 4, **extra) -> Path:
     """The harness's config with this file's defaults: a smaller max_pixels, quick retries."""
-    return write_config(tmp_path, model, [], **{
-        "model": {"backend": "transformers", "path": str(model), "batch_size": batch_size,
-                  "max_tokens": 4},
-        "max_pixels": MAX_PIXELS,
-        "retry_backoff": 0.05,
-        **extra})
+    return write_config(
+        tmp_path,
+        model,
+        [],
+        **{
+            "model": {
+                "backend": "transformers",
+                "path": str(model),
+                "batch_size": batch_size,
+                "max_tokens": 4,
+            },
+            "max_pixels": MAX_PIXELS,
+            "retry_backoff": 0.05,
+            **extra,
+        },
+    )
 
 
 def _events(log_text: str, event: str) -> list[dict]:
@@ -139,8 +150,7 @@ class Recording:
     def _hold(self) -> None:
         if self.pipeline.worker.model_calls == 1:
             n = self.queued_before_first_call
-            wait_for(lambda: self.pipeline.work_q.qsize() >= n, 30,
-                     f"{n} decoded images waiting")
+            wait_for(lambda: self.pipeline.work_q.qsize() >= n, 30, f"{n} decoded images waiting")
 
 
 @pytest.fixture
@@ -148,7 +158,7 @@ def recorder(monkeypatch):
     """Every `watcher caption` in the test loads the real model wrapped in a Recorder, and
     the Pipeline it builds is kept (to see its queues)."""
     import watcher.backends as backends
-    from watcher.pipeline import Pipeline
+    from watcher.pipeline.stages import Pipeline
 
     real_load = backends.load_backend
     rec = Recording()
@@ -188,16 +198,20 @@ def _mean(im: Image.Image, box=None) -> tuple[float, ...]:
 
 # --- images: cases 1-4 and 11 (without pillow-heif) -------------------------------------------
 
+
 def test_broken_files_fail_with_a_clear_reason_and_the_rest_is_captioned(
-        tmp_path, tiny_llava, recorder):
+    tmp_path, tiny_llava, recorder
+):
     pics = tmp_path / "pics"
     distinct_image(1, pics / "good.jpg")
     expected = {  # name -> the reason `watcher caption` and `watcher status` give
         "empty.jpg": (images.write_empty, "empty file (0 bytes)"),
         "truncated.jpg": (images.write_truncated_jpeg, "truncated or corrupt image: "),
         "notes.png": (images.write_text_as_png, "not an image (cannot identify image file)"),
-        "bomb.png": (images.write_bomb_png,
-                     "image too large: 30000x30000 = 900.0 Mpx exceeds max_pixels (50.0 Mpx)"),
+        "bomb.png": (
+            images.write_bomb_png,
+            "image too large: 30000x30000 = 900.0 Mpx exceeds max_pixels (50.0 Mpx)",
+        ),
     }
     if not HEIF_AVAILABLE:
         expected["iphone.heic"] = (images.write_fake_heic, HEIF_MISSING)
@@ -226,8 +240,8 @@ def test_broken_files_fail_with_a_clear_reason_and_the_rest_is_captioned(
 
 # --- images: cases 5-10 (and 11 with pillow-heif) ---------------------------------------------
 
-def test_awkward_images_reach_the_model_upright_rgb_and_downscaled(
-        tmp_path, tiny_llava, recorder):
+
+def test_awkward_images_reach_the_model_upright_rgb_and_downscaled(tmp_path, tiny_llava, recorder):
     pics = tmp_path / "pics"
     # Every image has its own size, so what the model saw can be told apart.
     images.write_big_jpeg(pics / "big photo.jpg", (8000, 6000))
@@ -236,10 +250,16 @@ def test_awkward_images_reach_the_model_upright_rgb_and_downscaled(
     images.write_palette_png_transparent(pics / "palette.png", (70, 52))
     images.write_animated_gif(pics / "anim.gif", (72, 54))  # frames red, green, blue
     images.write_animated_webp(pics / "anim.webp", (74, 56))
-    images.write_jpeg(pics / "rotated.jpg", (80, 60), images.RED, exif_orientation=6,
-                      marker=True)
-    names = ["big photo.jpg", "cmyk.jpg", "deep.png", "palette.png", "anim.gif", "anim.webp",
-             "rotated.jpg"]
+    images.write_jpeg(pics / "rotated.jpg", (80, 60), images.RED, exif_orientation=6, marker=True)
+    names = [
+        "big photo.jpg",
+        "cmyk.jpg",
+        "deep.png",
+        "palette.png",
+        "anim.gif",
+        "anim.webp",
+        "rotated.jpg",
+    ]
     if HEIF_AVAILABLE:
         Image.new("RGB", (78, 58), images.RED).save(pics / "iphone.heic", "HEIF", quality=95)
         names.append("iphone.heic")
@@ -256,8 +276,10 @@ def test_awkward_images_reach_the_model_upright_rgb_and_downscaled(
     assert all(im.mode == "RGB" for im in seen.seen)
     # 5. 48 Mpx photo: the model got it downscaled to max_side; the index keeps its real size.
     big = seen.by_size((1024, 768))
-    assert (rows[str(pics / "big photo.jpg")]["width"],
-            rows[str(pics / "big photo.jpg")]["height"]) == (8000, 6000)
+    assert (
+        rows[str(pics / "big photo.jpg")]["width"],
+        rows[str(pics / "big photo.jpg")]["height"],
+    ) == (8000, 6000)
     assert _mean(big, (0, 0, 1024, 40))[0] < _mean(big, (0, 728, 1024, 768))[0]  # red rises
     # 6. CMYK: red ink is red, not inverted or cyan.
     assert _close(_mean(seen.by_size((66, 50))), (237, 28, 36), 45)
@@ -273,14 +295,17 @@ def test_awkward_images_reach_the_model_upright_rgb_and_downscaled(
     assert _close(_mean(seen.by_size((74, 56))), images.RED)
     # 10. EXIF orientation 6: upright (portrait), the stored top-left corner at the top right.
     rot = seen.by_size((60, 80))
-    assert (rows[str(pics / "rotated.jpg")]["width"],
-            rows[str(pics / "rotated.jpg")]["height"]) == (60, 80)
+    assert (
+        rows[str(pics / "rotated.jpg")]["width"],
+        rows[str(pics / "rotated.jpg")]["height"],
+    ) == (60, 80)
     assert _close(rot.getpixel((56, 3)), (0, 0, 0)) and _close(rot.getpixel((3, 3)), images.RED)
     if HEIF_AVAILABLE:  # 11. with pillow-heif, HEIC is just another image
         assert _close(_mean(seen.by_size((78, 58))), images.RED)
 
 
 # --- files and folders: case 12 ---------------------------------------------------------------
+
 
 def test_awkward_file_names(tmp_path, tiny_llava, recorder):
     pics = tmp_path / "pics"
@@ -327,12 +352,14 @@ def test_awkward_file_names(tmp_path, tiny_llava, recorder):
     assert not [p for p in tmp_path.rglob("pwned*")], "a file name reached a shell"
     assert not _temp_files(pics)
     # A newline in a name is escaped on screen, so each image stays on one line.
-    code, found, _ = _run("--config", str(cfg), "search", rows[str(pics / "new\nline.jpg")][
-        "caption"])
+    code, found, _ = _run(
+        "--config", str(cfg), "search", rows[str(pics / "new\nline.jpg")]["caption"]
+    )
     assert code == 0 and f"{pics}/new\\x0aline.jpg" in found.splitlines()
 
 
 # --- files and folders: case 13 ---------------------------------------------------------------
+
 
 class OpenWatch:
     """inotify on a folder: records every open of a file in it, by anyone."""
@@ -367,8 +394,9 @@ def _outside_tree(tmp_path: Path) -> tuple[Path, Path, dict]:
 
 
 def _assert_outside_untouched(outside: Path, listing: dict, watch: OpenWatch) -> None:
-    assert {p: p.stat().st_mtime_ns for p in outside.rglob("*")} == listing, \
+    assert {p: p.stat().st_mtime_ns for p in outside.rglob("*")} == listing, (
         "something was written outside the watched folder"
+    )
     assert watch.opened == [], f"files outside the watched folder were opened: {watch.opened}"
     # The watch works: opening the file ourselves is seen.
     (outside / "secret.jpg").read_bytes()
@@ -403,37 +431,50 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path, tiny_llava, recorder)
         watch.stop()
 
     assert code == 0, out
-    assert ("4 new, 0 up to date (1 copy of an identical image, no model work), "
-            "2 existing sidecars left alone, 0 failed") in out
+    assert (
+        "4 new, 0 up to date (1 copy of an identical image, no model work), "
+        "2 existing sidecars left alone, 0 failed"
+    ) in out
     rows = _rows(tmp_path / "index.db")
-    assert sorted(rows) == [str(pics / n) for n in ("inner link.jpg", "linked.jpg", "piped.jpg",
-                                                    "real.jpg")]
+    assert sorted(rows) == [
+        str(pics / n) for n in ("inner link.jpg", "linked.jpg", "piped.jpg", "real.jpg")
+    ]
     assert _sidecar_matches_row(rows[str(pics / "real.jpg")])
     assert _sidecar_matches_row(rows[str(pics / "inner link.jpg")])
     for name in ("linked.jpg", "piped.jpg"):
         assert rows[str(pics / name)]["sidecar_state"] == "kept"
-    assert (pics / "linked.txt").is_symlink() and stat.S_ISFIFO(os.lstat(pics / "piped.txt")
-                                                                .st_mode)
+    assert (pics / "linked.txt").is_symlink() and stat.S_ISFIFO(
+        os.lstat(pics / "piped.txt").st_mode
+    )
     skipped = {e["path"]: e["reason"] for e in _events(err, "skipped")}
     loop = "symbolic link loop (too many levels of symbolic links)"
     assert skipped == {
-        str(pics / "loop.jpg"): loop, str(pics / "ping.jpg"): loop,
+        str(pics / "loop.jpg"): loop,
+        str(pics / "ping.jpg"): loop,
         str(pics / "pong.jpg"): loop,
-        str(pics / "escape.jpg"): "symbolic link points outside the watched folder; "
-                                  "not followed",
+        str(pics / "escape.jpg"): "symbolic link points outside the watched folder; not followed",
     }
     assert sorted(im.size for im in recorder.backend.seen) == [(96, 72)] * 3
     # What the user sees: each skipped name and why, on stdout and in `watcher status`
     # (skipped is not failed: the exit code stays 0).
     assert "0 failed, 4 skipped" in out
-    expected = [f"{pics / name}: {reason}" for name, reason in sorted(
-        (Path(p).name, r) for p, r in skipped.items())]
-    assert [ln.removeprefix("skipped: ") for ln in out.splitlines()
-            if ln.startswith("skipped: ")] == expected
+    expected = [
+        f"{pics / name}: {reason}"
+        for name, reason in sorted((Path(p).name, r) for p, r in skipped.items())
+    ]
+    assert [
+        ln.removeprefix("skipped: ") for ln in out.splitlines() if ln.startswith("skipped: ")
+    ] == expected
     _, status, _ = _run("--config", str(cfg), "status")
     assert "skipped, not captioned: 4" in status
-    assert sorted(ln.strip() for ln in status.splitlines() if ln.startswith("  ")
-                  and "symbolic link" in ln) == expected
+    assert (
+        sorted(
+            ln.strip()
+            for ln in status.splitlines()
+            if ln.startswith("  ") and "symbolic link" in ln
+        )
+        == expected
+    )
 
     # Fixed: the loop becomes a real image. The next run captions it and forgets the skip.
     (pics / "loop.jpg").unlink()
@@ -446,8 +487,8 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path, tiny_llava, recorder)
 
 def test_decode_refuses_a_link_out_of_the_root_without_opening_it(tmp_path):
     """The last check before the open, for a link that appears after the scan or event."""
-    from watcher.decode import DecodeError, prepare
-    from watcher.queue import Job
+    from watcher.jobs import Job
+    from watcher.pipeline.decode import DecodeError, prepare
 
     outside, secret, listing = _outside_tree(tmp_path)
     pics = tmp_path / "pics"
@@ -457,14 +498,14 @@ def test_decode_refuses_a_link_out_of_the_root_without_opening_it(tmp_path):
     try:
         with pytest.raises(DecodeError) as e:
             prepare(Job(1, pics / "late.jpg", pics, 0, 1), max_pixels=MAX_PIXELS, max_side=512)
-        assert e.value.reason == ("symbolic link points outside the watched folder; "
-                                  "not followed")
+        assert e.value.reason == ("symbolic link points outside the watched folder; not followed")
         _assert_outside_untouched(outside, listing, watch)
     finally:
         watch.stop()
 
 
 # --- model: cases 18 and 19 -------------------------------------------------------------------
+
 
 def _leader_then_rest(pics: Path, rest: dict[str, int]) -> int:
     """`pics/leader.jpg`, then the rest one folder down: a scan queues the leader first (files
@@ -476,7 +517,8 @@ def _leader_then_rest(pics: Path, rest: dict[str, int]) -> int:
 
 
 def test_out_of_memory_splits_the_batch_and_shrinks_it_for_good(
-        tmp_path, tiny_llava, recorder, inject):
+    tmp_path, tiny_llava, recorder, inject
+):
     pics = tmp_path / "pics"
     n = _leader_then_rest(pics, {f"more/{i:02d}.jpg": i for i in range(1, 12)})
     cfg = _config(tmp_path, tiny_llava, batch_size=8, decode_threads=1)
@@ -499,7 +541,8 @@ def test_out_of_memory_splits_the_batch_and_shrinks_it_for_good(
 
 
 def test_out_of_memory_on_a_single_image_is_retried_then_reported(
-        tmp_path, tiny_llava, recorder, inject):
+    tmp_path, tiny_llava, recorder, inject
+):
     pics = tmp_path / "pics"
     distinct_image(1, pics / "fine.jpg")
     distinct_image(2, pics / "huge.jpg")
@@ -515,8 +558,7 @@ def test_out_of_memory_on_a_single_image_is_retried_then_reported(
     assert sidecar_ready(pics / "fine.jpg") and not (pics / "huge.txt").exists()
 
 
-def test_model_error_on_one_image_fails_only_that_image(
-        tmp_path, tiny_llava, recorder, inject):
+def test_model_error_on_one_image_fails_only_that_image(tmp_path, tiny_llava, recorder, inject):
     pics = tmp_path / "pics"
     rest = {"a/poison.jpg": 50, **{f"a/b/{i:02d}.jpg": i for i in range(1, 8)}}
     n = _leader_then_rest(pics, rest)
@@ -545,8 +587,10 @@ def test_model_error_on_one_image_fails_only_that_image(
 
 # --- disk full: case 15 (in-process parts; the daemon with a full tmpfs is further down) ----
 
+
 def test_sidecar_write_hits_a_full_disk_then_succeeds_on_retry(
-        tmp_path, tiny_llava, recorder, inject):
+    tmp_path, tiny_llava, recorder, inject
+):
     pics = tmp_path / "pics"
     for i in range(3):
         distinct_image(i, pics / f"{i}.jpg")
@@ -566,7 +610,8 @@ def test_sidecar_write_hits_a_full_disk_then_succeeds_on_retry(
 
 @pytest.mark.parametrize("under_systemd", [False, True])
 def test_read_only_file_system_keeps_the_caption_and_says_how_to_fix_it(
-        tmp_path, tiny_llava, inject, monkeypatch, under_systemd):
+    tmp_path, tiny_llava, inject, monkeypatch, under_systemd
+):
     # A folder added to the running service by `watcher reload` is outside the unit's
     # ReadWritePaths: writing there fails with EROFS. (Seam: mounting needs privileges.)
     pics = tmp_path / "pics"
@@ -583,9 +628,11 @@ def test_read_only_file_system_keeps_the_caption_and_says_how_to_fix_it(
     assert code == 0, out
     reason = "cannot write sidecar: Read-only file system (EROFS)"
     if under_systemd:
-        reason += ("; the service can write only the folders it was installed with: run "
-                   "`watcher service install --now` (it restarts the service), then "
-                   "`watcher retry --all`")
+        reason += (
+            "; the service can write only the folders it was installed with: run "
+            "`watcher service install --now` (it restarts the service), then "
+            "`watcher retry --all`"
+        )
     assert f"sidecar pending: {pics / 'new.jpg'}: {reason}" in out.splitlines()
     row = _rows(tmp_path / "index.db")[str(pics / "new.jpg")]
     assert (row["sidecar_state"], row["sidecar_error"]) == ("pending", reason)
@@ -593,7 +640,8 @@ def test_read_only_file_system_keeps_the_caption_and_says_how_to_fix_it(
 
 
 def test_database_full_at_commit_keeps_the_captions_and_writes_them_later(
-        tmp_path, tiny_llava, recorder, inject):
+    tmp_path, tiny_llava, recorder, inject
+):
     pics = tmp_path / "pics"
     for i in range(6):
         distinct_image(i, pics / f"{i}.jpg")
@@ -615,7 +663,8 @@ def test_database_full_at_commit_keeps_the_captions_and_writes_them_later(
 
 
 def test_database_full_for_longer_hands_the_jobs_back_to_the_queue(
-        tmp_path, tiny_llava, recorder, inject):
+    tmp_path, tiny_llava, recorder, inject
+):
     pics = tmp_path / "pics"
     for i in range(2):
         distinct_image(i, pics / f"{i}.jpg")
@@ -632,6 +681,7 @@ def test_database_full_for_longer_hands_the_jobs_back_to_the_queue(
 
 
 # --- security ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("umask", [0o027, 0o077])
 def test_database_and_sidecars_get_the_users_umask(tmp_path, tiny_llava, umask):
@@ -660,23 +710,33 @@ def test_no_subprocess_takes_a_shell_or_a_string_command():
             if not isinstance(node, ast.Call):
                 continue
             func = ast.unparse(node.func)
-            if func in ("os.system", "os.popen") or func.startswith("os.exec") or \
-                    func.startswith("os.spawn"):
+            if (
+                func in ("os.system", "os.popen")
+                or func.startswith("os.exec")
+                or func.startswith("os.spawn")
+            ):
                 problems.append(f"{src.name}:{node.lineno}: {func}")
             for kw in node.keywords:
-                if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant)
-                                              and kw.value.value is False):
+                if kw.arg == "shell" and not (
+                    isinstance(kw.value, ast.Constant) and kw.value.value is False
+                ):
                     problems.append(f"{src.name}:{node.lineno}: shell=")
-            if func.startswith("subprocess.") and node.args and isinstance(
-                    node.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp)):
+            if (
+                func.startswith("subprocess.")
+                and node.args
+                and isinstance(node.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp))
+            ):
                 problems.append(f"{src.name}:{node.lineno}: {func} with a string command")
     assert problems == []
 
 
-@pytest.mark.parametrize("revision, message", [
-    (None, "model.revision: remote code is only trusted on a pinned revision"),
-    ("main", "model.revision: expected a tag or commit sha, not a branch; got 'main'"),
-])
+@pytest.mark.parametrize(
+    "revision, message",
+    [
+        (None, "model.revision: remote code is only trusted on a pinned revision"),
+        ("main", "model.revision: expected a tag or commit sha, not a branch; got 'main'"),
+    ],
+)
 def test_trust_remote_code_is_refused_for_an_unpinned_revision(revision, message):
     model = {"backend": "transformers", "id": "someone/some-vlm", "trust_remote_code": True}
     if revision is not None:
@@ -689,6 +749,7 @@ def test_trust_remote_code_is_refused_for_an_unpinned_revision(revision, message
 
 # --- the daemon -------------------------------------------------------------------------------
 
+
 def _status(cfg: Path) -> str:
     code, out, _ = _run("--config", str(cfg), "status")
     assert code == 0
@@ -700,8 +761,13 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     watched.mkdir()
     outside, secret, listing = _outside_tree(tmp_path)
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}],
-                       max_pixels=MAX_PIXELS, max_attempts=2)
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched), "settle_seconds": 0.3}],
+        max_pixels=MAX_PIXELS,
+        max_attempts=2,
+    )
     watch = OpenWatch(outside)
     try:
         with Daemon(cfg, tmp_path) as d:
@@ -711,10 +777,14 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
             bad = {
                 "empty.jpg": (images.write_empty, "empty file (0 bytes)"),
                 "truncated.jpg": (images.write_truncated_jpeg, "truncated or corrupt image: "),
-                "notes.png": (images.write_text_as_png,
-                              "not an image (cannot identify image file)"),
-                "bomb.png": (images.write_bomb_png, "image too large: 30000x30000 = 900.0 Mpx "
-                                                    "exceeds max_pixels (50.0 Mpx)"),
+                "notes.png": (
+                    images.write_text_as_png,
+                    "not an image (cannot identify image file)",
+                ),
+                "bomb.png": (
+                    images.write_bomb_png,
+                    "image too large: 30000x30000 = 900.0 Mpx exceeds max_pixels (50.0 Mpx)",
+                ),
             }
             if not HEIF_AVAILABLE:
                 bad["iphone.heic"] = (images.write_fake_heic, HEIF_MISSING)
@@ -726,8 +796,11 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
             (watched / "escape.jpg").symlink_to(secret)
 
             for name, (_, reason) in bad.items():
-                state = wait_for(lambda n=name: (s := d.job_state(watched / n))
-                                 and s[0] == "failed" and s, 60, f"{name} to fail")
+                state = wait_for(
+                    lambda n=name: (s := d.job_state(watched / n)) and s[0] == "failed" and s,
+                    60,
+                    f"{name} to fail",
+                )
                 assert state[1].startswith(reason), (name, state)
             distinct_image(2, watched / "after.jpg")
             wait_for(lambda: d.captioned(watched / "after.jpg"), 60, "a sidecar after them")
@@ -739,20 +812,20 @@ def test_daemon_keeps_running_through_hostile_files(tmp_path, tiny_llava):
                 assert f"  {watched / name}: {reason}" in status, status
                 assert not (watched / name).with_suffix(".txt").exists()
             assert "skipped, not captioned: 3" in status, status
-            for line in (f"  {watched / 'pipe.jpg'}: not a regular file",
-                         f"  {watched / 'loop.jpg'}: symbolic link loop (too many levels of "
-                         "symbolic links)",
-                         f"  {watched / 'escape.jpg'}: symbolic link points outside the "
-                         "watched folder; not followed"):
+            for line in (
+                f"  {watched / 'pipe.jpg'}: not a regular file",
+                f"  {watched / 'loop.jpg'}: symbolic link loop (too many levels of symbolic links)",
+                f"  {watched / 'escape.jpg'}: symbolic link points outside the "
+                "watched folder; not followed",
+            ):
                 assert line in status.splitlines(), status
             assert sorted(d.rows()) == [str(watched / "after.jpg"), str(watched / "before.jpg")]
             skipped = {e["path"]: e["reason"] for e in d.logged("skipped")}
             assert skipped == {
                 str(watched / "pipe.jpg"): "not a regular file",
-                str(watched / "loop.jpg"): "symbolic link loop (too many levels of symbolic "
-                                           "links)",
+                str(watched / "loop.jpg"): "symbolic link loop (too many levels of symbolic links)",
                 str(watched / "escape.jpg"): "symbolic link points outside the watched "
-                                             "folder; not followed",
+                "folder; not followed",
             }
             # The bomb was refused by max_pixels, not by running out of memory: decoding it
             # would take 900 MB.
@@ -776,9 +849,11 @@ def _unprivileged_wrapper() -> tuple[str, ...] | None:
     probe = Path(os.environ.get("TMPDIR", "/tmp")) / f"ro-probe-{os.getpid()}"
     probe.mkdir(mode=0o555, exist_ok=True)
     try:
-        r = subprocess.run([*cmd, sys.executable, "-c",
-                            f"open({str(probe / 'x')!r}, 'w')"], capture_output=True,
-                           timeout=30)
+        r = subprocess.run(
+            [*cmd, sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"],
+            capture_output=True,
+            timeout=30,
+        )
         return cmd if r.returncode != 0 and b"PermissionError" in r.stderr else None
     except OSError:
         return None
@@ -788,8 +863,13 @@ def _unprivileged_wrapper() -> tuple[str, ...] | None:
 
 
 def _watcher(wrapper, cfg: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([*wrapper, sys.executable, "-m", "watcher", "--config", str(cfg),
-                           *args], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [*wrapper, sys.executable, "-m", "watcher", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_read_only_folder_keeps_the_caption_and_retry_writes_the_sidecar(tmp_path, tiny_llava):
@@ -800,12 +880,14 @@ def test_read_only_folder_keeps_the_caption_and_retry_writes_the_sidecar(tmp_pat
     writable_again = tmp_path / "writable-again"
     if wrapper is None:  # root that cannot drop its capabilities: the seam at the write
         how = "seam: EACCES injected at the sidecar write"
-        env["WATCHER_FAULTS"] = json.dumps({"sidecar_write": {
-            "errno": "EACCES", "until": str(writable_again)}})
+        env["WATCHER_FAULTS"] = json.dumps(
+            {"sidecar_write": {"errno": "EACCES", "until": str(writable_again)}}
+        )
         wrapper = ()
     else:
-        how = "real chmod 555" + (" (daemon run as root without capabilities, via setpriv)"
-                                  if wrapper else "")
+        how = "real chmod 555" + (
+            " (daemon run as root without capabilities, via setpriv)" if wrapper else ""
+        )
     print(f"read-only folder: {how}")
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}])
     reason = "cannot write sidecar: Permission denied (EACCES)"
@@ -816,11 +898,14 @@ def test_read_only_folder_keeps_the_caption_and_retry_writes_the_sidecar(tmp_pat
             assert (row["sidecar_state"], row["sidecar_error"]) == ("pending", reason), how
             assert row["caption"] and d.job_state(image) == ("done", None)
             assert not (watched / "a.txt").exists() and not _temp_files(watched)
-            assert d.logged("sidecar not written; caption kept in the index",
-                            path=str(image), reason=reason)
+            assert d.logged(
+                "sidecar not written; caption kept in the index", path=str(image), reason=reason
+            )
             status = _status(cfg)
-            assert ("sidecars pending (caption kept in the index; `watcher retry --all` once "
-                    "the reason is fixed): 1") in status
+            assert (
+                "sidecars pending (caption kept in the index; `watcher retry --all` once "
+                "the reason is fixed): 1"
+            ) in status
             assert f"  {image}: {reason}" in status
 
             still = _watcher(wrapper, cfg, "retry", "--all", env=env)
@@ -848,8 +933,14 @@ def _small_tmpfs(path: Path, size: str = "2m"):
     mount = shutil.which("mount")
     ok = False
     if mount and os.geteuid() == 0:
-        ok = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True, timeout=30).returncode == 0
+        ok = (
+            subprocess.run(
+                [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                capture_output=True,
+                timeout=30,
+            ).returncode
+            == 0
+        )
     try:
         yield ok
     finally:
@@ -884,15 +975,20 @@ def test_disk_full_while_writing_a_sidecar_is_retried_once_there_is_space(tmp_pa
             _fill(small / "filler")
         else:
             how = "seam: ENOSPC injected at the sidecar write (mounting is not allowed here)"
-            env["WATCHER_FAULTS"] = json.dumps({"sidecar_write": {
-                "errno": "ENOSPC", "until": str(freed)}})
+            env["WATCHER_FAULTS"] = json.dumps(
+                {"sidecar_write": {"errno": "ENOSPC", "until": str(freed)}}
+            )
         print(f"disk full: {how}")
-        cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}],
-                           max_attempts=30)
+        cfg = write_config(
+            tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}], max_attempts=30
+        )
         reason = "writing sidecar: No space left on device (ENOSPC)"
         with Daemon(cfg, tmp_path, env=env) as d:
-            wait_for(lambda: d.logged("will retry", path=str(image), reason=reason), 60,
-                     f"a failed sidecar write ({how})")
+            wait_for(
+                lambda: d.logged("will retry", path=str(image), reason=reason),
+                60,
+                f"a failed sidecar write ({how})",
+            )
             # Nothing partial: no sidecar, no temp file, no index row; the job waits.
             assert not (watched / "a.txt").exists() and not _temp_files(small)
             assert str(image) not in d.rows()
@@ -916,10 +1012,16 @@ def test_image_deleted_or_replaced_while_the_model_works(tmp_path, tiny_llava):
     gate_deleted, gate_replaced = tmp_path / "gate-deleted", tmp_path / "gate-replaced"
     # Seam at the model call, for timing only: hold the call until the test has changed the
     # file system (the deletion and the replacement themselves are real).
-    env = {"WATCHER_FAULTS": json.dumps({"model": [
-        {"match": "doomed.jpg", "gate": str(gate_deleted), "times": 1},
-        {"match": "swapped.jpg", "gate": str(gate_replaced), "times": 1},
-    ]})}
+    env = {
+        "WATCHER_FAULTS": json.dumps(
+            {
+                "model": [
+                    {"match": "doomed.jpg", "gate": str(gate_deleted), "times": 1},
+                    {"match": "swapped.jpg", "gate": str(gate_replaced), "times": 1},
+                ]
+            }
+        )
+    }
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}])
     reached = lambda gate: gate.with_name(gate.name + ".reached").exists()  # noqa: E731
     with Daemon(cfg, tmp_path, env=env) as d:
@@ -928,8 +1030,11 @@ def test_image_deleted_or_replaced_while_the_model_works(tmp_path, tiny_llava):
         wait_for(lambda: reached(gate_deleted), 60, "doomed.jpg at the model")
         doomed.unlink()
         gate_deleted.touch()
-        wait_for(lambda: d.logged("image deleted while being captioned", path=str(doomed)),
-                 30, "the writer to notice the deletion")
+        wait_for(
+            lambda: d.logged("image deleted while being captioned", path=str(doomed)),
+            30,
+            "the writer to notice the deletion",
+        )
         wait_for(lambda: d.job_state(doomed) is None, 30, "the job to be forgotten")
         assert str(doomed) not in d.rows() and not (watched / "doomed.txt").exists()
 
@@ -941,12 +1046,15 @@ def test_image_deleted_or_replaced_while_the_model_works(tmp_path, tiny_llava):
         swapped.write_bytes(new_bytes)
         gate_replaced.touch()
         new_sha = hashlib.sha256(new_bytes).hexdigest()
-        row = wait_for(lambda: (r := d.rows().get(str(swapped))) and r["sha256"] == new_sha
-                       and r, 60, "the caption of the new bytes")
+        row = wait_for(
+            lambda: (r := d.rows().get(str(swapped))) and r["sha256"] == new_sha and r,
+            60,
+            "the caption of the new bytes",
+        )
         assert _sidecar_matches_row(row)
         lines = [e["event"] for e in d.events() if e.get("path") == str(swapped)]
         requeued = "image changed while being captioned; re-queued"
-        assert requeued in lines and "captioned" not in lines[:lines.index(requeued)], lines
+        assert requeued in lines and "captioned" not in lines[: lines.index(requeued)], lines
         # What the stale caption would have been: the old bytes, captioned (from the cache).
         (watched / "old-copy.jpg").write_bytes(old_bytes)
         wait_for(lambda: d.captioned(watched / "old-copy.jpg"), 60, "old-copy sidecar")

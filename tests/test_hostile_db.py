@@ -36,14 +36,19 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "watcher"
 
 
 def _model(tiny: Path, *, isolate: bool = False) -> dict:
-    return {"backend": "transformers", "path": str(tiny), "batch_size": 4, "max_tokens": 4,
-            "isolate": isolate}
+    return {
+        "backend": "transformers",
+        "path": str(tiny),
+        "batch_size": 4,
+        "max_tokens": 4,
+        "isolate": isolate,
+    }
 
 
-def _config(tmp_path: Path, tiny: Path, folders: list[dict] | None = None, *,
-            isolate: bool = False, **extra) -> Path:
-    return write_config(tmp_path, tiny, folders or [], model=_model(tiny, isolate=isolate),
-                        **extra)
+def _config(
+    tmp_path: Path, tiny: Path, folders: list[dict] | None = None, *, isolate: bool = False, **extra
+) -> Path:
+    return write_config(tmp_path, tiny, folders or [], model=_model(tiny, isolate=isolate), **extra)
 
 
 def _sha(path: Path) -> str:
@@ -62,9 +67,17 @@ def _no_traceback(*texts: str) -> None:
 # --- 3. code in the working directory ----------------------------------------------------------
 
 # Each writes a marker (an absolute path outside the folder) if it is ever imported.
-HOSTILE_MODULES = ("structlog.py", "torch.py", "yaml.py", "transformers.py", "numpy.py",
-                   "sitecustomize.py", "usercustomize.py", "PIL/__init__.py",
-                   "sqlite_utils/__init__.py")
+HOSTILE_MODULES = (
+    "structlog.py",
+    "torch.py",
+    "yaml.py",
+    "transformers.py",
+    "numpy.py",
+    "sitecustomize.py",
+    "usercustomize.py",
+    "PIL/__init__.py",
+    "sqlite_utils/__init__.py",
+)
 
 
 def _plant(folder: Path, markers: Path, names: tuple[str, ...]) -> None:
@@ -90,11 +103,19 @@ def test_code_in_the_working_directory_never_runs(tmp_path, tiny_llava, how):
         names += ("watcher/__init__.py", "watcher/__main__.py", "watcher/cli.py")
     _plant(folder, markers, names)
     cfg = _config(tmp_path, tiny_llava, isolate=True)
-    argv = {"console script": [str(CONSOLE_SCRIPT)],
-            "python -m watcher": [sys.executable, "-m", "watcher"],
-            "python -I -m watcher": [sys.executable, "-I", "-m", "watcher"]}[how]
-    r = subprocess.run([*argv, "--config", str(cfg), "caption", "."], cwd=folder,
-                       capture_output=True, text=True, timeout=240, env=_env())
+    argv = {
+        "console script": [str(CONSOLE_SCRIPT)],
+        "python -m watcher": [sys.executable, "-m", "watcher"],
+        "python -I -m watcher": [sys.executable, "-I", "-m", "watcher"],
+    }[how]
+    r = subprocess.run(
+        [*argv, "--config", str(cfg), "caption", "."],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(),
+    )
     assert sorted(p.name for p in markers.iterdir()) == [], r.stderr[-3000:]
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "3 new, 0 up to date" in r.stdout
@@ -122,8 +143,8 @@ def test_service_command_for_a_source_checkout_is_isolated_too(tmp_path, monkeyp
     PYTHONPATH); the command runs, from a home folder full of traps, and imports none."""
     import plistlib
 
-    from watcher import service
     from watcher.config import Config
+    from watcher.service import install as service
 
     monkeypatch.setattr(service, "_python_path", lambda python: str(ROOT))
     home, markers = tmp_path / "home", tmp_path / "markers"
@@ -132,13 +153,20 @@ def test_service_command_for_a_source_checkout_is_isolated_too(tmp_path, monkeyp
     _plant(home, markers, (*HOSTILE_MODULES, "watcher/__init__.py"))
     missing = tmp_path / "no config.yaml"
     cfg = Config().with_folders([tmp_path / "pics"])
-    argv = plistlib.loads(service.render_launchd(cfg, missing, home=home,
-                                                 env={}))["ProgramArguments"]
+    argv = plistlib.loads(service.render_launchd(cfg, missing, home=home, env={}))[
+        "ProgramArguments"
+    ]
     assert argv[1:3] == ["-I", "-u"]
     unit = service.render_systemd(cfg, missing, env={})
     assert "-I -u -c" in unit and "PYTHONPATH" not in unit
-    r = subprocess.run(argv, cwd=home, capture_output=True, text=True, timeout=120,
-                       env={**_env(), "PYTHONPATH": str(home)})
+    r = subprocess.run(
+        argv,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**_env(), "PYTHONPATH": str(home)},
+    )
     assert sorted(p.name for p in markers.iterdir()) == [], r.stderr
     assert r.returncode == 2 and str(missing) in r.stderr and "not found" in r.stderr, r.stderr
 
@@ -146,9 +174,13 @@ def test_service_command_for_a_source_checkout_is_isolated_too(tmp_path, monkeyp
 # --- 5. the lock file ---------------------------------------------------------------------------
 
 # How the lock file was prepared -> what the refusal says after its path.
-LOCK_TRAPS = {"symlink": "is a symbolic link", "dangling symlink": "is a symbolic link",
-              "hard link": "has other hard links", "fifo": "is not a regular file",
-              "folder": "is a folder"}
+LOCK_TRAPS = {
+    "symlink": "is a symbolic link",
+    "dangling symlink": "is a symbolic link",
+    "hard link": "has other hard links",
+    "fifo": "is not a regular file",
+    "folder": "is a folder",
+}
 
 
 @pytest.mark.parametrize("trap", list(LOCK_TRAPS))
@@ -204,14 +236,19 @@ def test_files_beside_the_database_are_never_followed(tmp_path, tiny_llava):
 
 # --- 9. database problems -------------------------------------------------------------------
 
+
 def _foreign_sqlite(path: Path, kind: str) -> Path:
     con = sqlite3.connect(path)
     if kind == "other tables":
         con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
         con.execute("INSERT INTO notes (body) VALUES ('keep me')")
     elif kind == "our table names":  # meta/images/jobs but not ours: no version, no mark
-        for t in ("meta (key TEXT, value TEXT)", "images (path TEXT)", "jobs (path TEXT)",
-                  "daemon (id INTEGER)"):
+        for t in (
+            "meta (key TEXT, value TEXT)",
+            "images (path TEXT)",
+            "jobs (path TEXT)",
+            "daemon (id INTEGER)",
+        ):
             con.execute(f"CREATE TABLE {t}")
     elif kind == "another application id":
         con.execute("PRAGMA application_id = 42")
@@ -224,8 +261,15 @@ def _foreign_sqlite(path: Path, kind: str) -> Path:
     return path
 
 
-COMMANDS = [("status",), ("status", "--json"), ("search", "cat"), ("retry", "--all"),
-            ("caption", "{folder}"), ("run", "{folder}"), ("reload",)]
+COMMANDS = [
+    ("status",),
+    ("status", "--json"),
+    ("search", "cat"),
+    ("retry", "--all"),
+    ("caption", "{folder}"),
+    ("run", "{folder}"),
+    ("reload",),
+]
 
 
 def _run_all(cfg: Path, folder: Path, commands=COMMANDS):
@@ -236,8 +280,10 @@ def _run_all(cfg: Path, folder: Path, commands=COMMANDS):
         yield argv, code, out, err
 
 
-@pytest.mark.parametrize("kind", ["other tables", "our table names", "another application id",
-                                  "application id, no tables"])
+@pytest.mark.parametrize(
+    "kind",
+    ["other tables", "our table names", "another application id", "application id, no tables"],
+)
 def test_another_programs_sqlite_file_is_never_changed(tmp_path, tiny_llava, kind):
     folder = tmp_path / "pics"
     distinct_image(1, folder / "a.jpg")
@@ -254,12 +300,20 @@ def test_another_programs_sqlite_file_is_never_changed(tmp_path, tiny_llava, kin
         assert _sha(db) == digest, argv
     # Nothing created beside it either: no lock file, no -wal or -shm.
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("their.db")) == [
-        "their.db"]
+        "their.db"
+    ]
     assert not (folder / "a.txt").exists()
 
 
-@pytest.mark.parametrize("content", [b"just some notes\n", b"\xff\xd8\xff\xe0" + bytes(600),
-                                     os.urandom(5000), b"SQLite format 2\x00" + bytes(100)])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"just some notes\n",
+        b"\xff\xd8\xff\xe0" + bytes(600),
+        os.urandom(5000),
+        b"SQLite format 2\x00" + bytes(100),
+    ],
+)
 def test_a_file_that_is_not_sqlite_is_refused(tmp_path, tiny_llava, content):
     folder = tmp_path / "pics"
     distinct_image(1, folder / "a.jpg")
@@ -280,8 +334,9 @@ def test_a_damaged_sqlite_file_gives_a_message(tmp_path, tiny_llava):
     db = tmp_path / "index.db"  # our header (and mark), then garbage: a damaged copy
     db.write_bytes(good.read_bytes()[:100] + os.urandom(8000))
     cfg = _config(tmp_path, tiny_llava, database=str(db))
-    for argv, code, out, err in _run_all(cfg, folder, [("status",), ("search", "x"),
-                                                       ("caption", "{folder}")]):
+    for argv, code, out, err in _run_all(
+        cfg, folder, [("status",), ("search", "x"), ("caption", "{folder}")]
+    ):
         assert code == 2, (argv, out, err)
         assert f"watcher: database error: the database {db} is damaged" in err, err
 
@@ -308,10 +363,21 @@ def test_a_database_path_that_is_no_file_is_refused(tmp_path, tiny_llava, what):
         expected = "is a symbolic link"
     before = sorted(p.name for p in tmp_path.iterdir())
     # A real process: a pipe opened as a database would hang it; a traceback would show.
-    for argv in (["status"], ["search", "x"], ["caption", str(folder)], ["retry", "--all"],
-                 ["run", str(folder)]):
-        r = subprocess.run([str(CONSOLE_SCRIPT), "--db", str(db), *argv], capture_output=True,
-                           text=True, timeout=60, env=_env(), cwd=tmp_path)
+    for argv in (
+        ["status"],
+        ["search", "x"],
+        ["caption", str(folder)],
+        ["retry", "--all"],
+        ["run", str(folder)],
+    ):
+        r = subprocess.run(
+            [str(CONSOLE_SCRIPT), "--db", str(db), *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_env(),
+            cwd=tmp_path,
+        )
         assert r.returncode == 2, (argv, r.stdout, r.stderr)
         assert "watcher: database error:" in r.stderr and expected in r.stderr, r.stderr
         _no_traceback(r.stdout, r.stderr)
@@ -360,16 +426,19 @@ def test_a_newer_schema_is_refused(tmp_path, tiny_llava):
     db = tmp_path / "index.db"
     connect(db).conn.close()
     con = sqlite3.connect(db)
-    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                (str(SCHEMA_VERSION + 1),))
+    con.execute(
+        "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+    )
     con.commit()
     con.close()
     digest = _sha(db)
     cfg = _config(tmp_path, tiny_llava, database=str(db))
     for argv, code, out, err in _run_all(cfg, folder, COMMANDS[:-1]):
         assert code == 2, (argv, out, err)
-        assert (f"database schema {SCHEMA_VERSION + 1} is newer than this watcher "
-                f"({SCHEMA_VERSION}); upgrade moondream-watcher") in err, (argv, err)
+        assert (
+            f"database schema {SCHEMA_VERSION + 1} is newer than this watcher "
+            f"({SCHEMA_VERSION}); upgrade moondream-watcher"
+        ) in err, (argv, err)
     assert _sha(db) == digest
 
 
@@ -391,8 +460,13 @@ def test_a_read_only_database_is_read_and_not_written(tmp_path, tiny_llava, read
     db = data / "index.db"
     cfg = _config(tmp_path, tiny_llava, database=str(db))
     # In a process of its own: no connection left open here keeps a writable -wal beside it.
-    r = subprocess.run([str(CONSOLE_SCRIPT), "--config", str(cfg), "caption", str(folder)],
-                       capture_output=True, text=True, timeout=120, env=_env())
+    r = subprocess.run(
+        [str(CONSOLE_SCRIPT), "--config", str(cfg), "caption", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert r.returncode == 0 and not (data / "index.db-wal").exists(), r.stderr
     con = sqlite3.connect(db)
     word = con.execute("SELECT caption FROM images").fetchone()[0].split()[0]
@@ -405,8 +479,13 @@ def test_a_read_only_database_is_read_and_not_written(tmp_path, tiny_llava, read
     before = sorted(p.name for p in data.iterdir())
 
     def watcher(*argv: str) -> subprocess.CompletedProcess:
-        r = subprocess.run([*wrapper, sys.executable, "-m", "watcher", "--config", str(cfg),
-                            *argv], capture_output=True, text=True, timeout=120, env=_env())
+        r = subprocess.run(
+            [*wrapper, sys.executable, "-m", "watcher", "--config", str(cfg), *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_env(),
+        )
         _no_traceback(r.stdout, r.stderr)
         return r
 
@@ -431,6 +510,7 @@ def test_a_read_only_database_is_read_and_not_written(tmp_path, tiny_llava, read
 
 # --- 9. the database deleted or replaced under the daemon ---------------------------------------
 
+
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_database_deleted_under_the_daemon_stops_it_loudly(tmp_path, tiny_llava, how):
     watched = tmp_path / "watched"
@@ -449,8 +529,10 @@ def test_database_deleted_under_the_daemon_stops_it_loudly(tmp_path, tiny_llava,
     finally:
         code = d.stop()
     assert code == 1, d.log_text()[-3000:]
-    [line] = d.logged("database file deleted or replaced while running; stopping (exit 1) "
-                      "so that a restart opens the database at its path")
+    [line] = d.logged(
+        "database file deleted or replaced while running; stopping (exit 1) "
+        "so that a restart opens the database at its path"
+    )
     assert line["database"] == str(d.db) and line["gone"] is (how == "deleted")
     assert f"the database {d.db} was {how} while running; stopping" in d.log_text()
     if how == "replaced":
@@ -459,17 +541,21 @@ def test_database_deleted_under_the_daemon_stops_it_loudly(tmp_path, tiny_llava,
     # What systemd's Restart=on-failure does next: a new start makes a new database.
     distinct_image(2, watched / "b.jpg")
     with Daemon(cfg, tmp_path) as again:
-        wait_for(lambda: again.captioned(watched / "b.jpg") and again.captioned(
-            watched / "a.jpg"), 60, "captions in the new database")
+        wait_for(
+            lambda: again.captioned(watched / "b.jpg") and again.captioned(watched / "a.jpg"),
+            60,
+            "captions in the new database",
+        )
         code, out, err = run_cli("--config", str(cfg), "status")
         assert code == 0 and "images indexed: 2" in out and "daemon: running" in out
 
 
 # --- 10. status that is true --------------------------------------------------------------------
 
+
 def test_a_stopped_daemon_is_shown_as_not_responding(tmp_path, tiny_llava):
     """SIGSTOP leaves the pid alive: the heartbeat's age tells it is not running."""
-    from watcher.status import HEARTBEAT_STALE
+    from watcher.service.status import HEARTBEAT_STALE
 
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -481,20 +567,28 @@ def test_a_stopped_daemon_is_shown_as_not_responding(tmp_path, tiny_llava):
         os.kill(pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
-            out = wait_for(lambda: (lambda r: "not responding" in r[1] and r[1])(
-                run_cli("--config", str(cfg), "status")), HEARTBEAT_STALE + 60,
-                "status to notice", interval=0.5)
+            out = wait_for(
+                lambda: (lambda r: "not responding" in r[1] and r[1])(
+                    run_cli("--config", str(cfg), "status")
+                ),
+                HEARTBEAT_STALE + 60,
+                "status to notice",
+                interval=0.5,
+            )
             assert time.monotonic() - t0 > HEARTBEAT_STALE - 3  # not before it is stale
-            m = re.search(rf"daemon: not responding \(pid {pid}, last heartbeat (\d+) s ago\)",
-                          out)
+            m = re.search(rf"daemon: not responding \(pid {pid}, last heartbeat (\d+) s ago\)", out)
             assert m and int(m.group(1)) >= HEARTBEAT_STALE, out
             report = json.loads(run_cli("--config", str(cfg), "status", "--json")[1])
             assert report["daemon"]["responding"] is False
             assert report["daemon"]["heartbeat_age"] >= HEARTBEAT_STALE
         finally:
             os.kill(pid, signal.SIGCONT)
-        wait_for(lambda: f"daemon: running (pid {pid})" in run_cli(
-            "--config", str(cfg), "status")[1], 30, "running again", interval=0.2)
+        wait_for(
+            lambda: f"daemon: running (pid {pid})" in run_cli("--config", str(cfg), "status")[1],
+            30,
+            "running again",
+            interval=0.2,
+        )
 
 
 def test_pending_sidecars_heading_does_not_guess_the_reason(tmp_path, tiny_llava):
@@ -512,18 +606,23 @@ def test_pending_sidecars_heading_does_not_guess_the_reason(tmp_path, tiny_llava
     code, out, err = run_cli("--config", str(cfg), "status")
     assert code == 0, err
     assert "folder not writable" not in out
-    assert ("sidecars pending (caption kept in the index; `watcher retry --all` once the "
-            "reason is fixed): 2") in out, out
-    assert f"  {folder / stem}.png: cannot write sidecar: File name too long (ENAMETOOLONG)" \
-        in out, out
+    assert (
+        "sidecars pending (caption kept in the index; `watcher retry --all` once the "
+        "reason is fixed): 2"
+    ) in out, out
+    assert (
+        f"  {folder / stem}.png: cannot write sidecar: File name too long (ENAMETOOLONG)" in out
+    ), out
     assert f"  {folder / 'b.jpg'}: cannot write sidecar: Is a directory (EISDIR)" in out, out
 
 
 # --- 11. the watchdog and an idle worker ------------------------------------------------------
 
+
 @pytest.mark.parametrize("watchdog_usec", [1_000_000, 2_000_000])
 def test_idle_daemon_under_a_short_watchdog_is_never_not_responding(
-        tmp_path, tiny_llava, watchdog_usec):
+    tmp_path, tiny_llava, watchdog_usec
+):
     """The idle worker wakes once a second; the watchdog judges it every 1/6 of WatchdogSec.
     Idle is not stuck: pings keep coming and the log never says "not responding"."""
     watched = tmp_path / "watched"
@@ -557,15 +656,16 @@ def test_a_notify_socket_nobody_reads_never_blocks_the_daemon(tmp_path):
     """systemd slow to read (or a socket nobody reads): sends fail fast, they never wait."""
     import threading
 
-    from watcher.notify import Notifier
+    from watcher.service.notify import Notifier
 
     path = tmp_path / "full.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     results: list[bool] = []
     n = Notifier(str(path))
-    sender = threading.Thread(target=lambda: results.extend(
-        n.watchdog() for _ in range(5000)), daemon=True)
+    sender = threading.Thread(
+        target=lambda: results.extend(n.watchdog() for _ in range(5000)), daemon=True
+    )
     try:
         sender.start()
         sender.join(30)

@@ -59,8 +59,17 @@ def _encodable(text: str) -> bool:
 
 
 def test_path_encoding_round_trips_and_keeps_subtrees():
-    names = [_name(LATIN1), _name(INVALID), _name(NOISY), "plain.jpg", "a\ufdd0e9.jpg",
-             "a\ufdd0\ufdd0.jpg", "new\nline.jpg", "back\\xe9.jpg", "日本.png"]
+    names = [
+        _name(LATIN1),
+        _name(INVALID),
+        _name(NOISY),
+        "plain.jpg",
+        "a\ufdd0e9.jpg",
+        "a\ufdd0\ufdd0.jpg",
+        "new\nline.jpg",
+        "back\\xe9.jpg",
+        "日本.png",
+    ]
     stored = {n: encode("/r" + _name(b"\xe9") + "/" + n) for n in names}
     assert len(set(stored.values())) == len(names)  # no two names collide once stored
     for n, s in stored.items():
@@ -78,9 +87,15 @@ def test_caption_with_non_utf8_names_captions_everything(tmp_path, tiny_llava):
     # The root itself, a sub-folder and files all have names that are not UTF-8.
     root = tmp_path / _name(b"shoot-\xe9t\xe9")
     sub = root / _name(b"sub\xff")
-    names = {root / _name(LATIN1): 0, root / _name(INVALID): 1, root / _name(NOISY): 2,
-             sub / "inside.jpg": 3, sub / _name(b"x\xe9\nnewline.jpg"): 4,
-             root / "good.jpg": 5, root / "back\\xe9.jpg": 6}
+    names = {
+        root / _name(LATIN1): 0,
+        root / _name(INVALID): 1,
+        root / _name(NOISY): 2,
+        sub / "inside.jpg": 3,
+        sub / _name(b"x\xe9\nnewline.jpg"): 4,
+        root / "good.jpg": 5,
+        root / "back\\xe9.jpg": 6,
+    }
     for path, i in names.items():
         distinct_image(i, path)
     cfg = _config(tmp_path, tiny_llava)
@@ -96,8 +111,13 @@ def test_caption_with_non_utf8_names_captions_everything(tmp_path, tiny_llava):
     assert "sub\\xff/x\\xe9\\x0anewline.jpg" in out
     assert len([ln for ln in out.splitlines() if ln.startswith("[")]) == len(names)
     # Sidecars next to the images, named from the images' own bytes.
-    assert _sidecar_bytes(root) == {b"caf\xe9.txt", b"bad\xc3\x28\xed\xa0\x80.txt",
-                                    b"\xff\xfe\x80.txt", b"good.txt", b"back\\xe9.txt"}
+    assert _sidecar_bytes(root) == {
+        b"caf\xe9.txt",
+        b"bad\xc3\x28\xed\xa0\x80.txt",
+        b"\xff\xfe\x80.txt",
+        b"good.txt",
+        b"back\\xe9.txt",
+    }
     assert _sidecar_bytes(sub) == {b"inside.txt", b"x\xe9\nnewline.txt"}
     # The index holds every exact path, and its sidecar's exact path.
     rows = _rows(tmp_path / "index.db")
@@ -140,9 +160,10 @@ def test_a_failing_non_utf8_image_is_reported_escaped(tmp_path, tiny_llava):
 
 
 def test_one_file_that_cannot_be_queued_does_not_hold_back_the_others(
-        tmp_path, tiny_llava, monkeypatch):
+    tmp_path, tiny_llava, monkeypatch
+):
     """An unexpected error queuing one path is recorded against that path; the rest go on."""
-    from watcher.queue import JobQueue
+    from watcher.jobs import JobQueue
 
     pics = tmp_path / "pics"
     for i in range(3):
@@ -165,8 +186,7 @@ def test_one_file_that_cannot_be_queued_does_not_hold_back_the_others(
     assert all((pics / f"{i}.txt").exists() for i in range(3))
     assert not (pics / _name(b"cursed\xe9.txt")).exists()
     code, status, _ = run_cli("--config", str(cfg), "status")
-    assert ("cursed\\xe9.jpg: could not be queued: ValueError: something nobody foresaw"
-            in status)
+    assert "cursed\\xe9.jpg: could not be queued: ValueError: something nobody foresaw" in status
 
 
 def test_daemon_captions_non_utf8_names_at_start_and_while_running(tmp_path, tiny_llava):
@@ -179,14 +199,20 @@ def test_daemon_captions_non_utf8_names_at_start_and_while_running(tmp_path, tin
         wait_for(lambda: d.captioned(watched / _name(LATIN1)), 60, "the Latin-1 name")
         wait_for(lambda: d.captioned(watched / "before.jpg"), 60, "the good one")
         # Files that settle together with bad names are all queued.
-        arrivals = [watched / _name(NOISY), watched / "after.jpg",
-                    watched / _name(b"sub\xe9") / _name(INVALID)]
+        arrivals = [
+            watched / _name(NOISY),
+            watched / "after.jpg",
+            watched / _name(b"sub\xe9") / _name(INVALID),
+        ]
         for i, p in enumerate(arrivals):
             distinct_image(10 + i, p)
         for p in arrivals:
             wait_for(lambda p=p: d.captioned(p), 60, f"{shown(p)} captioned")
-        assert set(d.rows()) == {str(watched / _name(LATIN1)), str(watched / "before.jpg"),
-                                 *map(str, arrivals)}
+        assert set(d.rows()) == {
+            str(watched / _name(LATIN1)),
+            str(watched / "before.jpg"),
+            *map(str, arrivals),
+        }
         code, status, _ = run_cli("--config", str(cfg), "status")
         assert code == 0 and _encodable(status)
         assert f"  {shown(watched)}" in status and "inbox\\xe9" in status
@@ -206,6 +232,7 @@ def test_daemon_captions_non_utf8_names_at_start_and_while_running(tmp_path, tin
 
 
 # --- files passed over by name (issue 11.13) -----------------------------------------------
+
 
 def _avif(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,10 +261,14 @@ def test_caption_says_which_files_it_passed_over_and_captions_avif(tmp_path, tin
     assert (pics / "photo.txt").exists()  # AVIF is captioned where Pillow reads it
     assert "2 new, 0 up to date" in out
     lines = out.splitlines()
-    assert "passed over: 2 files (not an image extension): clip.mov, notes.pdf" in lines \
+    assert (
+        "passed over: 2 files (not an image extension): clip.mov, notes.pdf" in lines
         or "passed over: 2 files (not an image extension): notes.pdf, clip.mov" in lines
-    assert ("passed over: 1 file (no extension, but image bytes: add an extension (e.g. .jpg) "
-            "to caption it): IMG_0001") in lines
+    )
+    assert (
+        "passed over: 1 file (no extension, but image bytes: add an extension (e.g. .jpg) "
+        "to caption it): IMG_0001"
+    ) in lines
     assert "passed over: 1 file (no extension): README" in lines
     assert "hidden" not in out
     # The sidecars written are not "passed over" at the next run.
@@ -248,21 +279,23 @@ def test_caption_says_which_files_it_passed_over_and_captions_avif(tmp_path, tin
 
 
 def test_avif_where_pillow_cannot_read_it_is_passed_over_with_the_fix(
-        tmp_path, tiny_llava, monkeypatch):
-    import watcher.observer
+    tmp_path, tiny_llava, monkeypatch
+):
+    import watcher.intake.observer
 
-    monkeypatch.setattr(watcher.observer, "avif_readable", lambda: False, raising=False)
+    monkeypatch.setattr(watcher.intake.observer, "avif_readable", lambda: False, raising=False)
     pics = tmp_path / "pics"
     distinct_image(0, pics / "a.jpg")
     (pics / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")
-    cfg = write_config(tmp_path, tiny_llava, [], defaults={
-        "extensions": [".jpg", ".png"]})
+    cfg = write_config(tmp_path, tiny_llava, [], defaults={"extensions": [".jpg", ".png"]})
 
     code, out, err = run_cli("--config", str(cfg), "caption", str(pics))
 
     assert code == 0, out + err
-    assert ("passed over: 1 file (AVIF, which this Pillow cannot read: install a Pillow "
-            "built with AVIF (pip install -U 'pillow>=11.2')): photo.avif") in out.splitlines()
+    assert (
+        "passed over: 1 file (AVIF, which this Pillow cannot read: install a Pillow "
+        "built with AVIF (pip install -U 'pillow>=11.2')): photo.avif"
+    ) in out.splitlines()
 
 
 def test_daemon_status_lists_files_passed_over(tmp_path, tiny_llava):
@@ -277,25 +310,43 @@ def test_daemon_status_lists_files_passed_over(tmp_path, tiny_llava):
             _, report, _ = run_cli("--config", str(cfg), "status", "--json")
             return json.loads(report)["daemon"]["folders"][0]["passed_over"]
 
-        wait_for(lambda: passed() == [{"reason": "not an image extension", "count": 1,
-                                       "examples": [str(watched / "notes.pdf")]}],
-                 30, "the scan's count in status")
+        wait_for(
+            lambda: (
+                passed()
+                == [
+                    {
+                        "reason": "not an image extension",
+                        "count": 1,
+                        "examples": [str(watched / "notes.pdf")],
+                    }
+                ]
+            ),
+            30,
+            "the scan's count in status",
+        )
         write_jpeg(watched / "IMG_0002")  # arrives while the daemon runs
-        wait_for(lambda: any(e["reason"] == "no extension" for e in passed()), 30,
-                 "the new file in status")
+        wait_for(
+            lambda: any(e["reason"] == "no extension" for e in passed()),
+            30,
+            "the new file in status",
+        )
         code, status, _ = run_cli("--config", str(cfg), "status")
         assert "    passed over: 1 file (not an image extension): notes.pdf" in status
         assert "    passed over: 1 file (no extension): IMG_0002" in status
 
 
 def test_avif_listed_where_pillow_cannot_read_it_fails_with_the_fix(
-        tmp_path, tiny_llava, monkeypatch):
+    tmp_path, tiny_llava, monkeypatch
+):
     """`extensions: [.avif]` on a Pillow without AVIF: a failure that says what to install."""
-    import watcher.decode
+    import watcher.pipeline.decode
 
-    monkeypatch.setattr(watcher.decode, "AVIF_AVAILABLE", False, raising=False)
-    monkeypatch.setattr(watcher.decode, "_FORMATS",
-                        tuple(f for f in watcher.decode._FORMATS if f != "AVIF"))
+    monkeypatch.setattr(watcher.pipeline.decode, "AVIF_AVAILABLE", False, raising=False)
+    monkeypatch.setattr(
+        watcher.pipeline.decode,
+        "_FORMATS",
+        tuple(f for f in watcher.pipeline.decode._FORMATS if f != "AVIF"),
+    )
     pics = tmp_path / "pics"
     distinct_image(0, pics / "a.jpg")
     _avif(pics / "photo.avif")
@@ -306,5 +357,7 @@ def test_avif_listed_where_pillow_cannot_read_it_fails_with_the_fix(
 
     assert code == 1, out + err
     assert (pics / "a.txt").exists()
-    assert (f"failed: {pics}/photo.avif: AVIF needs a Pillow built with AVIF support "
-            "(Pillow >= 11.2 wheels are): pip install -U 'pillow>=11.2'") in out.splitlines()
+    assert (
+        f"failed: {pics}/photo.avif: AVIF needs a Pillow built with AVIF support "
+        "(Pillow >= 11.2 wheels are): pip install -U 'pillow>=11.2'"
+    ) in out.splitlines()

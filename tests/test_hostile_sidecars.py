@@ -26,7 +26,7 @@ from images import distinct_image
 from watcher import faults
 from watcher.config import Config, FolderConfig, LogConfig, ModelConfig
 from watcher.index import SCHEMA_VERSION, connect
-from watcher.sidecar import (
+from watcher.outputs.sidecar import (
     FolderMoved,
     SidecarRefused,
     remove_if_ours,
@@ -40,10 +40,21 @@ pytestmark = pytest.mark.timeout(300)
 
 def _config(tmp_path: Path, model: Path, folders: list | None = None, **extra) -> Path:
     """The harness's config, the model in this process (these tests are not about it)."""
-    return write_config(tmp_path, model, folders or [], **{
-        "model": {"backend": "transformers", "path": str(model), "batch_size": 4,
-                  "max_tokens": 4, "isolate": False},
-        **extra})
+    return write_config(
+        tmp_path,
+        model,
+        folders or [],
+        **{
+            "model": {
+                "backend": "transformers",
+                "path": str(model),
+                "batch_size": 4,
+                "max_tokens": 4,
+                "isolate": False,
+            },
+            **extra,
+        },
+    )
 
 
 def _rows(db: Path) -> dict[str, dict]:
@@ -56,8 +67,11 @@ def _rows(db: Path) -> dict[str, dict]:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 @pytest.fixture
@@ -119,7 +133,8 @@ def test_unsafe_sidecar_patterns_are_refused_at_load(tmp_path, tiny_llava, patte
     assert code == 2, out + err
     assert err.startswith(
         f"watcher: config error: {cfg}: {where}.sidecar: expected a file name pattern such as "
-        f"'{{stem}}.txt' (text with {{stem}} and/or {{name}}); got {pattern!r}: "), err
+        f"'{{stem}}.txt' (text with {{stem}} and/or {{name}}); got {pattern!r}: "
+    ), err
     assert BAD_PATTERNS[pattern] in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert _snapshot(pics) == before  # nothing written, nothing replaced
@@ -133,25 +148,33 @@ def test_a_pattern_that_names_a_configured_extension_is_refused(tmp_path, tiny_l
     pics.mkdir()
     code, _, err = _run("--config", str(cfg), "caption", str(pics))
     assert code == 2
-    assert f"{cfg}: folders[0].sidecar: " in err and "got '{stem}.txt': it can name an image" \
-        in err
+    assert f"{cfg}: folders[0].sidecar: " in err and "got '{stem}.txt': it can name an image" in err
 
 
 def test_safe_patterns_are_written_as_rendered(tmp_path, tiny_llava):
-    patterns = {"p1": "{name}.txt", "p2": "{stem}.caption", "p3": "{stem}_txt",
-                "p4": "{{{stem}}}.txt", "p5": "{stem}.{name}.md"}
+    patterns = {
+        "p1": "{name}.txt",
+        "p2": "{stem}.caption",
+        "p3": "{stem}_txt",
+        "p4": "{{{stem}}}.txt",
+        "p5": "{stem}.{name}.md",
+    }
     folders = []
     for i, (sub, pattern) in enumerate(patterns.items()):
         distinct_image(i, tmp_path / sub / "photo.jpg")
         folders.append({"path": str(tmp_path / sub), "sidecar": pattern})
     cfg = _config(tmp_path, tiny_llava, folders)
 
-    code, out, err = _run("--config", str(cfg), "caption",
-                          *(str(tmp_path / s) for s in patterns))
+    code, out, err = _run("--config", str(cfg), "caption", *(str(tmp_path / s) for s in patterns))
 
     assert code == 0, out + err
-    expected = {"p1": "photo.jpg.txt", "p2": "photo.caption", "p3": "photo_txt",
-                "p4": "{photo}.txt", "p5": "photo.photo.jpg.md"}
+    expected = {
+        "p1": "photo.jpg.txt",
+        "p2": "photo.caption",
+        "p3": "photo_txt",
+        "p4": "{photo}.txt",
+        "p5": "photo.photo.jpg.md",
+    }
     rows = _rows(tmp_path / "index.db")
     for sub, name in expected.items():
         assert sorted(os.listdir(tmp_path / sub)) == sorted(["photo.jpg", name])
@@ -160,8 +183,7 @@ def test_safe_patterns_are_written_as_rendered(tmp_path, tiny_llava):
         assert (tmp_path / sub / name).read_text() == row["caption"] + "\n"
 
 
-def test_a_config_built_in_code_still_never_replaces_an_image(tmp_path, tiny_llava,
-                                                              monkeypatch):
+def test_a_config_built_in_code_still_never_replaces_an_image(tmp_path, tiny_llava, monkeypatch):
     # load_config's check bypassed: the writer refuses by itself, the caption goes to the
     # index and the sidecar is pending with the reason; no image is touched.
     patterns = {"n1": "{name}", "n2": "{stem}.PNG", "n3": "{stem}{0}.txt", "n4": "{stem}"}
@@ -171,13 +193,24 @@ def test_a_config_built_in_code_still_never_replaces_an_image(tmp_path, tiny_lla
     distinct_image(9, tmp_path / "n4" / "b.jpg.png")  # {stem} -> b.jpg, a sibling's name
     distinct_image(10, tmp_path / "n4" / "b.jpg")
     before = {sub: _snapshot(tmp_path / sub) for sub in patterns}
-    model = ModelConfig(backend="transformers", id=str(tiny_llava), path=str(tiny_llava),
-                        revision=None, batch_size=4, max_tokens=4, isolate=False)
-    cfg = Config(model=model, database=tmp_path / "index.db",
-                 log=LogConfig(format="json", level="warning"),
-                 folders=tuple(FolderConfig(path=tmp_path / sub, sidecar=pattern,
-                                            overwrite="always")
-                               for sub, pattern in patterns.items()))
+    model = ModelConfig(
+        backend="transformers",
+        id=str(tiny_llava),
+        path=str(tiny_llava),
+        revision=None,
+        batch_size=4,
+        max_tokens=4,
+        isolate=False,
+    )
+    cfg = Config(
+        model=model,
+        database=tmp_path / "index.db",
+        log=LogConfig(format="json", level="warning"),
+        folders=tuple(
+            FolderConfig(path=tmp_path / sub, sidecar=pattern, overwrite="always")
+            for sub, pattern in patterns.items()
+        ),
+    )
     monkeypatch.setattr("watcher.cli.load_config", lambda *a, **k: cfg)
 
     code, out, err = _run("caption", *(str(tmp_path / s) for s in patterns))
@@ -195,8 +228,9 @@ def test_a_config_built_in_code_still_never_replaces_an_image(tmp_path, tiny_lla
     assert "{0} is not allowed" in rows[str(tmp_path / "n3" / "a.jpg")]["sidecar_error"]
 
     # Once the pattern is fixed, `watcher retry --all` writes them without the model.
-    fixed = dataclasses.replace(cfg, folders=tuple(dataclasses.replace(f, sidecar="{stem}.txt")
-                                                   for f in cfg.folders))
+    fixed = dataclasses.replace(
+        cfg, folders=tuple(dataclasses.replace(f, sidecar="{stem}.txt") for f in cfg.folders)
+    )
     monkeypatch.setattr("watcher.cli.load_config", lambda *a, **k: fixed)
     code, out, err = _run("retry", "--all")
     assert (code, out) == (0, "0 failed images queued again; 10 pending sidecars written\n"), err
@@ -209,8 +243,9 @@ def test_a_config_built_in_code_still_never_replaces_an_image(tmp_path, tiny_lla
         assert images == before[sub], sub
 
 
-@pytest.mark.parametrize("name", ["a.jpg", "a.JPG", "a.Png", "x.jpeg", "b.tiff", ".png",
-                                  "a.jpg.WEBP", "a.HEIC"])
+@pytest.mark.parametrize(
+    "name", ["a.jpg", "a.JPG", "a.Png", "x.jpeg", "b.tiff", ".png", "a.jpg.WEBP", "a.HEIC"]
+)
 def test_the_writer_refuses_any_image_name(tmp_path, name):
     (tmp_path / name).write_bytes(b"image bytes")
     with pytest.raises(SidecarRefused, match="is an image's name"):
@@ -221,14 +256,15 @@ def test_the_writer_refuses_any_image_name(tmp_path, name):
 
 # --- 2. a folder swapped for a symbolic link while the model works ---------------------------
 
-def test_folder_swapped_for_a_link_while_captioning_gets_no_sidecar_daemon(tmp_path,
-                                                                          tiny_llava):
+
+def test_folder_swapped_for_a_link_while_captioning_gets_no_sidecar_daemon(tmp_path, tiny_llava):
     watched, outside = tmp_path / "watched", tmp_path / "outside"
     watched.mkdir()
     outside.mkdir()
     gate = tmp_path / "gate"
-    env = {"WATCHER_FAULTS": json.dumps({"model": [
-        {"match": "a.jpg", "gate": str(gate), "times": 1}]})}
+    env = {
+        "WATCHER_FAULTS": json.dumps({"model": [{"match": "a.jpg", "gate": str(gate), "times": 1}]})
+    }
     cfg = _config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}])
     image = watched / "sub" / "deep" / "a.jpg"
     with Daemon(cfg, tmp_path, env=env) as d:
@@ -239,9 +275,16 @@ def test_folder_swapped_for_a_link_while_captioning_gets_no_sidecar_daemon(tmp_p
         os.rename(watched / "sub", outside / "sub")
         os.symlink(outside / "sub", watched / "sub")
         gate.touch()
-        wait_for(lambda: d.logged("folder replaced while being captioned; no sidecar written",
-                                  path=str(image))
-                 or (outside / "sub" / "deep" / "a.txt").exists(), 60, "the writer's decision")
+        wait_for(
+            lambda: (
+                d.logged(
+                    "folder replaced while being captioned; no sidecar written", path=str(image)
+                )
+                or (outside / "sub" / "deep" / "a.txt").exists()
+            ),
+            60,
+            "the writer's decision",
+        )
         assert os.listdir(outside / "sub" / "deep") == ["a.jpg"]
         assert not d.logged("captioned", path=str(image))
         assert str(image) not in d.rows()
@@ -270,12 +313,16 @@ def test_folder_swapped_for_a_link_inside_the_root_caption(tmp_path, tiny_llava,
     inject({"model": [{"match": "a.jpg", "gate": str(gate), "times": 1}]})
     cfg = _config(tmp_path, tiny_llava)
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(r=_run("--config", str(cfg), "caption",
-                                                             str(pics))))
+    t = threading.Thread(
+        target=lambda: result.update(r=_run("--config", str(cfg), "caption", str(pics)))
+    )
     t.start()
     try:
-        wait_for(lambda: gate.with_name("gate.reached").exists() or "r" in result, 120,
-                 "a.jpg at the model")
+        wait_for(
+            lambda: gate.with_name("gate.reached").exists() or "r" in result,
+            120,
+            "a.jpg at the model",
+        )
         assert "r" not in result, result
         os.rename(pics / "sub", pics / "other" / "moved")
         os.symlink(pics / "other" / "moved", pics / "sub")
@@ -284,8 +331,10 @@ def test_folder_swapped_for_a_link_inside_the_root_caption(tmp_path, tiny_llava,
         t.join(240)
     code, out, err = result["r"]
     assert code == 0, out + err
-    reason = (f"folder {pics / 'sub'} is now a symbolic link; nothing is written through it; "
-              "not captioned there (captioned once it is a folder again)")
+    reason = (
+        f"folder {pics / 'sub'} is now a symbolic link; nothing is written through it; "
+        "not captioned there (captioned once it is a folder again)"
+    )
     assert f"skipped: {image}: {reason}" in out.splitlines(), out
     assert sorted(os.listdir(pics / "other" / "moved")) == ["a.jpg"]
     assert str(image) not in _rows(tmp_path / "index.db")
@@ -360,15 +409,19 @@ def test_only_our_own_old_temp_files_are_removed_by_caption(tmp_path, tiny_llava
     files = _temp_lookalikes(pics)
     # Exactly our pattern (the writer's pid, 8 random hex digits), written a moment ago by a
     # process that still runs (this one, or pid 1): a write may be under way, so kept.
-    young = [pics / "sub" / f".{os.getpid():08x}abcdef01.watcher-tmp",
-             pics / "sub" / f".{1:08x}abcdef02.watcher-tmp",
-             pics / "sub" / ".abcdef012345.watcher-tmp"]  # an earlier version's, young
+    young = [
+        pics / "sub" / f".{os.getpid():08x}abcdef01.watcher-tmp",
+        pics / "sub" / f".{1:08x}abcdef02.watcher-tmp",
+        pics / "sub" / ".abcdef012345.watcher-tmp",
+    ]  # an earlier version's, young
     for p in young:
         p.write_text("caption being written\n")
     # Exactly our pattern and its writer is gone (killed mid-write), or old: leftovers.
     gone_pid = _finished_pid()
-    leftovers = [pics / "sub" / f".{gone_pid:08x}0badf00d.watcher-tmp",
-                 pics / "sub" / ".fedcba987654.watcher-tmp"]
+    leftovers = [
+        pics / "sub" / f".{gone_pid:08x}0badf00d.watcher-tmp",
+        pics / "sub" / ".fedcba987654.watcher-tmp",
+    ]
     for p in leftovers:
         p.write_text("half a capt")
     os.utime(leftovers[1], (OLD, OLD))
@@ -384,8 +437,11 @@ def test_only_our_own_old_temp_files_are_removed_by_caption(tmp_path, tiny_llava
     assert all(p.read_text() == "caption being written\n" for p in young)
     assert (pics / ".bbbbbbbbbbbb.watcher-tmp").is_symlink()
     assert not any(p.exists() for p in leftovers)
-    removed = [json.loads(x) for x in err.splitlines()
-               if "removed a temp file left by an interrupted write" in x]
+    removed = [
+        json.loads(x)
+        for x in err.splitlines()
+        if "removed a temp file left by an interrupted write" in x
+    ]
     assert sorted(e["path"] for e in removed) == sorted(str(p) for p in leftovers)
 
 
@@ -428,9 +484,13 @@ def test_a_sparse_2gb_sidecar_is_left_alone_without_being_read(tmp_path, tiny_ll
     cfg = _config(tmp_path, tiny_llava)
 
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _CAPTION_WITH_RSS, "--config", str(cfg),
-                           "caption", str(pics)], capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _CAPTION_WITH_RSS, "--config", str(cfg), "caption", str(pics)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     elapsed = time.monotonic() - t0
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -451,6 +511,7 @@ def test_a_sparse_2gb_sidecar_is_left_alone_without_being_read(tmp_path, tiny_ll
 
 # --- 10. sidecars kept: listed, and their text is what the index holds ----------------------
 
+
 def test_kept_sidecars_are_listed_and_their_text_is_searchable(tmp_path, tiny_llava):
     pics, never = tmp_path / "pics", tmp_path / "never"
     for i, name in enumerate(["a.jpg", "b.jpg", "c.jpg", "f.jpg"]):
@@ -459,17 +520,22 @@ def test_kept_sidecars_are_listed_and_their_text_is_searchable(tmp_path, tiny_ll
     (pics / "a.txt").write_text("hand written zzyzxzebra caption\n")  # the user's own
     (pics / "f.txt").write_bytes(b"caf\xe9 latin1 qqvvbanjo\n")  # not UTF-8
     (never / "e.txt").write_text("older xxwombat words\n")
-    cfg = _config(tmp_path, tiny_llava, [{"path": str(pics)},
-                                         {"path": str(never), "overwrite": "never"}])
+    cfg = _config(
+        tmp_path, tiny_llava, [{"path": str(pics)}, {"path": str(never), "overwrite": "never"}]
+    )
 
     code, out, err = _run("--config", str(cfg), "caption", str(pics), str(never))
 
     assert code == 0, out + err
     lines = out.splitlines()
-    assert f"sidecar kept: {pics / 'a.txt'}: not written by watcher (your own); not " \
-           "overwritten" in lines
-    assert f"sidecar kept: {pics / 'f.txt'}: not written by watcher (your own); not " \
-           "overwritten" in lines
+    assert (
+        f"sidecar kept: {pics / 'a.txt'}: not written by watcher (your own); not "
+        "overwritten" in lines
+    )
+    assert (
+        f"sidecar kept: {pics / 'f.txt'}: not written by watcher (your own); not "
+        "overwritten" in lines
+    )
     assert f"sidecar kept: {never / 'e.txt'}: overwrite: never; not overwritten" in lines
     assert (pics / "a.txt").read_text() == "hand written zzyzxzebra caption\n"
     rows = _rows(tmp_path / "index.db")
@@ -490,8 +556,12 @@ def test_kept_sidecars_are_listed_and_their_text_is_searchable(tmp_path, tiny_ll
     c = _rows(tmp_path / "index.db")[str(pics / "c.jpg")]
     assert (c["caption"], c["model_caption"]) == ("my own zzquokka words", model_c)
 
-    for word, image in (("zzyzxzebra", pics / "a.jpg"), ("zzquokka", pics / "c.jpg"),
-                        ("qqvvbanjo", pics / "f.jpg"), ("xxwombat", never / "e.jpg")):
+    for word, image in (
+        ("zzyzxzebra", pics / "a.jpg"),
+        ("zzquokka", pics / "c.jpg"),
+        ("qqvvbanjo", pics / "f.jpg"),
+        ("xxwombat", never / "e.jpg"),
+    ):
         code, found, _ = _run("--config", str(cfg), "search", word)
         assert code == 0 and found.splitlines()[0] == str(image), (word, found)
 
@@ -503,7 +573,11 @@ def test_kept_sidecars_are_listed_and_their_text_is_searchable(tmp_path, tiny_ll
     report = json.loads(js)
     assert report["sidecars_kept"] == 4
     assert {k["sidecar"] for k in report["sidecars_kept_list"]} == {
-        str(pics / "a.txt"), str(pics / "c.txt"), str(pics / "f.txt"), str(never / "e.txt")}
+        str(pics / "a.txt"),
+        str(pics / "c.txt"),
+        str(pics / "f.txt"),
+        str(never / "e.txt"),
+    }
 
 
 def test_schema_1_database_is_migrated_with_the_model_caption_beside(tmp_path):
@@ -517,7 +591,8 @@ def test_schema_1_database_is_migrated_with_the_model_caption_beside(tmp_path):
         "task, outputs, model, revision, sidecar, sidecar_sha256, sidecar_state, "
         "sidecar_error, created, updated) VALUES ('/p/a.jpg', '/p', 'x', 1, 1, 1, 1, "
         "'a red kettle', 'short', '{}', 'm', NULL, '/p/a.txt', ?, 'written', NULL, 0, 0)",
-        (text_hash("a red kettle\n"),))
+        (text_hash("a red kettle\n"),),
+    )
     con.close()
 
     code, out, _ = _run("--db", str(db_path), "search", "kettle")

@@ -13,10 +13,26 @@ from watcher.index import SCHEMA_VERSION, ImageRow, Index, connect, transaction
 
 def _row(path: str, caption: str, **kw) -> ImageRow:
     now = time.time()
-    base = dict(path=path, root="/r", sha256=path, size=1, mtime_ns=1, width=1, height=1,
-                caption=caption, task="short", outputs={"short": caption}, model="m",
-                revision=None, sidecar=None, sidecar_sha256=None, sidecar_state="written",
-                sidecar_error=None, created=now, updated=now)
+    base = dict(
+        path=path,
+        root="/r",
+        sha256=path,
+        size=1,
+        mtime_ns=1,
+        width=1,
+        height=1,
+        caption=caption,
+        task="short",
+        outputs={"short": caption},
+        model="m",
+        revision=None,
+        sidecar=None,
+        sidecar_sha256=None,
+        sidecar_state="written",
+        sidecar_error=None,
+        created=now,
+        updated=now,
+    )
     base.update(kw)
     return ImageRow(**base)
 
@@ -60,8 +76,13 @@ def test_fts_follows_updates_and_deletes(tmp_path: Path) -> None:
 def test_index_only_outputs_are_searchable(tmp_path: Path) -> None:
     ix = Index(connect(tmp_path / "i.db"))
     with transaction(ix.db):
-        ix.upsert(_row("/r/a.jpg", "masterpiece, portrait, oil", outputs={
-            "prompt": "masterpiece, portrait, oil", "short": "a woman in a blue hat"}))
+        ix.upsert(
+            _row(
+                "/r/a.jpg",
+                "masterpiece, portrait, oil",
+                outputs={"prompt": "masterpiece, portrait, oil", "short": "a woman in a blue hat"},
+            )
+        )
     assert ix.search("hat")[0][0].path == "/r/a.jpg"
 
 
@@ -69,7 +90,8 @@ def test_schema_version_and_wal(tmp_path: Path) -> None:
     connect(tmp_path / "i.db").conn.close()
     con = sqlite3.connect(tmp_path / "i.db")
     assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
-        str(SCHEMA_VERSION),)
+        str(SCHEMA_VERSION),
+    )
     assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     con.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     con.commit()

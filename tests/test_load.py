@@ -39,13 +39,20 @@ def _counts(db: Path) -> dict[str, int]:
 @pytest.mark.slow  # about 40-90 s on 2 cores
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
-def test_5000_images_in_a_minute_are_all_captioned_in_bounded_memory(tmp_path, tiny_llava,
-                                                                      capsys):
+def test_5000_images_in_a_minute_are_all_captioned_in_bounded_memory(tmp_path, tiny_llava, capsys):
     watched = tmp_path / "watched"
     watched.mkdir()
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.5}],
-                       model={"backend": "transformers", "path": str(tiny_llava),
-                              "batch_size": 32, "max_tokens": 2})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched), "settle_seconds": 0.5}],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 32,
+            "max_tokens": 2,
+        },
+    )
     blobs = [_png(i) for i in range(N)]  # made before the clock starts
     with Daemon(cfg, tmp_path) as d:
         pid = d.proc.pid
@@ -69,8 +76,7 @@ def test_5000_images_in_a_minute_are_all_captioned_in_bounded_memory(tmp_path, t
         arrived = time.monotonic() - t0
         assert arrived < 60, f"writing the images took {arrived:.0f}s: not a one-minute burst"
 
-        wait_for(lambda: _counts(d.db).get("done", 0) == N, 900, f"{N} jobs done",
-                 interval=1.0)
+        wait_for(lambda: _counts(d.db).get("done", 0) == N, 900, f"{N} jobs done", interval=1.0)
         elapsed = time.monotonic() - t0
         counts = _counts(d.db)
         peak = memory_mib(pid, "VmHWM")
@@ -84,10 +90,12 @@ def test_5000_images_in_a_minute_are_all_captioned_in_bounded_memory(tmp_path, t
     assert len(sidecars) == N
     assert all(p.read_text().endswith("\n") for p in sidecars)
     with capsys.disabled():
-        print(f"\n[load] {N} images written in {arrived:.1f}s, all captioned {elapsed:.0f}s "
-              f"after the first ({N / elapsed:.0f}/s); daemon + model process RSS after start "
-              f"{base:.0f} MiB, "
-              f"peak {peak:.0f} MiB (+{peak - base:.0f}), "
-              f"highest sampled {max(samples, default=base):.0f} MiB")
+        print(
+            f"\n[load] {N} images written in {arrived:.1f}s, all captioned {elapsed:.0f}s "
+            f"after the first ({N / elapsed:.0f}/s); daemon + model process RSS after start "
+            f"{base:.0f} MiB, "
+            f"peak {peak:.0f} MiB (+{peak - base:.0f}), "
+            f"highest sampled {max(samples, default=base):.0f} MiB"
+        )
     # In flight at once: at most 3 batches + 2 per decode thread; the rest waits in SQLite.
     assert peak - base < 250, f"peak RSS grew by {peak - base:.0f} MiB"

@@ -44,16 +44,26 @@ def lines(stream: io.StringIO) -> list[dict]:
 def test_json_lines_carry_fields():
     out = io.StringIO()  # not a TTY: JSON with format auto
     configure_logging(LogConfig(format="auto", level="info"), stream=out)
-    log = structlog.get_logger("watcher.writer")
-    log.info("captioned", path=Path("/photos/a b.jpg"), task="short", model="vikhyatk/moondream2",
-             ms=123.4, outcome="written")
+    log = structlog.get_logger("watcher.pipeline.writer")
+    log.info(
+        "captioned",
+        path=Path("/photos/a b.jpg"),
+        task="short",
+        model="vikhyatk/moondream2",
+        ms=123.4,
+        outcome="written",
+    )
     (rec,) = lines(out)
     assert rec["event"] == "captioned"
     assert rec["level"] == "info"
-    assert rec["logger"] == "watcher.writer"
+    assert rec["logger"] == "watcher.pipeline.writer"
     assert rec["path"] == "/photos/a b.jpg"
     assert (rec["task"], rec["model"], rec["ms"], rec["outcome"]) == (
-        "short", "vikhyatk/moondream2", 123.4, "written")
+        "short",
+        "vikhyatk/moondream2",
+        123.4,
+        "written",
+    )
     ts = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00"))
     assert ts.utcoffset() == timezone.utc.utcoffset(None)
     assert abs((datetime.now(timezone.utc) - ts).total_seconds()) < 60
@@ -195,10 +205,16 @@ def test_transformers_logging_routed_when_imported_later(tmp_path):
         hf.get_logger("transformers.test").warning("from transformers")
         hf.get_logger("transformers.test").info("too chatty")
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert r.returncode == 0, r.stderr
     out = [line for line in r.stderr.splitlines() if line.strip()]
     recs = [json.loads(line) for line in out]  # every line is JSON: no plain-text duplicate
     assert [(x["event"], x["level"], x["logger"]) for x in recs] == [
-        ("from transformers", "warning", "transformers.test")]
+        ("from transformers", "warning", "transformers.test")
+    ]

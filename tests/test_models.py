@@ -1,4 +1,4 @@
-"""watcher.models: fail fast offline, fetch into the HF cache, report what is cached."""
+"""watcher.backends.weights: fail fast offline, fetch into the HF cache, report what is cached."""
 
 from __future__ import annotations
 
@@ -16,22 +16,32 @@ import pytest
 from tiny_moondream import install_in_hf_cache, model_files, tiny_tokenizer_json
 
 from watcher.backends import ModelUnavailable
-from watcher.config import DEFAULT_MOONDREAM_REVISION, ModelConfig
-from watcher.models import (
+from watcher.backends.weights import (
     MOONDREAM_TOKENIZER,
     cmd_fetch,
     cmd_info,
     ensure_available,
     hub_unreachable,
 )
+from watcher.config import DEFAULT_MOONDREAM_REVISION, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(hf_home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
-                        "HF_ENDPOINT", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+            "HF_HUB_CACHE",
+            "HF_ENDPOINT",
+            "HUGGINGFACE_HUB_CACHE",
+            "TRANSFORMERS_CACHE",
+        )
+    }
     env["HF_HOME"] = str(hf_home)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     env.update(extra)
@@ -89,8 +99,9 @@ def test_offline_failure_is_fast_and_says_how_to_fix(tmp_path, silent_hub, hub):
     extra = {"HF_ENDPOINT": silent_hub} if hub == "silent" else {"HF_HUB_OFFLINE": "1"}
     env = _env(tmp_path / "empty-hf-home", **extra)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _ENSURE], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENSURE], env=env, capture_output=True, text=True, timeout=60
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert elapsed < 10, elapsed
@@ -132,8 +143,12 @@ def test_missing_but_hub_answers_lets_loading_download(hub_cache, answering_hub,
 
 
 def test_cached_model_is_available_offline(hub_cache, tiny_moondream):
-    install_in_hf_cache(model_files(tiny_moondream), hub_cache, "vikhyatk/moondream2",
-                        ref=DEFAULT_MOONDREAM_REVISION)
+    install_in_hf_cache(
+        model_files(tiny_moondream),
+        hub_cache,
+        "vikhyatk/moondream2",
+        ref=DEFAULT_MOONDREAM_REVISION,
+    )
     ensure_available(ModelConfig())  # the tiny model's code needs no tokenizer
     with pytest.raises(ModelUnavailable, match="revision 2024-01-01"):
         ensure_available(ModelConfig(revision="2024-01-01"))
@@ -147,8 +162,7 @@ def test_tokenizer_required_when_the_code_loads_it(hub_cache, tiny_moondream):
         ensure_available(ModelConfig())
     assert MOONDREAM_TOKENIZER in str(err.value)
     assert "vikhyatk/moondream2 at" not in str(err.value)  # the model itself is there
-    install_in_hf_cache({"tokenizer.json": tiny_tokenizer_json()}, hub_cache,
-                        MOONDREAM_TOKENIZER)
+    install_in_hf_cache({"tokenizer.json": tiny_tokenizer_json()}, hub_cache, MOONDREAM_TOKENIZER)
     ensure_available(ModelConfig())
 
 
@@ -172,10 +186,13 @@ def test_info_on_an_empty_cache(hub_cache):
 
 
 def test_info_on_a_populated_cache(hub_cache, tiny_moondream):
-    snap = install_in_hf_cache(model_files(tiny_moondream), hub_cache, "vikhyatk/moondream2",
-                               ref=DEFAULT_MOONDREAM_REVISION)
-    install_in_hf_cache({"tokenizer.json": tiny_tokenizer_json()}, hub_cache,
-                        MOONDREAM_TOKENIZER)
+    snap = install_in_hf_cache(
+        model_files(tiny_moondream),
+        hub_cache,
+        "vikhyatk/moondream2",
+        ref=DEFAULT_MOONDREAM_REVISION,
+    )
+    install_in_hf_cache({"tokenizer.json": tiny_tokenizer_json()}, hub_cache, MOONDREAM_TOKENIZER)
     out = io.StringIO()
     assert cmd_info(ModelConfig(), out) == 0
     text = out.getvalue()
@@ -205,7 +222,7 @@ def test_fetch_reports_a_download_failure(hub_cache, monkeypatch):
     assert cmd_fetch(ModelConfig(), None, out, verify=False) == 2
     assert "HF_HUB_OFFLINE is set in your environment" in out.getvalue().splitlines()[-1]
 
-    import watcher.models as models
+    import watcher.backends.weights as models
 
     def broken(repo_id, revision):
         raise ValueError("the repository is odd\nmore lines")
@@ -213,15 +230,16 @@ def test_fetch_reports_a_download_failure(hub_cache, monkeypatch):
     monkeypatch.setattr(models, "_download", broken)
     out = io.StringIO()
     assert cmd_fetch(ModelConfig(), None, out, verify=False) == 1
-    assert out.getvalue().splitlines()[-1] == ("watcher: download failed: ValueError: the "
-                                               "repository is odd")
+    assert out.getvalue().splitlines()[-1] == (
+        "watcher: download failed: ValueError: the repository is odd"
+    )
 
 
 _FETCH = """
 import sys, time
 from pathlib import Path
 from PIL import Image
-import watcher.models as models
+import watcher.backends.weights as models
 from tiny_moondream import install_in_hf_cache, model_files, tiny_tokenizer_json
 from watcher.backends import load_backend
 from watcher.config import ModelConfig
@@ -257,8 +275,13 @@ def test_fetch_then_load_by_id_without_the_hub(tmp_path, silent_hub):
 
     model = build_tiny_moondream(tmp_path / "tiny-tok", tokenizer=True)
     env = _env(tmp_path / "hf-home", HF_ENDPOINT=silent_hub)
-    proc = subprocess.run([sys.executable, "-c", _FETCH, str(model)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FETCH, str(model)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "RC 0" in out
@@ -269,7 +292,10 @@ def test_fetch_then_load_by_id_without_the_hub(tmp_path, silent_hub):
     assert "LOADED vikhyatk/moondream2 2025-06-21 4" in out  # 4: the tiny tokenizer's vocab
     assert "OUT [['" in out
     assert "ready to run offline" in out
-    assert textwrap.dedent("""\
+    assert (
+        textwrap.dedent("""\
         cached models:
-          moondream/starmie-v1: """) in out
+          moondream/starmie-v1: """)
+        in out
+    )
     assert "  vikhyatk/moondream2: " in out

@@ -53,8 +53,11 @@ def test_loads_through_remote_code(backend, tiny_moondream):
 
 
 def test_caption_lengths_and_exact_settings(backend, model):
-    tasks = [Task("short", max_tokens=7), Task("normal", max_tokens=30),
-             Task("long", max_tokens=50)]
+    tasks = [
+        Task("short", max_tokens=7),
+        Task("normal", max_tokens=30),
+        Task("long", max_tokens=50),
+    ]
     [[short, normal, long_]] = backend.describe([_image((200, 40, 40))], tasks)
     assert model.calls == [
         ("caption", "short", {**GREEDY, "max_tokens": 7}),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.notify import Notifier
+from watcher.service.notify import Notifier
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs AF_UNIX sockets")
 

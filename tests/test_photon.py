@@ -52,8 +52,15 @@ class FakePhoton:
     def caption(self, image, length="normal", stream=False, settings=None):
         return {"caption": self._serve("caption", image, length, stream, settings)}
 
-    def query(self, image=None, question=None, stream=False, settings=None, reasoning=False,
-              spatial_refs=None):
+    def query(
+        self,
+        image=None,
+        question=None,
+        stream=False,
+        settings=None,
+        reasoning=False,
+        spatial_refs=None,
+    ):
         if question is None:
             raise ValueError("question parameter is required")
         return {"answer": self._serve("query", image, question, stream, settings)}
@@ -109,8 +116,11 @@ def test_tasks_share_one_encoding_and_keep_order():
     assert engine.encoded == 2
     assert engine.max_in_flight == 6
     for c, row in zip(COLORS[:2], out, strict=True):
-        assert row == [f"caption long {c}", f"query {PROMPT_INSTRUCTION} {c}",
-                       f"query Any dogs? {c}"]
+        assert row == [
+            f"caption long {c}",
+            f"query {PROMPT_INSTRUCTION} {c}",
+            f"query Any dogs? {c}",
+        ]
     settings = {(m, a): s for m, a, _, s in engine.calls}
     assert settings[("caption", "long")] == {"temperature": 0, "max_tokens": 9}
     assert settings[("query", "Any dogs?")] == {"temperature": 0, "max_tokens": 5}
@@ -221,9 +231,7 @@ def test_load_on_a_gpu_machine(fake_moondream, no_accelerator, monkeypatch):
     [(model, runtime)] = fake_moondream
     assert model == "moondream2"
     assert runtime["device"] == "cuda" and runtime["max_batch_size"] == 3
-    assert backend.describe([_img(COLORS[0])], [Task("short")]) == [
-        [f"caption short {COLORS[0]}"]
-    ]
+    assert backend.describe([_img(COLORS[0])], [Task("short")]) == [[f"caption short {COLORS[0]}"]]
     backend.close()
     assert backend.engine.closed
 

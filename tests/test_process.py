@@ -22,8 +22,7 @@ from watcher.tasks import Task
 
 
 def _model(path: Path, **kw) -> ModelConfig:
-    return ModelConfig(backend="transformers", path=str(path), revision=None, max_tokens=6,
-                       **kw)
+    return ModelConfig(backend="transformers", path=str(path), revision=None, max_tokens=6, **kw)
 
 
 def _images(tmp_path: Path, n: int) -> list[Image.Image]:
@@ -85,9 +84,11 @@ def _crashing_moondream(tiny_moondream: Path, dest: Path, size: tuple[int, int])
     shutil.copytree(tiny_moondream, dest)
     code = dest / "modeling_tinymoondream.py"
     text = code.read_text()
-    hook = (f"        if getattr(image, 'size', None) == {size!r}:\n"
-            "            import os, signal\n"
-            "            os.kill(os.getpid(), signal.SIGSEGV)\n")
+    hook = (
+        f"        if getattr(image, 'size', None) == {size!r}:\n"
+        "            import os, signal\n"
+        "            os.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
     marker = "    def encode_image(self, image):\n"
     assert marker in text
     code.write_text(text.replace(marker, marker + hook, 1))
@@ -101,10 +102,20 @@ def test_a_crash_in_model_code_fails_only_that_image(tmp_path, tiny_moondream) -
         distinct_image(i, pics / f"{i}.jpg")
     Image.new("RGB", (13, 17), (200, 10, 10)).save(pics / "bad.png")
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"backend": "moondream", "path": str(model), "max_tokens": 9,
-                  "batch_size": 8},
-        "database": str(tmp_path / "index.db"), "log": {"format": "json"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "backend": "moondream",
+                    "path": str(model),
+                    "max_tokens": 9,
+                    "batch_size": 8,
+                },
+                "database": str(tmp_path / "index.db"),
+                "log": {"format": "json"},
+            }
+        )
+    )
 
     out, err = io.StringIO(), io.StringIO()
     code = main(["--config", str(cfg), "caption", str(pics)], out=out, err=err)
@@ -112,13 +123,16 @@ def test_a_crash_in_model_code_fails_only_that_image(tmp_path, tiny_moondream) -
     assert code == 1, err.getvalue()
     lines = out.getvalue().splitlines()
     assert "5 new, 0 up to date, 1 failed" in lines
-    assert (f"failed: {pics / 'bad.png'}: model error: ModelCrashed: the model process died "
-            "(killed by SIGSEGV) running a batch of 1") in lines
+    assert (
+        f"failed: {pics / 'bad.png'}: model error: ModelCrashed: the model process died "
+        "(killed by SIGSEGV) running a batch of 1"
+    ) in lines
     for i in range(5):
         assert (pics / f"{i}.txt").read_text().strip()
     assert not (pics / "bad.txt").exists()
     assert sorted(p.name for p in pics.iterdir()) == sorted(
-        [f"{i}.jpg" for i in range(5)] + [f"{i}.txt" for i in range(5)] + ["bad.png"])
+        [f"{i}.jpg" for i in range(5)] + [f"{i}.txt" for i in range(5)] + ["bad.png"]
+    )
 
     out = io.StringIO()
     assert main(["--config", str(cfg), "status"], out=out, err=io.StringIO()) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from watcher.index import connect, transaction
-from watcher.queue import JobQueue
+from watcher.jobs import JobQueue
 
 
 def _q(tmp_path: Path) -> JobQueue:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from watcher import service
 from watcher.config import Config, parse_config
-from watcher.service import (
+from watcher.service import install as service
+from watcher.service.install import (
     LABEL,
     PLIST_NAME,
     UNIT_NAME,
@@ -39,8 +39,9 @@ def make_cfg(folders: list[str], database: str) -> Config:
 
 @pytest.fixture
 def cfg() -> Config:
-    return make_cfg(["/home/u/Pictures", "/home/u/My Photos"],
-                    "/home/u/.local/share/moondream-watcher/index.db")
+    return make_cfg(
+        ["/home/u/Pictures", "/home/u/My Photos"], "/home/u/.local/share/moondream-watcher/index.db"
+    )
 
 
 class FakeRunner:
@@ -70,6 +71,7 @@ def service_section(unit: str) -> list[tuple[str, str]]:
 
 # --- systemd ----------------------------------------------------------------------------------
 
+
 def test_render_systemd(cfg):
     # A fixed interpreter path: where this checkout lives (under /tmp in some CI runs) must
     # not change what is asserted; the verify tests below use the real interpreter.
@@ -95,8 +97,12 @@ def test_render_systemd(cfg):
     assert kv["ProtectHome"] == "read-only"
     assert kv["PrivateTmp"] == "yes"
     rw = [v for k, v in pairs if k == "ReadWritePaths"]
-    assert rw == ["-%C/moondream-watcher", '"-/home/u/Pictures"', '"-/home/u/My Photos"',
-                  '"-/home/u/.local/share/moondream-watcher"']
+    assert rw == [
+        "-%C/moondream-watcher",
+        '"-/home/u/Pictures"',
+        '"-/home/u/My Photos"',
+        '"-/home/u/.local/share/moondream-watcher"',
+    ]
     assert "#IPAddressDeny=any" in unit.splitlines()
     assert "WantedBy=default.target" in unit.splitlines()
 
@@ -123,11 +129,17 @@ def _systemd_analyze_verify(unit_file: Path, runtime_dir: Path) -> subprocess.Co
     if exe is None:
         pytest.skip("systemd-analyze not installed (Debian/Ubuntu: apt-get install systemd)")
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir), "SYSTEMD_LOG_COLOR": "0"}
-    r = subprocess.run([exe, "--user", "verify", str(unit_file)], env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [exe, "--user", "verify", str(unit_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if "Failed to initialize manager" in r.stderr:  # no user manager support here
-        r = subprocess.run([exe, "verify", str(unit_file)], env=env,
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [exe, "verify", str(unit_file)], env=env, capture_output=True, text=True, timeout=60
+        )
     return r
 
 
@@ -164,6 +176,7 @@ def test_systemd_analyze_verify_awkward_paths(tmp_path):
 
 # --- launchd ----------------------------------------------------------------------------------
 
+
 def test_render_launchd(cfg, tmp_path):
     home = tmp_path / "Users" / "u"
     config = Path("/Users/u/cfg & <stuff>/config.yaml")
@@ -171,8 +184,16 @@ def test_render_launchd(cfg, tmp_path):
     assert data["Label"] == LABEL
     assert data["RunAtLoad"] is True
     assert data["KeepAlive"] == {"SuccessfulExit": False}
-    assert data["ProgramArguments"] == [PYTHON, "-I", "-u", "-m", "watcher", "--config",
-                                        str(config), "run"]
+    assert data["ProgramArguments"] == [
+        PYTHON,
+        "-I",
+        "-u",
+        "-m",
+        "watcher",
+        "--config",
+        str(config),
+        "run",
+    ]
     assert data["ProcessType"] == "Background"
     logs = home / "Library" / "Logs" / "moondream-watcher"
     assert Path(data["StandardOutPath"]).parent == logs
@@ -190,20 +211,28 @@ def test_rendered_command_is_accepted_by_the_cli(cfg, tmp_path):
     """The service's argv must parse: a missing config is reported as such, not as usage."""
     missing = tmp_path / "no such config.yaml"
     argv = plistlib.loads(render_launchd(cfg, missing, home=tmp_path, env={}))["ProgramArguments"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode != 0
     assert "unrecognized arguments" not in r.stderr and "usage:" not in r.stderr, r.stderr
     assert str(missing) in r.stderr and "not found" in r.stderr, r.stderr
 
 
 def test_launchd_passes_hf_cache_location(cfg, tmp_path):
-    data = plistlib.loads(render_launchd(cfg, CONFIG, home=tmp_path,
-                                         env={"HF_HOME": "/Volumes/models/hf"}))
+    data = plistlib.loads(
+        render_launchd(cfg, CONFIG, home=tmp_path, env={"HF_HOME": "/Volumes/models/hf"})
+    )
     assert data["EnvironmentVariables"]["HF_HOME"] == "/Volumes/models/hf"
 
 
 # --- install / uninstall / status -------------------------------------------------------------
+
 
 @pytest.fixture
 def setup(tmp_path):
@@ -212,16 +241,16 @@ def setup(tmp_path):
     config = home / "conf" / "config.yaml"
     config.parent.mkdir()
     config.write_text("folders: []\n")
-    cfg = make_cfg([str(home / "Pictures"), str(home / "My Photos")],
-                   str(home / "data dir" / "index.db"))
+    cfg = make_cfg(
+        [str(home / "Pictures"), str(home / "My Photos")], str(home / "data dir" / "index.db")
+    )
     return home, config, cfg
 
 
 def test_install_linux_now(setup):
     home, config, cfg = setup
     runner, out = FakeRunner(), io.StringIO()
-    rc = install(cfg, config, now=True, out=out, system="Linux", home=home, runner=runner,
-                 env={})
+    rc = install(cfg, config, now=True, out=out, system="Linux", home=home, runner=runner, env={})
     assert rc == 0, out.getvalue()
     unit = home / ".config" / "systemd" / "user" / UNIT_NAME
     assert unit.read_text() == render_systemd(cfg, config, env={})
@@ -238,8 +267,10 @@ def test_install_linux_now(setup):
 def test_install_linux_later(setup):
     home, config, cfg = setup
     runner, out = FakeRunner(), io.StringIO()
-    assert install(cfg, config, now=False, out=out, system="Linux", home=home,
-                   runner=runner, env={}) == 0
+    assert (
+        install(cfg, config, now=False, out=out, system="Linux", home=home, runner=runner, env={})
+        == 0
+    )
     assert runner.commands == [["systemctl", "--user", "daemon-reload"]]
     assert f"systemctl --user enable --now {UNIT_NAME}" in out.getvalue()
 
@@ -248,19 +279,43 @@ def test_install_linux_reports_failures(setup):
     home, config, cfg = setup
     runner = FakeRunner({"daemon-reload": [1]})
     out = io.StringIO()
-    assert install(cfg, config, now=True, out=out, system="Linux", home=home,
-                   runner=runner, env={}) == 1
+    assert (
+        install(cfg, config, now=True, out=out, system="Linux", home=home, runner=runner, env={})
+        == 1
+    )
     assert len(runner.commands) == 1 and "user session" in out.getvalue()
     runner = FakeRunner({"enable": [1]})
-    assert install(cfg, config, now=True, out=io.StringIO(), system="Linux", home=home,
-                   runner=runner, env={}) == 1
+    assert (
+        install(
+            cfg,
+            config,
+            now=True,
+            out=io.StringIO(),
+            system="Linux",
+            home=home,
+            runner=runner,
+            env={},
+        )
+        == 1
+    )
 
 
 def test_install_needs_the_config_file(setup):
     home, config, cfg = setup
     runner, out = FakeRunner(), io.StringIO()
-    assert install(cfg, home / "missing.yaml", now=True, out=out, system="Linux", home=home,
-                   runner=runner, env={}) == 2
+    assert (
+        install(
+            cfg,
+            home / "missing.yaml",
+            now=True,
+            out=out,
+            system="Linux",
+            home=home,
+            runner=runner,
+            env={},
+        )
+        == 2
+    )
     assert "config file not found" in out.getvalue()
     assert runner.commands == [] and not (home / ".config").exists()
 
@@ -268,8 +323,9 @@ def test_install_needs_the_config_file(setup):
 def test_install_macos_now(setup, monkeypatch):
     home, config, cfg = setup
     runner, out = FakeRunner(), io.StringIO()
-    rc = install(cfg, config, now=True, out=out, system="Darwin", home=home, runner=runner,
-                 uid=501, env={})
+    rc = install(
+        cfg, config, now=True, out=out, system="Darwin", home=home, runner=runner, uid=501, env={}
+    )
     assert rc == 0, out.getvalue()
     plist = home / "Library" / "LaunchAgents" / PLIST_NAME
     argv = plistlib.loads(plist.read_bytes())["ProgramArguments"]
@@ -286,16 +342,40 @@ def test_install_macos_retries_bootstrap_after_bootout(setup, monkeypatch):
     home, config, cfg = setup
     monkeypatch.setattr(service.time, "sleep", lambda s: None)
     runner = FakeRunner({"bootstrap": [5, 0]})  # the old job was still going away
-    assert install(cfg, config, now=True, out=io.StringIO(), system="Darwin", home=home,
-                   runner=runner, uid=501, env={}) == 0
+    assert (
+        install(
+            cfg,
+            config,
+            now=True,
+            out=io.StringIO(),
+            system="Darwin",
+            home=home,
+            runner=runner,
+            uid=501,
+            env={},
+        )
+        == 0
+    )
     assert [c[1] for c in runner.commands] == ["bootout", "enable", "bootstrap", "bootstrap"]
 
 
 def test_install_macos_later(setup):
     home, config, cfg = setup
     runner, out = FakeRunner(), io.StringIO()
-    assert install(cfg, config, now=False, out=out, system="Darwin", home=home,
-                   runner=runner, uid=501, env={}) == 0
+    assert (
+        install(
+            cfg,
+            config,
+            now=False,
+            out=out,
+            system="Darwin",
+            home=home,
+            runner=runner,
+            uid=501,
+            env={},
+        )
+        == 0
+    )
     assert runner.commands == []
     assert "launchctl bootstrap gui/501" in out.getvalue()
 
@@ -309,8 +389,10 @@ def test_uninstall_and_status_linux(setup):
     assert runner.commands == [["systemctl", "--user", "status", UNIT_NAME, "--no-pager"]]
     runner = FakeRunner()
     assert uninstall(io.StringIO(), runner=runner, **kw) == 0
-    assert runner.commands == [["systemctl", "--user", "disable", "--now", UNIT_NAME],
-                               ["systemctl", "--user", "daemon-reload"]]
+    assert runner.commands == [
+        ["systemctl", "--user", "disable", "--now", UNIT_NAME],
+        ["systemctl", "--user", "daemon-reload"],
+    ]
     assert not (home / ".config" / "systemd" / "user" / UNIT_NAME).exists()
     runner, out = FakeRunner(), io.StringIO()
     assert uninstall(out, runner=runner, **kw) == 0 and "not installed" in out.getvalue()
@@ -333,16 +415,24 @@ def test_uninstall_and_status_macos(setup):
 def test_unsupported_os(setup):
     home, config, cfg = setup
     out = io.StringIO()
-    assert install(cfg, config, now=True, out=out, system="Windows", home=home,
-                   runner=FakeRunner(), env={}) == 2
+    assert (
+        install(
+            cfg, config, now=True, out=out, system="Windows", home=home, runner=FakeRunner(), env={}
+        )
+        == 2
+    )
     assert "Linux" in out.getvalue()
 
 
 def test_unit_path_follows_xdg_config_home():
-    assert service.unit_path(env={"XDG_CONFIG_HOME": "/x/cfg"}) == Path(
-        "/x/cfg/systemd/user") / UNIT_NAME
-    assert service.unit_path(Path("/h"), env={"XDG_CONFIG_HOME": "/x"}) == Path(
-        "/h/.config/systemd/user") / UNIT_NAME
+    assert (
+        service.unit_path(env={"XDG_CONFIG_HOME": "/x/cfg"})
+        == Path("/x/cfg/systemd/user") / UNIT_NAME
+    )
+    assert (
+        service.unit_path(Path("/h"), env={"XDG_CONFIG_HOME": "/x"})
+        == Path("/h/.config/systemd/user") / UNIT_NAME
+    )
 
 
 # --- templates --------------------------------------------------------------------------------
@@ -352,11 +442,15 @@ def test_unit_path_follows_xdg_config_home():
 def test_templates_found_in_checkout_and_package(name, kind, monkeypatch):
     canonical = (ROOT / kind / name).read_text(encoding="utf-8")
     assert service.template_text(name) == canonical
-    # As from a wheel: nothing next to the package, only watcher/templates/.
-    monkeypatch.setattr(service, "__file__", "/nonexistent/site-packages/watcher/service.py")
-    packaged = ROOT / "watcher" / "templates" / name
+    # As from a wheel: nothing next to the package, only watcher/service/templates/.
+    monkeypatch.setattr(
+        service, "__file__", "/nonexistent/site-packages/watcher/service/install.py"
+    )
+    packaged = ROOT / "watcher" / "service" / "templates" / name
     if not packaged.exists():
         with pytest.raises(ServiceError, match="not found"):
             service.template_text(name)
-        pytest.skip("watcher/templates/ not set up in this checkout (see systemd/README.md)")
+        pytest.skip(
+            "watcher/service/templates/ not set up in this checkout (see systemd/README.md)"
+        )
     assert service.template_text(name) == canonical  # the packaged copy must not drift

@@ -16,8 +16,8 @@ from daemon_harness import Daemon, sidecar_ready, wait_for, write_config
 from images import distinct_pil
 from PIL import Image
 
-from watcher.complete import Verdict, check
-from watcher.settle import Ready, Settler
+from watcher.intake.complete import Verdict, check
+from watcher.intake.settle import Ready, Settler
 
 # -- image bytes -------------------------------------------------------------------------------
 
@@ -101,10 +101,12 @@ def test_a_complete_file_is_complete_and_every_cut_of_it_is_not(tmp_path, ext, s
         assert check(whole, strict=False) is Verdict.UNKNOWN  # no end marker: settle decides
         return
     assert check(whole, strict=strict) is Verdict.COMPLETE
-    cuts = sorted({*range(1, len(data), max(1, len(data) // 97)), len(data) - 1,
-                   len(data) - 2})
-    complete_cuts = [n for n in cuts if check(_at(tmp_path, f"cut.{ext}", data[:n]),
-                                              strict=strict) is Verdict.COMPLETE]
+    cuts = sorted({*range(1, len(data), max(1, len(data) // 97)), len(data) - 1, len(data) - 2})
+    complete_cuts = [
+        n
+        for n in cuts
+        if check(_at(tmp_path, f"cut.{ext}", data[:n]), strict=strict) is Verdict.COMPLETE
+    ]
     assert complete_cuts == []
 
 
@@ -133,7 +135,7 @@ def test_a_0x3b_byte_inside_a_frame_is_not_the_gif_trailer(tmp_path):
     inner = [i for i in range(starts[0], starts[-1]) if data[i] == 0x3B]
     assert inner, "the test image has no 0x3B inside its frames"
     for i in inner:
-        assert check(_at(tmp_path, "cut.gif", data[:i + 1]), strict=False) is Verdict.PARTIAL
+        assert check(_at(tmp_path, "cut.gif", data[: i + 1]), strict=False) is Verdict.PARTIAL
 
 
 def test_a_jpeg_cut_after_its_thumbnail_eoi_is_not_complete(tmp_path):
@@ -168,8 +170,9 @@ def test_png_needs_its_iend_chunk_with_its_crc(tmp_path):
 
 def test_webp_length_must_match(tmp_path):
     data = _webp()
-    assert check(_at(tmp_path, "long.webp", data + b"\x00\x00"), strict=True) is not \
-        Verdict.COMPLETE
+    assert (
+        check(_at(tmp_path, "long.webp", data + b"\x00\x00"), strict=True) is not Verdict.COMPLETE
+    )
 
 
 def test_links_pipes_and_other_files_get_no_verdict(tmp_path):
@@ -224,7 +227,7 @@ def test_a_closed_partial_file_waits_and_goes_once_when_complete(tmp_path, settl
     wait_for(lambda: not s.due_within(30.0), 30, "the close check")
     assert got.ready == [] and s.pending() == 1
     with open(p, "ab") as f:  # the writer reopens and appends the rest
-        f.write(data[len(data) // 2:])
+        f.write(data[len(data) // 2 :])
     s.touch(p, tmp_path, 60.0)  # the modification: settle again ...
     s.touch(p, tmp_path, 60.0, closed=True)  # ... until the close, with the end there
     assert got.event.wait(30)
@@ -268,8 +271,11 @@ def _write_in_parts(path: Path, data: bytes, cuts: list[int], pause: float) -> N
 def _model_calls_with(d: Daemon, path: Path) -> int:
     """Model calls that included `path`, from the fault seam's log line (its gate is open, so
     it only records each call)."""
-    return sum(1 for e in d.logged("injected fault (test only)", site="model")
-               if str(path) in e.get("paths", []))
+    return sum(
+        1
+        for e in d.logged("injected fault (test only)", site="model")
+        if str(path) in e.get("paths", [])
+    )
 
 
 def _recording_env(tmp_path: Path) -> dict:
@@ -278,13 +284,21 @@ def _recording_env(tmp_path: Path) -> dict:
     return {"WATCHER_FAULTS": json.dumps({"model": {"gate": str(gate)}})}
 
 
-def test_closed_complete_jpeg_and_png_are_captioned_without_the_settle_wait(tmp_path,
-                                                                          tiny_llava):
+def test_closed_complete_jpeg_and_png_are_captioned_without_the_settle_wait(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     watched.mkdir()
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 60}],
-                       model={"backend": "transformers", "path": str(tiny_llava),
-                              "batch_size": 8, "max_tokens": 6, "isolate": False})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(watched), "settle_seconds": 60}],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 8,
+            "max_tokens": 6,
+            "isolate": False,
+        },
+    )
     with Daemon(cfg, tmp_path, env=_recording_env(tmp_path)) as d:
         half = _jpeg(7)
         (watched / "half.jpg").write_bytes(half[: len(half) // 2])  # closed, but partial
@@ -302,7 +316,7 @@ def test_closed_complete_jpeg_and_png_are_captioned_without_the_settle_wait(tmp_
         assert not (watched / "half.txt").exists()
         # Its writer comes back and finishes it: queued at its close, captioned once.
         with open(watched / "half.jpg", "ab") as f:
-            f.write(half[len(half) // 2:])
+            f.write(half[len(half) // 2 :])
         wait_for(lambda: d.captioned(watched / "half.jpg"), 40, "the finished file")
         assert d.rows()[str(watched / "half.jpg")]["sha256"] == hashlib.sha256(half).hexdigest()
         for name in ("a.jpg", "b.png", "half.jpg"):
@@ -318,35 +332,59 @@ def test_without_close_events_a_complete_file_waits_for_settle(tmp_path, tiny_ll
     watched.mkdir()
     settle = 1.5
     folder = {"path": str(watched), "settle_seconds": settle}
-    folder.update({"polling": True, "poll_interval": 0.1} if mode == "polling"
-                  else {"fast_close": False})
-    cfg = write_config(tmp_path, tiny_llava, [folder],
-                       model={"backend": "transformers", "path": str(tiny_llava),
-                              "batch_size": 8, "max_tokens": 6, "isolate": False})
+    folder.update(
+        {"polling": True, "poll_interval": 0.1} if mode == "polling" else {"fast_close": False}
+    )
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [folder],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 8,
+            "max_tokens": 6,
+            "isolate": False,
+        },
+    )
     with Daemon(cfg, tmp_path) as d:
         written = time.time()  # every event for the file comes after this
         with open(watched / "a.jpg", "wb") as f:
             f.write(_jpeg(3))
         wait_for(lambda: d.captioned(watched / "a.jpg"), 40, "the caption")
         con = sqlite3.connect(d.db)
-        (enqueued,), = con.execute("SELECT enqueued FROM jobs WHERE path = ?",
-                                   (str(watched / "a.jpg"),))
+        ((enqueued,),) = con.execute(
+            "SELECT enqueued FROM jobs WHERE path = ?", (str(watched / "a.jpg"),)
+        )
         con.close()
         assert enqueued - written >= settle  # not one moment before settle_seconds
     assert d.proc.returncode == 0
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["native", "polling"])
-def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_llava,
-                                                                polling):
+def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_llava, polling):
     watched = tmp_path / "watched"
     watched.mkdir()
     settle = 0.3
-    cfg = write_config(tmp_path, tiny_llava, [{
-        "path": str(watched), "settle_seconds": settle, "polling": polling,
-        "poll_interval": 0.1}],
-        model={"backend": "transformers", "path": str(tiny_llava), "batch_size": 8,
-               "max_tokens": 6, "isolate": False})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [
+            {
+                "path": str(watched),
+                "settle_seconds": settle,
+                "polling": polling,
+                "poll_interval": 0.1,
+            }
+        ],
+        model={
+            "backend": "transformers",
+            "path": str(tiny_llava),
+            "batch_size": 8,
+            "max_tokens": 6,
+            "isolate": False,
+        },
+    )
     gif = _gif(frames=6)
     starts = _gif_block_starts(gif)
     jpeg, png = _jpeg(4, (320, 240)), _png(5, (320, 240))
@@ -355,14 +393,28 @@ def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_l
         # Pauses longer than settle_seconds (and than a poll), each part closed: before
         # the end marker, every part is a file that stopped changing and opens as an image.
         writers = [
-            threading.Thread(target=_write_in_parts, args=(
-                watched / "slow.gif", gif, [starts[0], *starts[2:-1:2], starts[-1]],
-                3 * settle)),
-            threading.Thread(target=_write_in_parts, args=(
-                watched / "append.jpg", jpeg, [len(jpeg) // 3, 2 * len(jpeg) // 3],
-                3 * settle)),
-            threading.Thread(target=_write_in_parts, args=(
-                watched / "append.png", png, [len(png) // 2], 3 * settle)),
+            threading.Thread(
+                target=_write_in_parts,
+                args=(
+                    watched / "slow.gif",
+                    gif,
+                    [starts[0], *starts[2:-1:2], starts[-1]],
+                    3 * settle,
+                ),
+            ),
+            threading.Thread(
+                target=_write_in_parts,
+                args=(
+                    watched / "append.jpg",
+                    jpeg,
+                    [len(jpeg) // 3, 2 * len(jpeg) // 3],
+                    3 * settle,
+                ),
+            ),
+            threading.Thread(
+                target=_write_in_parts,
+                args=(watched / "append.png", png, [len(png) // 2], 3 * settle),
+            ),
         ]
         for w in writers:
             w.start()
@@ -400,7 +452,7 @@ def test_a_close_event_takes_the_fast_path_only_when_switched_on(tmp_path, fast_
     from watchdog.events import FileClosedEvent, FileModifiedEvent
 
     from watcher.config import FolderConfig
-    from watcher.observer import FolderHandler, Sink
+    from watcher.intake.observer import FolderHandler, Sink
 
     calls: list[tuple[str, str]] = []
 

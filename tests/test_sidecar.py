@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from watcher.config import IMAGE_EXTENSIONS
-from watcher.sidecar import choose_name, decide, text_hash, write_atomic
+from watcher.outputs.sidecar import choose_name, decide, text_hash, write_atomic
 
 
 def _no_owner(_: str) -> None:
@@ -44,8 +44,10 @@ def test_recorded_owner_keeps_its_sidecar_whatever_the_order(tmp_path: Path) -> 
 
 def test_custom_pattern(tmp_path: Path) -> None:
     img = tmp_path / "a.webp"
-    assert choose_name(img, "{name}.caption", IMAGE_EXTENSIONS, _no_owner).path == \
-        tmp_path / "a.webp.caption"
+    assert (
+        choose_name(img, "{name}.caption", IMAGE_EXTENSIONS, _no_owner).path
+        == tmp_path / "a.webp.caption"
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,8 +79,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]
 
 
-def test_atomic_write_failure_keeps_old_file_and_removes_temp(tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_atomic_write_failure_keeps_old_file_and_removes_temp(tmp_path: Path, monkeypatch) -> None:
     target = tmp_path / "a.txt"
     target.write_text("before\n")
 

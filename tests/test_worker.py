@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from images import distinct_pil
 
-import watcher.worker as worker_mod
-from watcher.decode import Prepared
-from watcher.queue import Job
-from watcher.settle import Settler
+import watcher.pipeline.model_worker as worker_mod
+from watcher.intake.settle import Settler
+from watcher.jobs import Job
+from watcher.pipeline.decode import Prepared
+from watcher.pipeline.model_worker import STOP, Captioned, ModelWorker, Work
 from watcher.tasks import Task
-from watcher.worker import STOP, Captioned, ModelWorker, Work
 
 TASKS = (Task("short", max_tokens=4),)
 
@@ -92,7 +92,8 @@ def test_a_burst_waits_for_the_images_on_their_way(tmp_path, monkeypatch) -> Non
     backend, out = _run(tmp_path, incoming, feed, 4)
     assert backend.calls == [4]
     assert sorted(o.outputs for o in out) == sorted(
-        (f"image {distinct_pil(i, (16, 12)).getpixel((0, 0))}",) for i in range(4))
+        (f"image {distinct_pil(i, (16, 12)).getpixel((0, 0))}",) for i in range(4)
+    )
 
 
 @pytest.mark.parametrize("settle, due", [(0.0, True), (3600.0, False)])

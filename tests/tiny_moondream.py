@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CONFIGURATION = '''\
+CONFIGURATION = """\
 from transformers import PretrainedConfig
 
 
@@ -40,7 +40,7 @@ class TinyMoondreamConfig(PretrainedConfig):
         self.prompt_buckets = prompt_buckets
         self.max_positions = max_positions
         super().__init__(**kwargs)
-'''
+"""
 
 MODELING = '''\
 """Tiny Moondream-compatible model: same public API, a few thousand random weights."""

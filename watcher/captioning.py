@@ -18,17 +18,17 @@ import structlog
 
 from watcher.config import Config, FolderConfig, ModelConfig
 from watcher.index import ImageRow, Index, prefix_range, transaction
-from watcher.observer import Expected, Filter, PassedOver, scan
+from watcher.intake.observer import Expected, Filter, PassedOver, scan
+from watcher.jobs import JobQueue
 from watcher.paths import decode, encode, shown
-from watcher.queue import JobQueue
 
 if TYPE_CHECKING:
     import sqlite_utils
     from PIL import Image
 
     from watcher.backends import Backend
+    from watcher.pipeline.writer import Outcome
     from watcher.tasks import Task
-    from watcher.writer import Outcome
 
 log = structlog.get_logger("watcher.captioning")
 
@@ -36,6 +36,7 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 # -- what the index expects ---------------------------------------------------------------
+
 
 def model_name(model: ModelConfig) -> str:
     """The name a loaded backend records in the index for this model config."""
@@ -65,8 +66,9 @@ def compose(text: str, prefix: str, suffix: str) -> str:
     return ", ".join(p for p in (prefix.strip(), text.strip(), suffix.strip()) if p)
 
 
-def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
-                   model: ModelConfig) -> dict[str, Expected]:
+def expected_under(
+    db: sqlite_utils.Database, under: Path, folder: FolderConfig, model: ModelConfig
+) -> dict[str, Expected]:
     """For the catch-up scan (in place of Index.stats_under): each indexed image's size,
     mtime, sidecar, and whether it was written with
     the folder's present settings: its task, every index task, the model, and the
@@ -88,27 +90,34 @@ def expected_under(db: sqlite_utils.Database, under: Path, folder: FolderConfig,
                         THEN json_extract(outputs, '$."' || task || '"') END,
                    ({has_all}), model, sidecar, sidecar_state
             FROM images WHERE path >= ? AND path < ?""",
-        (*['$."' + k + '"' for k in plain], *prefix_range(under)))
+        (*['$."' + k + '"' for k in plain], *prefix_range(under)),
+    )
     want_task = tasks[0].key
     out: dict[str, Expected] = {}
-    for path, size, mtime_ns, caption, task, outputs, text, complete, model_, sidecar, state \
-            in cur:
+    for path, size, mtime_ns, caption, task, outputs, text, complete, model_, sidecar, state in cur:
         if '"' in task or quoted:
             parsed = json.loads(outputs or "{}")
             text = parsed.get(task)
             complete = complete and all(k in parsed for k in quoted)
-        current = bool(task == want_task and complete and model_ in names
-                       and isinstance(text, str)
-                       and compose(text, folder.prefix, folder.suffix) == caption)
+        current = bool(
+            task == want_task
+            and complete
+            and model_ in names
+            and isinstance(text, str)
+            and compose(text, folder.prefix, folder.suffix) == caption
+        )
         # A sidecar that could not be written is `pending` (retry's business), not missing.
         out[decode(path)] = Expected(
-            size, mtime_ns,
+            size,
+            mtime_ns,
             decode(sidecar) if sidecar is not None and state in ("written", "kept") else None,
-            current)
+            current,
+        )
     return out
 
 
 # -- sidecars from the index ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Restored:
@@ -118,25 +127,27 @@ class Restored:
     pending: tuple[tuple[str, str], ...] = ()  # (image path, reason)
 
 
-def missing_sidecars(db: sqlite_utils.Database, paths: Iterable[str] | None = None
-                     ) -> list[str]:
+def missing_sidecars(db: sqlite_utils.Database, paths: Iterable[str] | None = None) -> list[str]:
     """Images in the index (all, or these) whose sidecar is recorded as there but is not,
     while the image still is."""
     if paths is None:
-        rows = db.conn.execute("SELECT path, sidecar FROM images WHERE sidecar IS NOT NULL "
-                               "AND sidecar_state IN ('written', 'kept')").fetchall()
+        rows = db.conn.execute(
+            "SELECT path, sidecar FROM images WHERE sidecar IS NOT NULL "
+            "AND sidecar_state IN ('written', 'kept')"
+        ).fetchall()
     else:
         rows = []
         for p in paths:
             rows += db.conn.execute(
                 "SELECT path, sidecar FROM images WHERE path = ? AND sidecar IS NOT NULL "
-                "AND sidecar_state IN ('written', 'kept')", (encode(p),)).fetchall()
+                "AND sidecar_state IN ('written', 'kept')",
+                (encode(p),),
+            ).fetchall()
     found = [(decode(p), decode(s)) for p, s in rows]
     return [p for p, s in found if not os.path.lexists(s) and os.path.lexists(p)]
 
 
-def restore_sidecars(db: sqlite_utils.Database, cfg: Config, paths: Iterable[str]
-                     ) -> Restored:
+def restore_sidecars(db: sqlite_utils.Database, cfg: Config, paths: Iterable[str]) -> Restored:
     """Write the missing sidecars of `paths` again from their index rows (no model work).
     They go through the writer's confined path (writer.write_pending_sidecars): the folder
     opened without following links below the watched root, the name checked against image
@@ -144,7 +155,7 @@ def restore_sidecars(db: sqlite_utils.Database, cfg: Config, paths: Iterable[str
     folder swapped for a link, is not written over. What is written is ours (the model's
     caption), also for a sidecar of the user's that was deleted. A sidecar that cannot be
     written stays `pending`, as in the writer."""
-    from watcher.writer import write_pending_sidecars
+    from watcher.pipeline.writer import write_pending_sidecars
 
     index = Index(db)
     todo = []
@@ -156,20 +167,26 @@ def restore_sidecars(db: sqlite_utils.Database, cfg: Config, paths: Iterable[str
     if not todo:
         return Restored()
     with transaction(db):
-        db.conn.executemany("UPDATE images SET sidecar_state = 'pending' WHERE path = ?",
-                            [(encode(p),) for p in todo])
+        db.conn.executemany(
+            "UPDATE images SET sidecar_state = 'pending' WHERE path = ?",
+            [(encode(p),) for p in todo],
+        )
     _, still = write_pending_sidecars(db, cfg, todo)
     written = []
     for path in todo:
         row = index.get(path)
         if row is not None and row.sidecar_state == "written":
-            log.info("missing sidecar written again from the index", path=shown(path),
-                     sidecar=shown(row.sidecar or ""))
+            log.info(
+                "missing sidecar written again from the index",
+                path=shown(path),
+                sidecar=shown(row.sidecar or ""),
+            )
             written.append(path)
     return Restored(tuple(written), tuple(still))
 
 
 # -- failures of files that are gone ----------------------------------------------------------
+
 
 def vanished_failures(db: sqlite_utils.Database) -> list[str]:
     """Failed images that no longer exist (read only: `watcher status` uses it too)."""
@@ -182,8 +199,9 @@ def forget_vanished_failures(db: sqlite_utils.Database) -> int:
     gone = vanished_failures(db)
     if gone:
         with transaction(db):
-            db.conn.executemany("DELETE FROM jobs WHERE path = ? AND state = 'failed'",
-                                [(encode(p),) for p in gone])
+            db.conn.executemany(
+                "DELETE FROM jobs WHERE path = ? AND state = 'failed'", [(encode(p),) for p in gone]
+            )
     return len(gone)
 
 
@@ -192,11 +210,13 @@ def forget_outputs(db: sqlite_utils.Database, paths: Sequence[str]) -> None:
     the model runs again instead of reusing them (the caption stays searchable; an
     interrupted run re-queues them, as their outputs no longer match the settings)."""
     with transaction(db):
-        db.conn.executemany("UPDATE images SET outputs = '{}' WHERE path = ?",
-                            [(encode(p),) for p in paths])
+        db.conn.executemany(
+            "UPDATE images SET outputs = '{}' WHERE path = ?", [(encode(p),) for p in paths]
+        )
 
 
 # -- prune ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Pruned:
@@ -206,10 +226,18 @@ class Pruned:
 
 def missing_rows(db: sqlite_utils.Database) -> Pruned:
     """Index rows and jobs of images that no longer exist (one lstat each)."""
-    images = [p for p in (decode(r) for (r,) in db.conn.execute("SELECT path FROM images"))
-              if not os.path.lexists(p)]
-    jobs = [p for p in (decode(r) for (r,) in db.conn.execute(
-        "SELECT path FROM jobs WHERE state != 'running'")) if not os.path.lexists(p)]
+    images = [
+        p
+        for p in (decode(r) for (r,) in db.conn.execute("SELECT path FROM images"))
+        if not os.path.lexists(p)
+    ]
+    jobs = [
+        p
+        for p in (
+            decode(r) for (r,) in db.conn.execute("SELECT path FROM jobs WHERE state != 'running'")
+        )
+        if not os.path.lexists(p)
+    ]
     return Pruned(tuple(images), tuple(jobs))
 
 
@@ -218,14 +246,18 @@ def prune(db: sqlite_utils.Database, *, dry_run: bool = False) -> Pruned:
     found = missing_rows(db)
     if not dry_run:
         with transaction(db):
-            db.conn.executemany("DELETE FROM images WHERE path = ?",
-                                [(encode(p),) for p in found.images])
-            db.conn.executemany("DELETE FROM jobs WHERE path = ? AND state != 'running'",
-                                [(encode(p),) for p in found.jobs])
+            db.conn.executemany(
+                "DELETE FROM images WHERE path = ?", [(encode(p),) for p in found.images]
+            )
+            db.conn.executemany(
+                "DELETE FROM jobs WHERE path = ? AND state != 'running'",
+                [(encode(p),) for p in found.jobs],
+            )
     return found
 
 
 # -- show -------------------------------------------------------------------------------------
+
 
 def show(db: sqlite_utils.Database, path: str) -> dict[str, Any] | None:
     """What is known of one image: index row, sidecar text on disk, job state."""
@@ -238,14 +270,25 @@ def show(db: sqlite_utils.Database, path: str) -> dict[str, Any] | None:
         out["job"] = {"state": job[0], "reason": job[1]}
     if row is not None:
         sidecar_text = _read_sidecar(row.sidecar) if row.sidecar else None
-        out.update({
-            "caption": row.caption, "model_caption": row.ours, "task": row.task,
-            "outputs": row.outputs,
-            "model": row.model, "revision": row.revision, "sidecar": row.sidecar,
-            "sidecar_state": row.sidecar_state, "sidecar_error": row.sidecar_error,
-            "sidecar_text": sidecar_text, "width": row.width, "height": row.height,
-            "sha256": row.sha256, "created": row.created, "updated": row.updated,
-        })
+        out.update(
+            {
+                "caption": row.caption,
+                "model_caption": row.ours,
+                "task": row.task,
+                "outputs": row.outputs,
+                "model": row.model,
+                "revision": row.revision,
+                "sidecar": row.sidecar,
+                "sidecar_state": row.sidecar_state,
+                "sidecar_error": row.sidecar_error,
+                "sidecar_text": sidecar_text,
+                "width": row.width,
+                "height": row.height,
+                "sha256": row.sha256,
+                "created": row.created,
+                "updated": row.updated,
+            }
+        )
     return out
 
 
@@ -255,8 +298,13 @@ def _read_sidecar(path: str, limit: int = 1 << 20) -> str | None:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return None
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(
+            path,
+            os.O_RDONLY
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_NONBLOCK", 0)
+            | getattr(os, "O_CLOEXEC", 0),
+        )
     except OSError:
         return None
     with open(fd, "rb") as f:
@@ -264,6 +312,7 @@ def _read_sidecar(path: str, limit: int = 1 << 20) -> str | None:
 
 
 # -- the caption run ----------------------------------------------------------------------------
+
 
 @dataclass
 class Plan:
@@ -283,8 +332,14 @@ class Plan:
     passed_over: PassedOver = field(default_factory=PassedOver)
 
 
-def plan_caption(db: sqlite_utils.Database, cfg: Config, dirs: Sequence[Path], *,
-                 force: bool = False, only: Callable[[str], bool] | None = None) -> Plan:
+def plan_caption(
+    db: sqlite_utils.Database,
+    cfg: Config,
+    dirs: Sequence[Path],
+    *,
+    force: bool = False,
+    only: Callable[[str], bool] | None = None,
+) -> Plan:
     """Scan `dirs` against the index: what is new, changed, written with other settings,
     missing its sidecar, gone. Records nothing (see apply_plan). `force`: every image is
     queued again. `only`: restrict the work to these paths (recaption)."""
@@ -303,22 +358,30 @@ def plan_caption(db: sqlite_utils.Database, cfg: Config, dirs: Sequence[Path], *
         plan.retried += sum(1 for p in queue if str(p) in failed)
         plan.new += result.new
         plan.changed += result.changed
-        plan.outdated += [str(p) for p in result.outdated
-                          if only is None or only(str(p))]
+        plan.outdated += [str(p) for p in result.outdated if only is None or only(str(p))]
         plan.up_to_date += result.up_to_date + (len(result.queue) - len(queue))
         plan.restore += [p for p in result.restore if only is None or only(p)]
         plan.removed += result.removed
         # Queued (say by `retry`) and deleted since: nothing to run.
-        plan.removed += [q for q in (decode(r) for (r,) in db.conn.execute(
-            "SELECT path FROM jobs WHERE state = 'pending' AND path >= ? AND path < ?",
-            prefix_range(d))) if not os.path.lexists(q)]
+        plan.removed += [
+            q
+            for q in (
+                decode(r)
+                for (r,) in db.conn.execute(
+                    "SELECT path FROM jobs WHERE state = 'pending' AND path >= ? AND path < ?",
+                    prefix_range(d),
+                )
+            )
+            if not os.path.lexists(q)
+        ]
         plan.skipped += result.skipped
         plan.passed_over.merge(result.passed_over)
     return plan
 
 
-def apply_plan(db: sqlite_utils.Database, cfg: Config, plan: Plan, *,
-               force: bool = False) -> tuple[int, Restored]:
+def apply_plan(
+    db: sqlite_utils.Database, cfg: Config, plan: Plan, *, force: bool = False
+) -> tuple[int, Restored]:
     """Record the plan: forget what is gone, note skipped names, write missing sidecars
     from the index, queue the rest. Returns (jobs queued, sidecars restored)."""
     index, jobs = Index(db), JobQueue(db)
@@ -329,8 +392,11 @@ def apply_plan(db: sqlite_utils.Database, cfg: Config, plan: Plan, *,
         for d in plan.roots:
             folder = cfg.folder_for(d)
             assert folder is not None
-            jobs.set_skipped(d, folder.path, [s for s in plan.skipped
-                                              if str(s[0]).startswith(str(d).rstrip("/") + "/")])
+            jobs.set_skipped(
+                d,
+                folder.path,
+                [s for s in plan.skipped if str(s[0]).startswith(str(d).rstrip("/") + "/")],
+            )
     restored = restore_sidecars(db, cfg, plan.restore)
     if force:
         forget_outputs(db, [str(p) for p, _ in plan.queued])
@@ -347,8 +413,7 @@ def open_jobs(jobs: JobQueue, roots: Iterable[Path]) -> int:
 
 def failures_under(jobs: JobQueue, roots: Iterable[Path]) -> list:
     prefixes = [str(d).rstrip("/") + "/" for d in roots]
-    return [f for f in jobs.failures(limit=10_000) if any(f.path.startswith(p)
-                                                          for p in prefixes)]
+    return [f for f in jobs.failures(limit=10_000) if any(f.path.startswith(p) for p in prefixes)]
 
 
 class LazyBackend:
@@ -374,8 +439,7 @@ class LazyBackend:
     def revision(self) -> str | None:
         return self._backend.revision if self._backend is not None else self._revision
 
-    def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]
-                 ) -> list[list[str]]:
+    def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]:
         with self._lock:
             if self._backend is None:
                 self._backend = self._opener()
@@ -410,10 +474,15 @@ class Summary:
         return [o for o in self.done if o.sidecar_state == "pending"]
 
 
-def run_pipeline(cfg: Config, roots: tuple[Path, ...], backend: Backend, jobs: JobQueue,
-                 on_outcome: Callable[[Outcome], None]) -> Summary:
+def run_pipeline(
+    cfg: Config,
+    roots: tuple[Path, ...],
+    backend: Backend,
+    jobs: JobQueue,
+    on_outcome: Callable[[Outcome], None],
+) -> Summary:
     """Drain the queued jobs under `roots` through the pipeline in this process."""
-    from watcher.pipeline import Pipeline
+    from watcher.pipeline.stages import Pipeline
 
     outcomes: list[Outcome] = []
 
@@ -428,19 +497,26 @@ def run_pipeline(cfg: Config, roots: tuple[Path, ...], backend: Backend, jobs: J
     finally:
         pipeline.stop()
         backend.close()
-    return Summary(tuple(o for o in outcomes if o.state == "done"),
-                   tuple(failures_under(jobs, roots)),
-                   tuple((Path(o.path), o.reason or "") for o in outcomes
-                         if o.state == "skipped"))
+    return Summary(
+        tuple(o for o in outcomes if o.state == "done"),
+        tuple(failures_under(jobs, roots)),
+        tuple((Path(o.path), o.reason or "") for o in outcomes if o.state == "skipped"),
+    )
 
 
-def follow_daemon(db: sqlite_utils.Database, roots: tuple[Path, ...], paths: Sequence[str],
-                  on_outcome: Callable[[Outcome], None], *, alive: Callable[[], bool],
-                  poll: float = 0.2) -> Summary | None:
+def follow_daemon(
+    db: sqlite_utils.Database,
+    roots: tuple[Path, ...],
+    paths: Sequence[str],
+    on_outcome: Callable[[Outcome], None],
+    *,
+    alive: Callable[[], bool],
+    poll: float = 0.2,
+) -> Summary | None:
     """Follow jobs the running daemon drains, from the jobs table, until each queued path
     is done or failed (or forgotten: deleted meanwhile). Returns None if the daemon stops
     first (the jobs stay queued for its next start)."""
-    from watcher.writer import Outcome
+    from watcher.pipeline.writer import Outcome
 
     waiting = set(paths)
     index, jobs = Index(db), JobQueue(db)
@@ -453,9 +529,14 @@ def follow_daemon(db: sqlite_utils.Database, roots: tuple[Path, ...], paths: Seq
                 o = Outcome(p, "gone", "image deleted meanwhile")
             elif row[0] == "done":
                 r = index.get(p)
-                o = Outcome(p, "done", r.sidecar_error if r else None,
-                            r.caption if r else None, r.sidecar if r else None,
-                            r.sidecar_state if r else None)
+                o = Outcome(
+                    p,
+                    "done",
+                    r.sidecar_error if r else None,
+                    r.caption if r else None,
+                    r.sidecar if r else None,
+                    r.sidecar_state if r else None,
+                )
                 done.append(o)
             elif row[0] == "failed":
                 o = Outcome(p, "failed", row[1])
@@ -478,7 +559,10 @@ def with_overrides(cfg: Config, dirs: Sequence[Path], **overrides: Any) -> Confi
     extra = [d for d in dirs if cfg.folder_for(d) is None]
     folders = cfg.folders + cfg.with_folders(extra).folders
     if overrides:
-        folders = tuple(dataclasses.replace(f, **overrides) if any(
-            d == f.path or f.path in d.parents or d in f.path.parents for d in dirs) else f
-            for f in folders)
+        folders = tuple(
+            dataclasses.replace(f, **overrides)
+            if any(d == f.path or f.path in d.parents or d in f.path.parents for d in dirs)
+            else f
+            for f in folders
+        )
     return dataclasses.replace(cfg, folders=folders)

@@ -27,6 +27,7 @@ def plural(n: int, one: str, many: str | None = None) -> str:
 
 # -- the parser --------------------------------------------------------------------------
 
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the examples' line breaks (the epilog)."""
 
@@ -39,177 +40,285 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     # Accepted before and after the subcommand (`watcher status --db X`); after it they
     # only override when given (SUPPRESS), so the value given before is not reset.
     default = None if top else argparse.SUPPRESS
-    p.add_argument("--config", type=Path, default=default, metavar="PATH",
-                   help=f"config file (default {default_config_path()}, or $WATCHER_CONFIG)")
-    p.add_argument("--db", type=Path, default=default, metavar="PATH",
-                   help="index database (default from the config, or $WATCHER_DB)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help=f"config file (default {default_config_path()}, or $WATCHER_CONFIG)",
+    )
+    p.add_argument(
+        "--db",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help="index database (default from the config, or $WATCHER_DB)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="watcher", formatter_class=_Formatter,
+        prog="watcher",
+        formatter_class=_Formatter,
         description="Caption images with a local vision-language model: sidecar .txt files "
-                    "and a searchable index.",
-        epilog=_examples("watcher caption ~/Pictures/shoot", "watcher run ~/Pictures/inbox",
-                         'watcher search "red bicycle"', "watcher status",
-                         "watcher COMMAND --help   (each command's options and examples)"))
+        "and a searchable index.",
+        epilog=_examples(
+            "watcher caption ~/Pictures/shoot",
+            "watcher run ~/Pictures/inbox",
+            'watcher search "red bicycle"',
+            "watcher status",
+            "watcher COMMAND --help   (each command's options and examples)",
+        ),
+    )
     p.add_argument("--version", action="version", version=f"watcher {__version__}")
     _global_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, description: str, *examples: str
-                ) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help, description=description,
-                           epilog=_examples(*examples), formatter_class=_Formatter)
+    def command(name: str, help: str, description: str, *examples: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=_examples(*examples),
+            formatter_class=_Formatter,
+        )
         _global_options(c, top=False)
         return c
 
-    c = command("caption", "caption every image under folders, then exit",
-                "Caption every image under the folders once: new and changed images, images "
-                "whose sidecar was written with other settings (task, prefix, suffix, "
-                "model), and images whose sidecar of ours is missing (written again from the "
-                "index). Exit 0 when all succeeded, 1 when some failed, 2 on a usage error. "
-                "While `watcher run` uses the same database, the work is handed to it.",
-                "watcher caption ~/Pictures/shoot",
-                "watcher caption --task prompt ~/datasets/lora",
-                "watcher caption --force --overwrite always ~/datasets/lora",
-                "watcher caption --dry-run ~/Pictures")
-    c.add_argument("folders", nargs="+", type=Path, metavar="FOLDER",
-                   help="folders to caption (recursively)")
+    c = command(
+        "caption",
+        "caption every image under folders, then exit",
+        "Caption every image under the folders once: new and changed images, images "
+        "whose sidecar was written with other settings (task, prefix, suffix, "
+        "model), and images whose sidecar of ours is missing (written again from the "
+        "index). Exit 0 when all succeeded, 1 when some failed, 2 on a usage error. "
+        "While `watcher run` uses the same database, the work is handed to it.",
+        "watcher caption ~/Pictures/shoot",
+        "watcher caption --task prompt ~/datasets/lora",
+        "watcher caption --force --overwrite always ~/datasets/lora",
+        "watcher caption --dry-run ~/Pictures",
+    )
+    c.add_argument(
+        "folders", nargs="+", type=Path, metavar="FOLDER", help="folders to caption (recursively)"
+    )
     _caption_options(c)
-    c.add_argument("--force", action="store_true",
-                   help="caption every image again with the model, even up-to-date ones "
-                        "(sidecars still obey the overwrite policy)")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="caption every image again with the model, even up-to-date ones "
+        "(sidecars still obey the overwrite policy)",
+    )
 
-    rc = command("recaption", "caption chosen images again with the model",
-                 "Run the model again on the images given (files, a folder, or the hits of "
-                 "a search), replacing their sidecars under the overwrite policy "
-                 "(`--overwrite always` replaces hand-edited ones too).",
-                 "watcher recaption ~/Pictures/a.jpg ~/Pictures/b.jpg",
-                 "watcher recaption --folder ~/datasets/lora --task prompt",
-                 'watcher recaption --query "blurry" --overwrite always')
+    rc = command(
+        "recaption",
+        "caption chosen images again with the model",
+        "Run the model again on the images given (files, a folder, or the hits of "
+        "a search), replacing their sidecars under the overwrite policy "
+        "(`--overwrite always` replaces hand-edited ones too).",
+        "watcher recaption ~/Pictures/a.jpg ~/Pictures/b.jpg",
+        "watcher recaption --folder ~/datasets/lora --task prompt",
+        'watcher recaption --query "blurry" --overwrite always',
+    )
     rc.add_argument("paths", nargs="*", type=Path, metavar="IMAGE", help="images to recaption")
-    rc.add_argument("--folder", type=Path, action="append", default=[], metavar="DIR",
-                    help="every image under DIR (may be repeated)")
+    rc.add_argument(
+        "--folder",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="every image under DIR (may be repeated)",
+    )
     rc.add_argument("--query", metavar="TEXT", help="every image whose caption matches TEXT")
     _caption_options(rc)
 
-    r = command("run", "the daemon: watch folders and caption what arrives",
-                "Watch folders (from the config, and/or given here) and caption every image "
-                "that arrives or changes. Stops on SIGTERM/Ctrl-C; SIGHUP re-reads the config.",
-                "watcher run ~/Pictures/inbox", "watcher --config ~/watcher.yaml run")
-    r.add_argument("folders", nargs="*", type=Path, metavar="FOLDER",
-                   help="folders to watch besides the configured ones")
+    r = command(
+        "run",
+        "the daemon: watch folders and caption what arrives",
+        "Watch folders (from the config, and/or given here) and caption every image "
+        "that arrives or changes. Stops on SIGTERM/Ctrl-C; SIGHUP re-reads the config.",
+        "watcher run ~/Pictures/inbox",
+        "watcher --config ~/watcher.yaml run",
+    )
+    r.add_argument(
+        "folders",
+        nargs="*",
+        type=Path,
+        metavar="FOLDER",
+        help="folders to watch besides the configured ones",
+    )
 
-    s = command("search", "full-text search of the captions, best first",
-                "Full-text search of captions and extra outputs (all words must match). "
-                "Exit 1 when nothing matches. --json scores grow with relevance.",
-                'watcher search "red bicycle"', "watcher search sky --json --limit 5")
+    s = command(
+        "search",
+        "full-text search of the captions, best first",
+        "Full-text search of captions and extra outputs (all words must match). "
+        "Exit 1 when nothing matches. --json scores grow with relevance.",
+        'watcher search "red bicycle"',
+        "watcher search sky --json --limit 5",
+    )
     s.add_argument("query", metavar="TEXT", help="words to find")
     s.add_argument("--limit", type=int, default=20, help="at most this many hits (default 20)")
     s.add_argument("--json", action="store_true", help="JSON: path, caption, sidecar, score")
 
-    st = command("status", "what is indexed, queued and failed",
-                 "Indexed images, the queue, failures with reasons, pending sidecars, skipped "
-                 "names, the daemon and its folders. Works while the daemon runs.",
-                 "watcher status", "watcher status --json --db ~/other.db")
+    st = command(
+        "status",
+        "what is indexed, queued and failed",
+        "Indexed images, the queue, failures with reasons, pending sidecars, skipped "
+        "names, the daemon and its folders. Works while the daemon runs.",
+        "watcher status",
+        "watcher status --json --db ~/other.db",
+    )
     st.add_argument("--json", action="store_true", help="the report as JSON")
 
-    rt = command("retry", "re-queue failed images and write missing or pending sidecars",
-                 "Re-queue failed images (their files must still exist; failures of deleted "
-                 "files are forgotten), write sidecars that were pending or have gone "
-                 "missing, from the index (no model work).",
-                 "watcher retry --all", "watcher retry ~/Pictures/a.jpg",
-                 "watcher retry --all --dry-run")
+    rt = command(
+        "retry",
+        "re-queue failed images and write missing or pending sidecars",
+        "Re-queue failed images (their files must still exist; failures of deleted "
+        "files are forgotten), write sidecars that were pending or have gone "
+        "missing, from the index (no model work).",
+        "watcher retry --all",
+        "watcher retry ~/Pictures/a.jpg",
+        "watcher retry --all --dry-run",
+    )
     rt.add_argument("paths", nargs="*", type=Path, metavar="IMAGE", help="images to retry")
     rt.add_argument("--all", action="store_true", help="every failed image and sidecar")
     rt.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
 
-    sh = command("show", "everything known about one image",
-                 "The sidecar's text, the model's text, extra outputs, state, model and "
-                 "revision, and when, for one image. Exit 1 when the image is not known.",
-                 "watcher show ~/Pictures/a.jpg", "watcher show ~/Pictures/a.jpg --json")
+    sh = command(
+        "show",
+        "everything known about one image",
+        "The sidecar's text, the model's text, extra outputs, state, model and "
+        "revision, and when, for one image. Exit 1 when the image is not known.",
+        "watcher show ~/Pictures/a.jpg",
+        "watcher show ~/Pictures/a.jpg --json",
+    )
     sh.add_argument("path", type=Path, metavar="IMAGE")
     sh.add_argument("--json", action="store_true", help="as JSON")
 
-    pr = command("prune", "remove index rows of images that no longer exist",
-                 "Remove the index rows and jobs of images that no longer exist (folders "
-                 "moved, deleted, unmounted). Sidecars are not touched.",
-                 "watcher prune --dry-run", "watcher prune")
+    pr = command(
+        "prune",
+        "remove index rows of images that no longer exist",
+        "Remove the index rows and jobs of images that no longer exist (folders "
+        "moved, deleted, unmounted). Sidecars are not touched.",
+        "watcher prune --dry-run",
+        "watcher prune",
+    )
     pr.add_argument("--dry-run", action="store_true", help="list them; remove nothing")
 
-    ini = command("init", "write a commented config file with the defaults",
-                  "Write a config file (at --config, else the default place) with every key "
-                  "at its default and commented, watching the folders given.",
-                  "watcher init ~/Pictures/inbox", "watcher --config ./watcher.yaml init .")
+    ini = command(
+        "init",
+        "write a commented config file with the defaults",
+        "Write a config file (at --config, else the default place) with every key "
+        "at its default and commented, watching the folders given.",
+        "watcher init ~/Pictures/inbox",
+        "watcher --config ./watcher.yaml init .",
+    )
     ini.add_argument("folders", nargs="*", type=Path, metavar="FOLDER")
     ini.add_argument("--force", action="store_true", help="replace an existing config file")
 
-    command("reload", "tell the running daemon to re-read its config (SIGHUP)",
-            "Send SIGHUP to the daemon using this database: it re-reads its config.",
-            "watcher reload")
+    command(
+        "reload",
+        "tell the running daemon to re-read its config (SIGHUP)",
+        "Send SIGHUP to the daemon using this database: it re-reads its config.",
+        "watcher reload",
+    )
 
-    m = command("model", "download or inspect the model",
-                "Download the configured model into the Hugging Face cache, or show what is "
-                "cached.", "watcher model fetch", "watcher model info")
+    m = command(
+        "model",
+        "download or inspect the model",
+        "Download the configured model into the Hugging Face cache, or show what is cached.",
+        "watcher model fetch",
+        "watcher model info",
+    )
     msub = m.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    f = msub.add_parser("fetch", help="download the model and its tokenizer into the HF cache",
-                        description="Download the model and its tokenizer into the Hugging "
-                                    "Face cache, then test-load it. Needs the network once.",
-                        epilog=_examples("watcher model fetch",
-                                         "watcher model fetch --revision 2025-06-21"),
-                        formatter_class=_Formatter)
+    f = msub.add_parser(
+        "fetch",
+        help="download the model and its tokenizer into the HF cache",
+        description="Download the model and its tokenizer into the Hugging "
+        "Face cache, then test-load it. Needs the network once.",
+        epilog=_examples("watcher model fetch", "watcher model fetch --revision 2025-06-21"),
+        formatter_class=_Formatter,
+    )
     f.add_argument("--revision", help="a tag or commit of the model (default from the config)")
-    msub.add_parser("info", help="what is cached, which revision, size on disk",
-                    description="What is cached, at which revisions, and how big.",
-                    epilog=_examples("watcher model info"), formatter_class=_Formatter)
+    msub.add_parser(
+        "info",
+        help="what is cached, which revision, size on disk",
+        description="What is cached, at which revisions, and how big.",
+        epilog=_examples("watcher model info"),
+        formatter_class=_Formatter,
+    )
 
-    sv = command("service", "install the systemd / launchd service",
-                 "Install, remove or inspect the user service (systemd on Linux, launchd on "
-                 "macOS) that runs `watcher run`.",
-                 "watcher service install --now", "watcher service status")
+    sv = command(
+        "service",
+        "install the systemd / launchd service",
+        "Install, remove or inspect the user service (systemd on Linux, launchd on "
+        "macOS) that runs `watcher run`.",
+        "watcher service install --now",
+        "watcher service status",
+    )
     svsub = sv.add_subparsers(dest="service_command", required=True, metavar="ACTION")
-    i = svsub.add_parser("install", help="write the unit/agent (and start it with --now)",
-                         description="Write the systemd user unit or launchd agent.",
-                         epilog=_examples("watcher service install --now"),
-                         formatter_class=_Formatter)
+    i = svsub.add_parser(
+        "install",
+        help="write the unit/agent (and start it with --now)",
+        description="Write the systemd user unit or launchd agent.",
+        epilog=_examples("watcher service install --now"),
+        formatter_class=_Formatter,
+    )
     i.add_argument("--now", action="store_true", help="also enable and start it")
-    svsub.add_parser("uninstall", help="stop and remove it",
-                     description="Stop and remove the service.",
-                     epilog=_examples("watcher service uninstall"), formatter_class=_Formatter)
-    svsub.add_parser("status", help="whether it is installed and running",
-                     description="Whether the service is installed and running.",
-                     epilog=_examples("watcher service status"), formatter_class=_Formatter)
+    svsub.add_parser(
+        "uninstall",
+        help="stop and remove it",
+        description="Stop and remove the service.",
+        epilog=_examples("watcher service uninstall"),
+        formatter_class=_Formatter,
+    )
+    svsub.add_parser(
+        "status",
+        help="whether it is installed and running",
+        description="Whether the service is installed and running.",
+        epilog=_examples("watcher service status"),
+        formatter_class=_Formatter,
+    )
 
     for group in (msub, svsub):  # `watcher model info --config X` works too
         for action_parser in group.choices.values():
             _global_options(action_parser, top=False)
 
-    comp = command("completion", "print the shell completion script",
-                   "Print a completion script for bash or zsh (needs the optional argcomplete "
-                   "package: pip install 'moondream-watcher[completion]').",
-                   "watcher completion bash > ~/.local/share/bash-completion/completions/"
-                   "watcher",
-                   'eval "$(watcher completion zsh)"   # in ~/.zshrc')
-    comp.add_argument("shell", choices=("bash", "zsh"), nargs="?", default="bash",
-                      help="the shell (default bash)")
+    comp = command(
+        "completion",
+        "print the shell completion script",
+        "Print a completion script for bash or zsh (needs the optional argcomplete "
+        "package: pip install 'moondream-watcher[completion]').",
+        "watcher completion bash > ~/.local/share/bash-completion/completions/watcher",
+        'eval "$(watcher completion zsh)"   # in ~/.zshrc',
+    )
+    comp.add_argument(
+        "shell", choices=("bash", "zsh"), nargs="?", default="bash", help="the shell (default bash)"
+    )
     return p
 
 
 def _caption_options(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--task", choices=("prompt", "short", "normal", "long", "query"),
-                   help="what the sidecars hold (default from the config: short)")
+    c.add_argument(
+        "--task",
+        choices=("prompt", "short", "normal", "long", "query"),
+        help="what the sidecars hold (default from the config: short)",
+    )
     c.add_argument("--question", help="the question for --task query")
-    c.add_argument("--overwrite", choices=("never", "ours", "always"),
-                   help="replace existing sidecars: never, ours (only ours, unchanged since; "
-                        "the default) or always")
+    c.add_argument(
+        "--overwrite",
+        choices=("never", "ours", "always"),
+        help="replace existing sidecars: never, ours (only ours, unchanged since; "
+        "the default) or always",
+    )
     c.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
 
 
 # -- main --------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None, out: TextIO | None = None,
-         err: TextIO | None = None) -> int:
+
+def main(
+    argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     real = out is None
     out = out or sys.stdout
     err = err or sys.stderr
@@ -289,6 +398,7 @@ def _with_database_errors(handler, args, cfg: Config, out: TextIO, err: TextIO) 
 
 # -- progress ------------------------------------------------------------------------------
 
+
 class Progress:
     """On a terminal: a tqdm bar (count, rate, ETA) with log lines written above it. Else
     one plain line per image."""
@@ -306,10 +416,16 @@ class Progress:
             from watcher.log import configure_logging
 
             # rate_noinv: always "N images/s", never tqdm's inverse "s/ images".
-            self.bar = tqdm(total=total, file=out, unit=" images", dynamic_ncols=True,
-                            desc="captioning", leave=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                       "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
+            self.bar = tqdm(
+                total=total,
+                file=out,
+                unit=" images",
+                dynamic_ncols=True,
+                desc="captioning",
+                leave=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                "[{elapsed}<{remaining}, {rate_noinv_fmt}]",
+            )
             # Log lines go through tqdm.write: they appear above the bar, never inside it.
             configure_logging(cfg.log, stream=_AboveBar(err))
             self._err, self._cfg = err, cfg
@@ -325,7 +441,8 @@ class Progress:
             state, detail = outcome.state, outcome.reason
             if state == "done":
                 state = {"kept": "kept", "pending": "sidecar pending"}.get(
-                    outcome.sidecar_state or "", "done")
+                    outcome.sidecar_state or "", "done"
+                )
                 if state == "kept":
                     detail = f"existing sidecar left alone: {shown(outcome.sidecar or '')}"
                 elif state == "done":
@@ -333,8 +450,9 @@ class Progress:
             if self.broken:
                 return
             try:
-                self.out.write(f"[{self.done}/{self.total}] {state}: {shown(outcome.path)} "
-                               f"({detail})\n")
+                self.out.write(
+                    f"[{self.done}/{self.total}] {state}: {shown(outcome.path)} ({detail})\n"
+                )
                 self.out.flush()
             except BrokenPipeError:
                 # `watcher caption DIR | head`: the reader left. The work goes on (this runs
@@ -381,6 +499,7 @@ def _isatty(stream: Any) -> bool:
 
 # -- caption / recaption ---------------------------------------------------------------------
 
+
 def _dirs(paths: list[Path], err: TextIO) -> list[Path] | None:
     dirs = []
     for d in paths:
@@ -393,8 +512,11 @@ def _dirs(paths: list[Path], err: TextIO) -> list[Path] | None:
 
 
 def _overrides(args, cfg: Config) -> dict[str, Any]:
-    o = {"task": getattr(args, "task", None), "question": getattr(args, "question", None),
-         "overwrite": getattr(args, "overwrite", None)}
+    o = {
+        "task": getattr(args, "task", None),
+        "question": getattr(args, "question", None),
+        "overwrite": getattr(args, "overwrite", None),
+    }
     if o["task"] == "query" and not (o["question"] or cfg.defaults.get("question")):
         raise ConfigError("--task query needs --question")
     return {k: v for k, v in o.items() if v is not None}
@@ -450,13 +572,14 @@ def cmd_recaption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     return _caption(args, cfg, dirs, out, err, force=True, only=only)
 
 
-def _caption(args, cfg: Config, dirs: list[Path], out: TextIO, err: TextIO, *,
-             force: bool, only=None) -> int:
+def _caption(
+    args, cfg: Config, dirs: list[Path], out: TextIO, err: TextIO, *, force: bool, only=None
+) -> int:
     from watcher.captioning import apply_plan, plan_caption, with_overrides
     from watcher.index import connect
-    from watcher.lock import AlreadyRunning, DatabaseLock
-    from watcher.queue import JobQueue
-    from watcher.status import daemon_pid
+    from watcher.jobs import JobQueue
+    from watcher.service.lock import AlreadyRunning, DatabaseLock
+    from watcher.service.status import daemon_pid
 
     overrides = _overrides(args, cfg)
     cfg = with_overrides(cfg, dirs, **overrides)
@@ -471,9 +594,12 @@ def _caption(args, cfg: Config, dirs: list[Path], out: TextIO, err: TextIO, *,
                 print(f"watcher: {e}", file=err)
                 return EXIT_USAGE
             if overrides:
-                print(f"watcher: watcher run (pid {daemon}) is using {cfg.database} and "
-                      f"captions with its own settings; stop it to caption with "
-                      f"{', '.join('--' + k for k in overrides)}", file=err)
+                print(
+                    f"watcher: watcher run (pid {daemon}) is using {cfg.database} and "
+                    f"captions with its own settings; stop it to caption with "
+                    f"{', '.join('--' + k for k in overrides)}",
+                    file=err,
+                )
                 return EXIT_USAGE
     try:
         db = connect(cfg.database)
@@ -501,15 +627,14 @@ def _caption(args, cfg: Config, dirs: list[Path], out: TextIO, err: TextIO, *,
         lock.release()
 
 
-def _run_here(cfg: Config, plan, restored, pending: int, jobs, out: TextIO,
-              err: TextIO) -> int:
+def _run_here(cfg: Config, plan, restored, pending: int, jobs, out: TextIO, err: TextIO) -> int:
     from watcher.backends import ModelUnavailable, open_backend
     from watcher.captioning import LazyBackend, run_pipeline
 
     if cfg.model.backend in ("moondream", "transformers"):
         # A quick check of the disk now, so a missing model fails before any work; the
         # model itself loads only for the first batch that needs it.
-        from watcher.models import ensure_available
+        from watcher.backends.weights import ensure_available
 
         try:
             ensure_available(cfg.model)
@@ -537,23 +662,29 @@ def _run_here(cfg: Config, plan, restored, pending: int, jobs, out: TextIO,
     return _print_summary(plan, restored, summary, out)
 
 
-def _caption_by_daemon(cfg: Config, plan, pid: int, db, jobs, out: TextIO,
-                       err: TextIO) -> int:
+def _caption_by_daemon(cfg: Config, plan, pid: int, db, jobs, out: TextIO, err: TextIO) -> int:
     from watcher.captioning import Restored, follow_daemon
-    from watcher.status import daemon_pid
+    from watcher.service.status import daemon_pid
 
     paths = [str(p) for p, _ in plan.queued]
-    print(f"watcher run (pid {pid}) is using {cfg.database}: handing it "
-          f"{plural(len(paths), 'image')} and following its progress", file=err)
+    print(
+        f"watcher run (pid {pid}) is using {cfg.database}: handing it "
+        f"{plural(len(paths), 'image')} and following its progress",
+        file=err,
+    )
     progress = Progress(len(paths), out, err, cfg)
     try:
-        summary = follow_daemon(db, plan.roots, paths, progress,
-                                alive=lambda: daemon_pid(cfg.database) == pid)
+        summary = follow_daemon(
+            db, plan.roots, paths, progress, alive=lambda: daemon_pid(cfg.database) == pid
+        )
     finally:
         progress.close()
     if summary is None:
-        print("watcher: the daemon stopped before finishing; the images stay queued for its "
-              "next start", file=err)
+        print(
+            "watcher: the daemon stopped before finishing; the images stay queued for its "
+            "next start",
+            file=err,
+        )
         return EXIT_FAILED
     return _print_summary(plan, Restored(), summary, out)
 
@@ -577,14 +708,12 @@ def _print_summary(plan, restored, summary, out: TextIO) -> int:
         line += f", {again} captioned again (other settings or --force)"
     line += f", {plan.up_to_date} up to date"
     if summary.reused:
-        copies = plural(summary.reused, "copy of an identical image",
-                        "copies of identical images")
+        copies = plural(summary.reused, "copy of an identical image", "copies of identical images")
         line += f" ({copies}, no model work)"
     if summary.kept:
         line += f", {plural(len(summary.kept), 'existing sidecar')} left alone"
     line += _restored_clause(restored)
-    line += f", {len(summary.failed)} failed" + _skipped_count(
-        plan.skipped + list(summary.skipped))
+    line += f", {len(summary.failed)} failed" + _skipped_count(plan.skipped + list(summary.skipped))
     print(line, file=out)
     for o in summary.pending:
         print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
@@ -601,11 +730,14 @@ def _print_summary(plan, restored, summary, out: TextIO) -> int:
 def _print_plan(plan, out: TextIO) -> int:
     """--dry-run: what a caption run would do."""
     outdated = set(plan.outdated)
-    print(f"would caption {plural(len(plan.queued), 'image')} ({plan.new} new, "
-          f"{plan.changed} changed, {len(outdated)} with other settings, "
-          f"{plan.retried} failed before), write {plural(len(plan.restore), 'missing sidecar')}"
-          f" from the index, forget {plural(len(plan.removed), 'deleted image')}; "
-          f"{plan.up_to_date} up to date" + _skipped_count(plan.skipped), file=out)
+    print(
+        f"would caption {plural(len(plan.queued), 'image')} ({plan.new} new, "
+        f"{plan.changed} changed, {len(outdated)} with other settings, "
+        f"{plan.retried} failed before), write {plural(len(plan.restore), 'missing sidecar')}"
+        f" from the index, forget {plural(len(plan.removed), 'deleted image')}; "
+        f"{plan.up_to_date} up to date" + _skipped_count(plan.skipped),
+        file=out,
+    )
     for p, _ in plan.queued:
         print(f"would caption: {shown(str(p))}", file=out)
     for p in plan.restore:
@@ -630,7 +762,7 @@ def _print_skipped(skipped: list[tuple[Path, str]], out: TextIO) -> None:
 def _print_passed_over(passed, dirs: list[Path], out: TextIO) -> None:
     # Files not captioned because of their name (no extension, not an image extension,
     # AVIF this Pillow cannot read): a count and a few names per reason.
-    from watcher.status import passed_over_lines
+    from watcher.service.status import passed_over_lines
 
     root = str(dirs[0]) if len(dirs) == 1 else None
     for line in passed_over_lines(passed.to_json(), root):
@@ -650,21 +782,27 @@ def _print_kept(kept: list, out: TextIO) -> None:
 
 # -- search / status / retry / show / prune --------------------------------------------------
 
+
 def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.index import Index, connect
 
     try:
         args.query.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 in argv (surrogate-escaped)
-        print("watcher: the search text is not valid UTF-8; captions are UTF-8 text",
-              file=err)
+        print("watcher: the search text is not valid UTF-8; captions are UTF-8 text", file=err)
         return EXIT_USAGE
     # No database yet: NoDatabase, "no index yet" and exit 1 (_with_database_errors).
     hits = Index(connect(cfg.database, readonly=True)).search(args.query, limit=args.limit)
     if args.json:
         # bm25 is lower-is-better (negative); users read a score as higher-is-better.
-        json.dump([{"path": r.path, "caption": r.caption, "sidecar": r.sidecar,
-                    "score": round(-s, 6)} for r, s in hits], out, indent=2)
+        json.dump(
+            [
+                {"path": r.path, "caption": r.caption, "sidecar": r.sidecar, "score": round(-s, 6)}
+                for r, s in hits
+            ],
+            out,
+            indent=2,
+        )
         out.write("\n")
     else:
         for row, _ in hits:
@@ -676,7 +814,7 @@ def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_status(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.status import collect, render
+    from watcher.service.status import collect, render
 
     report = collect(cfg.database)
     if args.json:
@@ -690,9 +828,9 @@ def cmd_status(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 def cmd_retry(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.captioning import missing_sidecars, restore_sidecars
     from watcher.index import connect
+    from watcher.jobs import JobQueue
     from watcher.paths import decode
-    from watcher.queue import JobQueue
-    from watcher.writer import write_pending_sidecars
+    from watcher.pipeline.writer import write_pending_sidecars
 
     if not args.all and not args.paths:
         print("watcher: retry needs --all or one or more paths", file=err)
@@ -701,15 +839,23 @@ def cmd_retry(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     jobs = JobQueue(db)
     paths = None if args.all else [os.path.abspath(p) for p in args.paths]
     failed, gone = jobs.failed_existing(paths)
-    pending = [p for p in (decode(r) for (r,) in db.conn.execute(
-        "SELECT path FROM images WHERE sidecar_state = 'pending'"))
-        if paths is None or p in paths]
+    pending = [
+        p
+        for p in (
+            decode(r)
+            for (r,) in db.conn.execute("SELECT path FROM images WHERE sidecar_state = 'pending'")
+        )
+        if paths is None or p in paths
+    ]
     missing = missing_sidecars(db, paths)
     if args.dry_run:
-        print(f"would queue {plural(len(failed), 'failed image')} again, try "
-              f"{plural(len(pending), 'pending sidecar')}, write "
-              f"{plural(len(missing), 'missing sidecar')} from the index, forget "
-              f"{plural(len(gone), 'failure')} of deleted images", file=out)
+        print(
+            f"would queue {plural(len(failed), 'failed image')} again, try "
+            f"{plural(len(pending), 'pending sidecar')}, write "
+            f"{plural(len(missing), 'missing sidecar')} from the index, forget "
+            f"{plural(len(gone), 'failure')} of deleted images",
+            file=out,
+        )
         for p in failed:
             print(f"would retry: {shown(p)}", file=out)
         for p in pending:
@@ -723,8 +869,7 @@ def cmd_retry(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     n = jobs.retry(failed)
     written, still = write_pending_sidecars(db, cfg, paths)
     restored = restore_sidecars(db, cfg, missing)
-    line = (f"{plural(n, 'failed image')} queued again; "
-            f"{plural(written, 'pending sidecar')} written")
+    line = f"{plural(n, 'failed image')} queued again; {plural(written, 'pending sidecar')} written"
     if restored.written:
         line += f"; {plural(len(restored.written), 'missing sidecar')} written again"
     if gone:
@@ -760,28 +905,33 @@ def render_show(info: dict[str, Any]) -> str:
     job = info.get("job")
     if "caption" not in info:
         state = job["state"] if job else "unknown"
-        lines.append(f"  state: {state}" + (f": {job['reason']}" if job and job["reason"]
-                                           else ""))
+        lines.append(f"  state: {state}" + (f": {job['reason']}" if job and job["reason"] else ""))
         return "\n".join(lines) + "\n"
-    state = {"written": "captioned", "kept": "captioned; the sidecar is not ours, left alone",
-             "pending": "captioned; sidecar pending"}.get(info["sidecar_state"],
-                                                          info["sidecar_state"])
+    state = {
+        "written": "captioned",
+        "kept": "captioned; the sidecar is not ours, left alone",
+        "pending": "captioned; sidecar pending",
+    }.get(info["sidecar_state"], info["sidecar_state"])
     if job and job["state"] in ("pending", "running", "failed"):
         state += f"; job {job['state']}" + (f": {job['reason']}" if job["reason"] else "")
     lines.append(f"  state: {state}")
     if info["sidecar_error"]:
         lines.append(f"  sidecar error: {info['sidecar_error']}")
     side = info["sidecar_text"]
-    lines.append(f"  sidecar: {shown(info['sidecar'] or '')}"
-                 + ("" if side is not None else "  (missing, or not a regular file)"))
+    lines.append(
+        f"  sidecar: {shown(info['sidecar'] or '')}"
+        + ("" if side is not None else "  (missing, or not a regular file)")
+    )
     if side is not None:
         lines.append(f"  sidecar text: {shown(side.rstrip(chr(10)))}")
     lines.append(f"  caption (index): {shown(info['caption'])}")
     # The sidecar kept (the user's text): the model's caption is in the index beside it.
     lines.append(f"  model's caption: {shown(info['model_caption'])}")
-    lines.append(f"  model: {info['model']}"
-                 + (f" at revision {info['revision']}" if info["revision"] else "")
-                 + f", task {info['task']}")
+    lines.append(
+        f"  model: {info['model']}"
+        + (f" at revision {info['revision']}" if info["revision"] else "")
+        + f", task {info['task']}"
+    )
     for key, text in sorted(info["outputs"].items()):
         if key != info["task"]:
             lines.append(f"  output {key}: {shown(text)}")
@@ -800,15 +950,18 @@ def cmd_prune(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         return EXIT_FAILED
     found = prune(connect(cfg.database), dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {plural(len(found.images), 'index row')} and {plural(len(found.jobs), 'job')}"
-          " of images that no longer exist", file=out)
+    print(
+        f"{verb} {plural(len(found.images), 'index row')} and {plural(len(found.jobs), 'job')}"
+        " of images that no longer exist",
+        file=out,
+    )
     for p in sorted(set(found.images) | set(found.jobs)):
         print(f"  {shown(p)}", file=out)
     return EXIT_OK
 
 
 def cmd_init(args, out: TextIO, err: TextIO) -> int:
-    from watcher.initconfig import render_config
+    from watcher.config_template import render_config
 
     path = (args.config or default_config_path()).expanduser().absolute()
     if path.exists() and not args.force:
@@ -817,13 +970,14 @@ def cmd_init(args, out: TextIO, err: TextIO) -> int:
     folders = [Path(os.path.abspath(d.expanduser())) for d in args.folders]
     for d in folders:
         if not d.is_dir():
-            print(f"watcher: {shown(str(d))}: not a folder (it is watched anyway once "
-                  "it exists)", file=err)
+            print(
+                f"watcher: {shown(str(d))}: not a folder (it is watched anyway once it exists)",
+                file=err,
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     db = args.db.expanduser().absolute() if args.db else None
     path.write_text(render_config(folders, db), encoding="utf-8")
-    print(f"wrote {path}: {plural(len(folders), 'folder')}; edit it, then "
-          f"`watcher run`", file=out)
+    print(f"wrote {path}: {plural(len(folders), 'folder')}; edit it, then `watcher run`", file=out)
     return EXIT_OK
 
 
@@ -831,8 +985,11 @@ def cmd_completion(args, out: TextIO, err: TextIO) -> int:
     try:
         import argcomplete
     except ImportError:
-        print("watcher: shell completion needs the argcomplete package: "
-              "pip install 'moondream-watcher[completion]'", file=err)
+        print(
+            "watcher: shell completion needs the argcomplete package: "
+            "pip install 'moondream-watcher[completion]'",
+            file=err,
+        )
         return EXIT_USAGE
     # (use_defaults, shell) given by position: `shell=` reads like a subprocess flag.
     out.write(argcomplete.shellcode(["watcher"], True, args.shell))
@@ -840,6 +997,7 @@ def cmd_completion(args, out: TextIO, err: TextIO) -> int:
 
 
 # -- reload / run / model / service -----------------------------------------------------------
+
 
 def cmd_reload(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     import signal
@@ -854,7 +1012,7 @@ def cmd_reload(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 def _signal_daemon(cfg: Config, sig) -> int | None:
     """The running daemon's pid (from the database), signalled with `sig` if given."""
-    from watcher.status import daemon_pid
+    from watcher.service.status import daemon_pid
 
     pid = daemon_pid(cfg.database)
     if pid is not None and sig is not None:
@@ -863,13 +1021,16 @@ def _signal_daemon(cfg: Config, sig) -> int | None:
 
 
 def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.daemon import run_daemon, with_command_line
+    from watcher.service.daemon import run_daemon, with_command_line
 
     # Folders given here are watched besides the config's, and stay watched across reloads.
     dirs = [Path(os.path.abspath(d.expanduser())) for d in args.folders]
     if not with_command_line(cfg, dirs).folders:
-        print("watcher: no folders to watch: give them on the command line or under "
-              f"`folders:` in {cfg.source or default_config_path()}", file=err)
+        print(
+            "watcher: no folders to watch: give them on the command line or under "
+            f"`folders:` in {cfg.source or default_config_path()}",
+            file=err,
+        )
         return EXIT_USAGE
     # The database first (as the daemon's lock does): a database path that cannot be used
     # is the error to fix before the model matters. Changes nothing.
@@ -880,7 +1041,7 @@ def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         # Checked here, said once: the daemon never downloads (it runs offline), so a
         # missing model is the user's to fetch, whatever HF_HUB_OFFLINE says.
         from watcher.backends import ModelUnavailable
-        from watcher.models import ensure_available
+        from watcher.backends.weights import ensure_available
 
         try:
             ensure_available(cfg.model, daemon=True)
@@ -891,7 +1052,7 @@ def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_model(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher import models
+    from watcher.backends import weights as models
 
     if args.model_command == "fetch":
         return models.cmd_fetch(cfg.model, args.revision, out, err=err)
@@ -899,7 +1060,7 @@ def cmd_model(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_service(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher import service
+    from watcher.service import install as service
 
     config_path = (args.config or default_config_path()).expanduser().absolute()
     if args.service_command == "install":

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from watcher.sidecar import pattern_problem
+from watcher.outputs.sidecar import pattern_problem
 from watcher.tasks import TASK_KINDS, Task
 
 
@@ -30,7 +30,16 @@ def avif_readable() -> bool:
 # AVIF only where Pillow reads it: elsewhere an .avif file is reported as passed over (with
 # how to get a Pillow that reads it), not failed at every scan.
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
 ) + ((".avif",) if avif_readable() else ())
 OVERWRITE_POLICIES = ("never", "ours", "always")
 ON_DELETE = ("keep", "remove-ours")
@@ -168,6 +177,7 @@ def load_config(path: Path | None = None, *, required: bool = False) -> Config:
 
 # --- validation -------------------------------------------------------------------------
 
+
 def _fail(where: str, key: str, expected: str, got: Any) -> ConfigError:
     return ConfigError(f"{where}: {key}: expected {expected}; got {got!r}")
 
@@ -235,8 +245,10 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
         if name == "task":
             kw[name] = _choice(value, TASK_KINDS, k, where)
         elif name == "index_tasks":
-            kw[name] = tuple(_choice(v, TASK_KINDS, f"{k}[{i}]", where)
-                             for i, v in enumerate(_strings(value, k, where)))
+            kw[name] = tuple(
+                _choice(v, TASK_KINDS, f"{k}[{i}]", where)
+                for i, v in enumerate(_strings(value, k, where))
+            )
         elif name == "question":
             if value is not None:
                 kw[name] = _typed(value, str, k, where, "a string")
@@ -264,7 +276,8 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
     if problem:
         raise ConfigError(
             f"{where}: {key}.sidecar: expected a file name pattern such as '{{stem}}.txt' (text "
-            f"with {{stem}} and/or {{name}}); got {pattern!r}: {problem}")
+            f"with {{stem}} and/or {{name}}); got {pattern!r}: {problem}"
+        )
     task = kw.get("task", "short")
     if "query" in (task, *kw.get("index_tasks", ())) and not kw.get("question"):
         raise ConfigError(f"{where}: {key}.question: missing; task 'query' needs a question")
@@ -318,8 +331,16 @@ def _model(data: Any, where: str) -> ModelConfig:
 
 
 _TOP = {
-    "model", "folders", "database", "decode_threads", "max_pixels", "max_side",
-    "max_attempts", "retry_backoff", "log", "defaults",
+    "model",
+    "folders",
+    "database",
+    "decode_threads",
+    "max_pixels",
+    "max_side",
+    "max_attempts",
+    "retry_backoff",
+    "log",
+    "defaults",
 }
 
 
@@ -346,30 +367,43 @@ def parse_config(
         raise _fail(where, "folders", "a list", folders)
     parsed = []
     for i, f in enumerate(folders):
-        merged = {**defaults, **f} if isinstance(f, dict) else ({**defaults, "path": f}
-                                                                 if isinstance(f, str) else f)
+        merged = (
+            {**defaults, **f}
+            if isinstance(f, dict)
+            else ({**defaults, "path": f} if isinstance(f, str) else f)
+        )
         parsed.append(_folder(merged, f"folders[{i}]", where, base_dir))
     kw["folders"] = tuple(parsed)
     if "database" in data:
         db = _typed(data["database"], str, "database", where, "a path")
         p = Path(os.path.expandvars(db)).expanduser()
         kw["database"] = p if p.is_absolute() or base_dir is None else base_dir / p
-    for name, minimum in (("decode_threads", 1), ("max_pixels", 1), ("max_side", 64),
-                          ("max_attempts", 1)):
+    for name, minimum in (
+        ("decode_threads", 1),
+        ("max_pixels", 1),
+        ("max_side", 64),
+        ("max_attempts", 1),
+    ):
         if name in data:
             kw[name] = _number(data[name], name, where, minimum=minimum, integer=True)
     if "retry_backoff" in data:
-        kw["retry_backoff"] = float(_number(data["retry_backoff"], "retry_backoff", where,
-                                            minimum=0))
+        kw["retry_backoff"] = float(
+            _number(data["retry_backoff"], "retry_backoff", where, minimum=0)
+        )
     if "log" in data:
         log = data["log"]
         if not isinstance(log, dict):
             raise _fail(where, "log", "a mapping", log)
         _check_keys(log, {"format", "level"}, "log.", where)
         kw["log"] = LogConfig(
-            format=_choice(log.get("format", "auto"), ("auto", "json", "console"),
-                           "log.format", where),
-            level=_choice(str(log.get("level", "info")).lower(),
-                          ("debug", "info", "warning", "error"), "log.level", where),
+            format=_choice(
+                log.get("format", "auto"), ("auto", "json", "console"), "log.format", where
+            ),
+            level=_choice(
+                str(log.get("level", "info")).lower(),
+                ("debug", "info", "warning", "error"),
+                "log.level",
+                where,
+            ),
         )
     return Config(**kw)

@@ -6,13 +6,13 @@ deleted while the model is looking at it). For those, `hit(site, ...)` is called
 place where the real error would arise, and raises the real exception type there; everything
 above it is the production code path. The sites:
 
-- ``sidecar_write``: each os.write of a sidecar's temp file (`watcher.sidecar.write_atomic`).
-  Raises ``OSError(errno.<errno>)`` (default ENOSPC).
+- ``sidecar_write``: each os.write of a sidecar's temp file
+  (`watcher.outputs.sidecar.write_atomic`). Raises ``OSError(errno.<errno>)`` (default ENOSPC).
 - ``db_commit``: just before the writer commits a batch of index rows and job states
-  (`watcher.writer.Writer._write`). Raises ``sqlite3.OperationalError("database or disk is
+  (`watcher.pipeline.writer.Writer._write`). Raises ``sqlite3.OperationalError("database or disk is
   full")``, what SQLite reports on ENOSPC.
-- ``model``: the backend's describe() call (`watcher.worker.ModelWorker._run`). ``error:
-  "oom"`` raises ``torch.cuda.OutOfMemoryError``; ``error: "exception"`` a RuntimeError;
+- ``model``: the backend's describe() call (`watcher.pipeline.model_worker.ModelWorker._run`).
+  ``error: "oom"`` raises ``torch.cuda.OutOfMemoryError``; ``error: "exception"`` a RuntimeError;
   ``gate: FILE`` holds the call until FILE exists (it first writes FILE.reached with the
   batch's paths), so a test can change the file system while the model works.
 
@@ -76,8 +76,13 @@ def hit(site: str, paths: Sequence[str] = (), batch: int = 0) -> None:
         if rule is None:
             return
         rule["fired"] += 1
-    log.warning("injected fault (test only)", site=site, paths=list(paths)[:8], batch=batch,
-                rule={k: v for k, v in rule.items() if k != "fired"})
+    log.warning(
+        "injected fault (test only)",
+        site=site,
+        paths=list(paths)[:8],
+        batch=batch,
+        rule={k: v for k, v in rule.items() if k != "fired"},
+    )
     if "gate" in rule:
         _wait_at_gate(Path(rule["gate"]), paths)
         return
@@ -90,7 +95,8 @@ def hit(site: str, paths: Sequence[str] = (), batch: int = 0) -> None:
         import torch
 
         raise torch.cuda.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
+            "CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)"
+        )
     raise RuntimeError(rule.get("message", "injected model failure"))
 
 

@@ -108,8 +108,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise DatabaseError(f"cannot create the database folder {path.parent}: "
-                                f"{os_reason(e)}") from None
+            raise DatabaseError(
+                f"cannot create the database folder {path.parent}: {os_reason(e)}"
+            ) from None
         conn = _open(str(path), uri=False)
     try:
         state = _ours(conn, path)
@@ -145,18 +146,24 @@ def check_path(path: Path) -> bool:
         st = os.stat(path)
     except FileNotFoundError:
         if os.path.islink(path):
-            raise DatabaseError(f"{path} is a symbolic link to {os.readlink(path)}, which does "
-                                "not exist; refusing to create a database through it") from None
+            raise DatabaseError(
+                f"{path} is a symbolic link to {os.readlink(path)}, which does "
+                "not exist; refusing to create a database through it"
+            ) from None
         _check_neighbours(path)
         return True
     except OSError as e:
         raise DatabaseError(f"cannot use {path} as the database: {os_reason(e)}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise DatabaseError(f"{path} is a folder, not a database file; give a file path "
-                            f"(e.g. --db {path / 'index.db'})")
+        raise DatabaseError(
+            f"{path} is a folder, not a database file; give a file path "
+            f"(e.g. --db {path / 'index.db'})"
+        )
     if not stat.S_ISREG(st.st_mode):
-        raise DatabaseError(f"{path} is not a regular file (a pipe, socket or device); "
-                            "refusing to open it as the database")
+        raise DatabaseError(
+            f"{path} is not a regular file (a pipe, socket or device); "
+            "refusing to open it as the database"
+        )
     _check_neighbours(path)
     # Not a SQLite file at all: SQLite says so (SQLITE_NOTADB) at its first read, before
     # anything is written. Never read it ourselves: closing any other descriptor of the file
@@ -173,9 +180,11 @@ def _check_neighbours(path: Path) -> None:
         except OSError:
             continue
         if not stat.S_ISREG(nst.st_mode):
-            raise DatabaseError(f"{real + suffix} is not a regular file (a symbolic link or "
-                                "a folder?); refusing to open the database beside it. Remove "
-                                "it if no watcher is running")
+            raise DatabaseError(
+                f"{real + suffix} is not a regular file (a symbolic link or "
+                "a folder?); refusing to open the database beside it. Remove "
+                "it if no watcher is running"
+            )
 
 
 def verify(path: Path) -> None:
@@ -210,8 +219,9 @@ def os_reason(e: OSError) -> str:
 
 def _open(target: str, *, uri: bool) -> sqlite3.Connection:
     try:
-        return sqlite3.connect(target, uri=uri, timeout=60, isolation_level=None,
-                               check_same_thread=False)
+        return sqlite3.connect(
+            target, uri=uri, timeout=60, isolation_level=None, check_same_thread=False
+        )
     except sqlite3.Error as e:
         raise DatabaseError(f"cannot open the database {target}: {e}") from None
 
@@ -226,7 +236,8 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         conn.close()
         real = os.path.realpath(path)
         if not isinstance(e, sqlite3.OperationalError) or any(
-                os.path.lexists(real + s) for s in ("-wal", "-shm")):
+            os.path.lexists(real + s) for s in ("-wal", "-shm")
+        ):
             raise DatabaseError(_sqlite_reason(path, e, True)) from None
     # A WAL database in a folder we cannot write: SQLite cannot create its -shm to read.
     # No -wal and no -shm means no writer has it open, so the file as it stands is all.
@@ -241,12 +252,17 @@ def _ours(conn: sqlite3.Connection, path: Path) -> str:
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     if app_id == 0 and not names:
         return "fresh"
-    if app_id == 0 and _LEGACY_TABLES <= names and conn.execute(
-            "SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone():
+    if (
+        app_id == 0
+        and _LEGACY_TABLES <= names
+        and conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone()
+    ):
         return "ours"
-    raise DatabaseError(f"{path} is not a moondream-watcher database (another program's "
-                        "SQLite file); refusing to change it. Give another file with --db or "
-                        "`database:`")
+    raise DatabaseError(
+        f"{path} is not a moondream-watcher database (another program's "
+        "SQLite file); refusing to change it. Give another file with --db or "
+        "`database:`"
+    )
 
 
 def _version(conn: sqlite3.Connection) -> int:
@@ -258,8 +274,10 @@ def _version(conn: sqlite3.Connection) -> int:
 
 
 def _newer(version: int) -> str:
-    return (f"database schema {version} is newer than this watcher ({SCHEMA_VERSION}); "
-            "upgrade moondream-watcher, or give another file with --db")
+    return (
+        f"database schema {version} is newer than this watcher ({SCHEMA_VERSION}); "
+        "upgrade moondream-watcher, or give another file with --db"
+    )
 
 
 def _upgrade_for_reading(path: Path, version: int) -> sqlite_utils.Database:
@@ -267,8 +285,10 @@ def _upgrade_for_reading(path: Path, version: int) -> sqlite_utils.Database:
     try:
         connect(path).conn.close()
     except DatabaseError as e:
-        raise DatabaseError(f"database schema {version} is older than this watcher "
-                            f"({SCHEMA_VERSION}) and cannot be upgraded here: {e}") from None
+        raise DatabaseError(
+            f"database schema {version} is older than this watcher "
+            f"({SCHEMA_VERSION}) and cannot be upgraded here: {e}"
+        ) from None
     return connect(path, readonly=True)
 
 
@@ -276,17 +296,24 @@ def _sqlite_reason(path: Path, e: sqlite3.Error, readonly: bool) -> str:
     name = getattr(e, "sqlite_errorname", "")
     text = str(e)
     if name == "SQLITE_NOTADB" or "file is not a database" in text:
-        return (f"{path} is not a SQLite database (it holds something else); refusing to "
-                "touch it. Give another file with --db or `database:`")
+        return (
+            f"{path} is not a SQLite database (it holds something else); refusing to "
+            "touch it. Give another file with --db or `database:`"
+        )
     if name.startswith("SQLITE_CORRUPT") or "malformed" in text:
         return f"the database {path} is damaged ({text})"
     if readonly:
         return f"cannot read the database {path}: {text}"
-    if (name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"))
-            or "readonly" in text or "unable to open" in text):
-        return (f"cannot write to the database {path} ({text}): this command needs write "
-                f"access to the file and its folder {path.parent}; `watcher status` and "
-                "`watcher search` still work read-only")
+    if (
+        name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"))
+        or "readonly" in text
+        or "unable to open" in text
+    ):
+        return (
+            f"cannot write to the database {path} ({text}): this command needs write "
+            f"access to the file and its folder {path.parent}; `watcher status` and "
+            "`watcher search` still work read-only"
+        )
     return f"database {path}: {text}"
 
 
@@ -391,8 +418,7 @@ class Index:
     def move(self, src: str, dest: str, sidecar: str | None) -> None:
         self.db.conn.execute(
             "UPDATE images SET path = ?, sidecar = ?, updated = ? WHERE path = ?",
-            (encode(dest), None if sidecar is None else encode(sidecar), time.time(),
-             encode(src)),
+            (encode(dest), None if sidecar is None else encode(sidecar), time.time(), encode(src)),
         )
 
     def stats_under(self, root: str) -> dict[str, tuple[int, int]]:
@@ -425,9 +451,11 @@ class Index:
 
 _COLUMNS = [f.name for f in dataclasses.fields(ImageRow)]
 # INSERT or UPDATE in one statement; the FTS triggers fire for either.
-_UPSERT = (f"INSERT INTO images ({', '.join(_COLUMNS)}) "
-           f"VALUES ({', '.join(':' + c for c in _COLUMNS)}) ON CONFLICT(path) DO UPDATE SET "
-           + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "path"))
+_UPSERT = (
+    f"INSERT INTO images ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in _COLUMNS)}) ON CONFLICT(path) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "path")
+)
 
 
 def prefix_range(root: str | Path) -> tuple[str, str]:

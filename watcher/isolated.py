@@ -10,10 +10,12 @@ from collections.abc import Sequence
 # `python -I -c BOOT PATH MODULE ARGS...`: -I keeps the working directory, PYTHON* variables
 # and the user's site-packages off sys.path; BOOT then puts the entries in PATH (a JSON list)
 # first and runs MODULE as `python -m MODULE ARGS...` would.
-BOOT = ("import json, runpy, sys; "
-        "sys.path[:0] = [p for p in json.loads(sys.argv.pop(1)) if p not in sys.path]; "
-        "sys.argv.pop(0); "
-        "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+BOOT = (
+    "import json, runpy, sys; "
+    "sys.path[:0] = [p for p in json.loads(sys.argv.pop(1)) if p not in sys.path]; "
+    "sys.argv.pop(0); "
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
 
 
 def safe_sys_path(path: Sequence[str] | None = None) -> list[str]:
@@ -23,8 +25,13 @@ def safe_sys_path(path: Sequence[str] | None = None) -> list[str]:
     return [p for p in (sys.path if path is None else path) if p and _real(p) != cwd]
 
 
-def python_command(module: str, args: Sequence[str] = (), *, python: str = sys.executable,
-                   path: Sequence[str] | None = None) -> list[str]:
+def python_command(
+    module: str,
+    args: Sequence[str] = (),
+    *,
+    python: str = sys.executable,
+    path: Sequence[str] | None = None,
+) -> list[str]:
     """argv for `python -m module args` with an isolated path: this process's sys.path
     (less the working directory) when `path` is None, so the child imports what we import
     (an editable checkout, the user's site-packages, PYTHONPATH) and nothing from where it

@@ -31,8 +31,12 @@ import structlog
 
 from watcher.config import LogConfig
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 # Library records below this level are dropped, whatever log.level says.
 LIBRARY_LEVEL = logging.WARNING
 # Keys that lead every JSON line, in this order; the rest follow as logged.
@@ -46,6 +50,7 @@ class ExpectedError(Exception):
 
 
 # --- configuration ------------------------------------------------------------------------
+
 
 def configure_logging(cfg: LogConfig | None = None, stream: TextIO | None = None) -> None:
     """Route structlog and stdlib logging to `stream` (default: stderr) as `cfg` says.
@@ -193,6 +198,7 @@ class _NamedWriteLoggerFactory:
 
 # --- libraries with their own handlers -----------------------------------------------------
 
+
 def _adopt_transformers(module: Any) -> None:
     module._configure_library_root_logger()  # creates its stderr handler if not yet done
     module.disable_default_handler()
@@ -234,7 +240,8 @@ def _safely(adopt: Callable[[Any], None], module: Any, name: str) -> None:
         adopt(module)
     except Exception as e:  # a library changed its internals; keep its default handler
         structlog.get_logger("watcher.log").debug(
-            "cannot adopt library logger", module=name, error=f"{type(e).__name__}: {e}")
+            "cannot adopt library logger", module=name, error=f"{type(e).__name__}: {e}"
+        )
 
 
 class _AdoptOnImport(importlib.abc.MetaPathFinder):
@@ -266,6 +273,7 @@ class _AdoptOnImport(importlib.abc.MetaPathFinder):
 
 
 # --- failures -------------------------------------------------------------------------------
+
 
 def is_expected(exc: BaseException) -> bool:
     """Whether `exc` is an operational failure rather than a bug.
@@ -315,8 +323,9 @@ def log_failure(
     if exc is not None:
         fields.setdefault("error", type(exc).__name__)
     if expected:
-        fields["reason"] = reason if reason is not None else (
-            describe(exc) if exc is not None else "unknown")
+        fields["reason"] = (
+            reason if reason is not None else (describe(exc) if exc is not None else "unknown")
+        )
         getattr(logger, level)(event, **fields)
     elif exc is not None:
         logger.error(event, exc_info=exc, **fields)

@@ -29,9 +29,7 @@ class Backend(Protocol):
     revision: str | None
     max_batch: int  # the largest batch worth sending at once
 
-    def describe(
-        self, images: Sequence[Image.Image], tasks: Sequence[Task]
-    ) -> list[list[str]]: ...
+    def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]: ...
 
     def close(self) -> None: ...
 
@@ -53,7 +51,7 @@ def open_backend(cfg: ModelConfig, log_cfg: LogConfig | None = None) -> Backend:
         return load_backend(cfg)
     if cfg.backend in ("moondream", "transformers"):
         # Here too, before a child spends seconds importing torch only to find no weights.
-        from watcher.models import ensure_available
+        from watcher.backends.weights import ensure_available
 
         ensure_available(cfg)
     from watcher.backends.process import ModelProcess
@@ -66,7 +64,7 @@ def load_backend(cfg: ModelConfig) -> Backend:
     if cfg.backend in ("moondream", "transformers"):
         # Fail in seconds, with one clear message, when the weights are not on this
         # machine and the Hub cannot be reached (instead of after the Hub client's retries).
-        from watcher.models import ensure_available
+        from watcher.backends.weights import ensure_available
 
         ensure_available(cfg)
     if cfg.backend == "transformers":

@@ -19,7 +19,7 @@ import structlog
 
 from watcher.backends import ModelUnavailable
 from watcher.backends.device import pick
-from watcher.models import (
+from watcher.backends.weights import (
     FIX,
     MOONDREAM_TOKENIZER,
     cached_snapshot,
@@ -119,8 +119,13 @@ class MoondreamBackend:
                 # Everything is here: no Hub round trips at start-up.
                 kwargs["local_files_only"] = True
         placement = pick(cfg.device, cfg.dtype)
-        log.info("loading model", backend="moondream", model=name, revision=revision,
-                 device=placement.device)
+        log.info(
+            "loading model",
+            backend="moondream",
+            model=name,
+            revision=revision,
+            device=placement.device,
+        )
         started = time.monotonic()
         try:
             from transformers import AutoModelForCausalLM
@@ -149,7 +154,8 @@ class MoondreamBackend:
             revision=revision,
             placement=placement.describe(),
             # Moondream2's code builds its layers in bfloat16 whatever dtype is asked for.
-            weights_dtype=str(weights.dtype).removeprefix("torch.") if weights is not None
+            weights_dtype=str(weights.dtype).removeprefix("torch.")
+            if weights is not None
             else None,
             seconds=round(time.monotonic() - started, 1),
         )

@@ -98,8 +98,9 @@ def _photon_model_path(cfg: ModelConfig) -> tuple[str | None, str | None]:
         p = Path(cfg.path).expanduser()
         weights = p / "model.safetensors" if p.is_dir() else p
         if not weights.is_file():
-            raise ModelUnavailable(f"model.path: {weights} not found (Photon needs the "
-                                   "model.safetensors of Moondream)")
+            raise ModelUnavailable(
+                f"model.path: {weights} not found (Photon needs the model.safetensors of Moondream)"
+            )
         return str(weights), None
     if cfg.revision:
         from huggingface_hub import try_to_load_from_cache
@@ -131,20 +132,19 @@ def _cancelled() -> Future:
 class PhotonBackend:
     """Backend over a Photon client (or a stand-in with the same call signatures)."""
 
-    def __init__(self, engine: Any, cfg: ModelConfig, *, name: str | None = None,
-                 revision: str | None = None) -> None:
+    def __init__(
+        self, engine: Any, cfg: ModelConfig, *, name: str | None = None, revision: str | None = None
+    ) -> None:
         self.engine = engine
         self.name = name or cfg.path or cfg.id
         self.revision = revision
         self.max_batch = max(1, cfg.batch_size)
-        self._pool = ThreadPoolExecutor(max_workers=self.max_batch,
-                                        thread_name_prefix="photon")
+        self._pool = ThreadPoolExecutor(max_workers=self.max_batch, thread_name_prefix="photon")
         self._lock = threading.Lock()
         self._closed = False
 
     @classmethod
-    def load(cls, cfg: ModelConfig, *, factory: Callable[..., Any] | None = None
-             ) -> PhotonBackend:
+    def load(cls, cfg: ModelConfig, *, factory: Callable[..., Any] | None = None) -> PhotonBackend:
         """Start Photon for `cfg`. `factory(model, **runtime_config)` defaults to md.photon."""
         if factory is None:
             try:
@@ -165,8 +165,14 @@ class PhotonBackend:
         runtime: dict[str, Any] = {"device": device, "max_batch_size": max(1, cfg.batch_size)}
         if model_path:
             runtime["model_path"] = model_path
-        log.info("loading model", backend="photon", model=model, device=device,
-                 revision=revision, model_path=model_path)
+        log.info(
+            "loading model",
+            backend="photon",
+            model=model,
+            device=device,
+            revision=revision,
+            model_path=model_path,
+        )
         try:
             engine = factory(model, **runtime)
         except ModelUnavailable:
@@ -175,8 +181,13 @@ class PhotonBackend:
             raise ModelUnavailable(
                 f"Photon could not start {model} on {device}: {type(e).__name__}: {e}"
             ) from e
-        log.info("model ready", backend="photon", model=model, device=device,
-                 max_batch=max(1, cfg.batch_size))
+        log.info(
+            "model ready",
+            backend="photon",
+            model=model,
+            device=device,
+            max_batch=max(1, cfg.batch_size),
+        )
         return cls(engine, cfg, name=cfg.path or cfg.id, revision=revision)
 
     def _run(self, image: Any, task: Task) -> str:
@@ -187,8 +198,9 @@ class PhotonBackend:
         out = self.engine.query(image, task.instruction, stream=False, settings=settings)
         return str(out["answer"]).strip()
 
-    def _submit_all(self, calls: list[tuple[Callable[..., Any], tuple]], *,
-                    started: bool) -> list[Future]:
+    def _submit_all(
+        self, calls: list[tuple[Callable[..., Any], tuple]], *, started: bool
+    ) -> list[Future]:
         """Submit a whole round of requests at once, under the lock that close() takes: a
         close() either comes before the round (nothing of it runs) or after it has been
         queued (its queued requests are cancelled, its running ones finish). A describe()
@@ -208,8 +220,7 @@ class PhotonBackend:
         started = False
         # Encode each image once (Photon: one JPEG encode instead of one per task).
         if encoder is not None and len(tasks) > 1:
-            enc_futures = self._submit_all([(encoder, (image,)) for image in images],
-                                           started=False)
+            enc_futures = self._submit_all([(encoder, (image,)) for image in images], started=False)
             started = True
             encoded: list[Any] = []
             for i, (image, f) in enumerate(zip(images, enc_futures, strict=True)):
@@ -219,10 +230,10 @@ class PhotonBackend:
                 encoded.append(image if exc is not None else f.result())
         else:
             encoded = list(images)
-        keys = [(i, j) for i in range(len(encoded)) if i not in errors
-                for j in range(len(tasks))]
-        submitted = self._submit_all([(self._run, (encoded[i], tasks[j])) for i, j in keys],
-                                     started=started)
+        keys = [(i, j) for i in range(len(encoded)) if i not in errors for j in range(len(tasks))]
+        submitted = self._submit_all(
+            [(self._run, (encoded[i], tasks[j])) for i, j in keys], started=started
+        )
         futures: dict[tuple[int, int], Future] = dict(zip(keys, submitted, strict=True))
         results: list[list[str]] = [["" for _ in tasks] for _ in images]
         for (i, j), f in futures.items():

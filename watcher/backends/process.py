@@ -43,8 +43,14 @@ class ModelError(RuntimeError):
     (The exception object itself may not unpickle here: remote-code models define their own
     classes in modules only the child has imported.)"""
 
-    def __init__(self, type_name: str, message: str, *, out_of_memory: bool = False,
-                 remote_traceback: str = "") -> None:
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        *,
+        out_of_memory: bool = False,
+        remote_traceback: str = "",
+    ) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.out_of_memory = out_of_memory
@@ -99,20 +105,21 @@ class SharedPixels:
         assert self.map is not None or total == 0
         layout, offset = [], 0
         for im, n in zip(rgb, lengths, strict=True):
-            self.map[offset:offset + n] = im.tobytes()  # type: ignore[index]
+            self.map[offset : offset + n] = im.tobytes()  # type: ignore[index]
             layout.append(("RGB", im.size, offset, n))
             offset += n
         return layout
 
-    def get(self, layout: Sequence[tuple[str, tuple[int, int], int, int]],
-            size: int) -> list[Image.Image]:
+    def get(
+        self, layout: Sequence[tuple[str, tuple[int, int], int, int]], size: int
+    ) -> list[Image.Image]:
         from PIL import Image
 
         self.ensure(size)
         if self.map is None:
             return []
         with memoryview(self.map) as view:  # released before any remap
-            return [Image.frombytes(mode, dims, view[o:o + n]) for mode, dims, o, n in layout]
+            return [Image.frombytes(mode, dims, view[o : o + n]) for mode, dims, o, n in layout]
 
     def close(self) -> None:
         if self.map is not None:
@@ -167,8 +174,9 @@ class ModelProcess:
                 self._conn.send(("describe", layout, self._pixels.size, tuple(tasks)))
                 reply = self._conn.recv()
             except (EOFError, OSError) as e:
-                raise ModelCrashed(f"the model process died ({self._reap()}) "
-                                   f"running a batch of {len(images)}") from e
+                raise ModelCrashed(
+                    f"the model process died ({self._reap()}) running a batch of {len(images)}"
+                ) from e
         if reply[0] == "ok":
             return reply[1]
         _, type_name, message, oom, tb = reply
@@ -197,10 +205,15 @@ class ModelProcess:
         path = [package_root, *(p for p in safe_sys_path() if p != package_root)]
         try:
             proc = subprocess.Popen(
-                python_command("watcher.backends.process",
-                               [str(theirs.fileno()), str(self._pixels.fd)], path=path),
-                pass_fds=(theirs.fileno(), self._pixels.fd), stdin=subprocess.DEVNULL,
-                stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL)
+                python_command(
+                    "watcher.backends.process",
+                    [str(theirs.fileno()), str(self._pixels.fd)],
+                    path=path,
+                ),
+                pass_fds=(theirs.fileno(), self._pixels.fd),
+                stdin=subprocess.DEVNULL,
+                stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL,
+            )
         except OSError as e:
             ours.close()
             raise ModelUnavailable(f"cannot start the model process: {e}") from e
@@ -212,8 +225,10 @@ class ModelProcess:
             reply = ours.recv()
         except (EOFError, OSError):
             why = self._reap()
-            raise ModelUnavailable(f"the model process exited ({why}) before the model "
-                                   "was loaded; its log lines above say why") from None
+            raise ModelUnavailable(
+                f"the model process exited ({why}) before the model "
+                "was loaded; its log lines above say why"
+            ) from None
         if reply[0] == "unavailable":
             self._reap(CLOSE_TIMEOUT)
             raise ModelUnavailable(reply[1])
@@ -292,8 +307,15 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
             try:
                 outputs = backend.describe(pixels.get(layout, size), tasks)
             except Exception as e:  # the parent decides: split, retry one by one, or fail
-                conn.send(("error", type(e).__name__, str(e), is_out_of_memory(e),
-                           traceback.format_exc(limit=20)))
+                conn.send(
+                    (
+                        "error",
+                        type(e).__name__,
+                        str(e),
+                        is_out_of_memory(e),
+                        traceback.format_exc(limit=20),
+                    )
+                )
                 continue
             conn.send(("ok", [list(o) for o in outputs]))
     finally:

@@ -35,7 +35,7 @@ import torch
 
 from watcher.backends import ModelUnavailable
 from watcher.backends.device import Placement, pick
-from watcher.models import (
+from watcher.backends.weights import (
     FIX,
     cached_snapshot,
     offline_mode,

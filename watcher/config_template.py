@@ -26,8 +26,10 @@ def render_config(folders: list[Path], database: Path | None = None) -> str:
     db = database or c.database
     folder_lines = "\n".join(f"  - path: {_y(str(p))}" for p in folders) or "  []"
     if not folders:
-        folder_lines = ("  []   # e.g.\n  # - path: ~/Pictures/inbox\n"
-                        "  # - path: ~/datasets/lora\n  #   task: prompt")
+        folder_lines = (
+            "  []   # e.g.\n  # - path: ~/Pictures/inbox\n"
+            "  # - path: ~/datasets/lora\n  #   task: prompt"
+        )
     return f"""\
 # moondream-watcher configuration, written by `watcher init`. Every key is at its default;
 # change what you need. Reference: config.example.yaml in the project.

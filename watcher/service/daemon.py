@@ -19,21 +19,21 @@ import structlog
 
 from watcher.config import Config, ConfigError, FolderConfig, load_config
 from watcher.index import Index, connect, file_identity, prefix_range, transaction
-from watcher.lock import AlreadyRunning, DatabaseLock
-from watcher.notify import Notifier
-from watcher.observer import Filter, FolderHandler, PassedOver, Sink, scan
-from watcher.paths import shown
-from watcher.queue import JobQueue
-from watcher.settle import Ready, Settler
-from watcher.sidecar import (
+from watcher.intake.observer import Filter, FolderHandler, PassedOver, Sink, scan
+from watcher.intake.settle import Ready, Settler
+from watcher.jobs import JobQueue
+from watcher.outputs.sidecar import (
     FolderMoved,
     SidecarRefused,
     remove_if_ours,
     rename_if_ours,
     render,
 )
+from watcher.paths import shown
+from watcher.service.lock import AlreadyRunning, DatabaseLock
+from watcher.service.notify import Notifier
 
-log = structlog.get_logger("watcher.daemon")
+log = structlog.get_logger("watcher.service.daemon")
 
 # How often each watched folder is checked for being there (and being the same folder):
 # a folder deleted, renamed away, replaced or unmounted gives no event we can rely on.
@@ -131,8 +131,12 @@ class Tracker(Sink):
                 self.index.move(str(src), str(dest), new_sidecar)
                 self.jobs.move(str(src), str(dest))
         if row is not None:
-            log.info("image moved; index row follows", src=shown(src), dest=shown(dest),
-                     sidecar=new_sidecar and shown(new_sidecar))
+            log.info(
+                "image moved; index row follows",
+                src=shown(src),
+                dest=shown(dest),
+                sidecar=new_sidecar and shown(new_sidecar),
+            )
         if moved:
             self.on_enqueued(0)
         elif new_sidecar is None:
@@ -153,15 +157,19 @@ class Tracker(Sink):
         except (FileExistsError, ValueError):  # the name is taken, or it is not ours now
             return None
         except (OSError, FolderMoved, SidecarRefused) as e:
-            log.warning("could not rename our sidecar with its image", sidecar=shown(old),
-                        reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)))
+            log.warning(
+                "could not rename our sidecar with its image",
+                sidecar=shown(old),
+                reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)),
+            )
             return None
         return str(new)
 
     def dir_appeared(self, path: Path, folder: FolderConfig) -> None:
         # Files created before the new folder's watch existed produce no events: scan it.
-        threading.Thread(target=self.scan, args=(folder, path), daemon=True,
-                         name="scan-dir").start()
+        threading.Thread(
+            target=self.scan, args=(folder, path), daemon=True, name="scan-dir"
+        ).start()
 
     def dir_deleted(self, path: Path, folder: FolderConfig) -> None:
         self.settler.forget_under(path)
@@ -184,13 +192,21 @@ class Tracker(Sink):
                 self._scan(folder, top)
                 return
             except sqlite3.Error as e:
-                log.warning("scan could not write to the database; will retry",
-                            folder=shown(top or folder.path), error=str(e), seconds=delay)
+                log.warning(
+                    "scan could not write to the database; will retry",
+                    folder=shown(top or folder.path),
+                    error=str(e),
+                    seconds=delay,
+                )
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 60.0)
             except Exception as e:
-                log.error("scan failed", folder=shown(top or folder.path),
-                          error=f"{type(e).__name__}: {e}", exc_info=e)
+                log.error(
+                    "scan failed",
+                    folder=shown(top or folder.path),
+                    error=f"{type(e).__name__}: {e}",
+                    exc_info=e,
+                )
                 return
 
     def _scan(self, folder: FolderConfig, top: Path | None = None) -> None:
@@ -219,24 +235,31 @@ class Tracker(Sink):
                 self.passed_over[folder.path] = result.passed_over
                 self._reported.clear()
             else:
-                self.passed_over.setdefault(folder.path, PassedOver()).merge(
-                    result.passed_over)
+                self.passed_over.setdefault(folder.path, PassedOver()).merge(result.passed_over)
             restore_sidecars(self.db, self.cfg, result.restore)
         self.changed.set()
-        log.info("scan done", folder=shown(top or folder.path), new=result.new,
-                 changed=result.changed, up_to_date=result.up_to_date,
-                 removed=len(result.removed), failed_before=result.failed_before,
-                 outdated=len(result.outdated), sidecars_restored=len(result.restore),
-                 skipped=len(result.skipped), passed_over=result.passed_over.total,
-                 seconds=round(time.perf_counter() - t0, 3))
+        log.info(
+            "scan done",
+            folder=shown(top or folder.path),
+            new=result.new,
+            changed=result.changed,
+            up_to_date=result.up_to_date,
+            removed=len(result.removed),
+            failed_before=result.failed_before,
+            outdated=len(result.outdated),
+            sidecars_restored=len(result.restore),
+            skipped=len(result.skipped),
+            passed_over=result.passed_over.total,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
         if n:
             self.on_enqueued(n)
 
     def indexed_under(self, root: Path) -> int:
         with self.lock:
             return self.db.conn.execute(
-                "SELECT count(*) FROM images WHERE path >= ? AND path < ?",
-                prefix_range(root)).fetchone()[0]
+                "SELECT count(*) FROM images WHERE path >= ? AND path < ?", prefix_range(root)
+            ).fetchone()[0]
 
     def close(self) -> None:
         with self.lock:
@@ -347,27 +370,42 @@ class Watch:
 
     def describe(self) -> dict:
         passed = getattr(self.sink, "passed_over", {}).get(self.folder.path)
-        return {"path": str(self.folder.path), "polling": self.folder.polling,
-                "task": self.folder.task, "state": self.state, "since": self.since,
-                "error": self.error if self.state == "error" else None,
-                "missing": self.error if self.state == "missing" else None,
-                "passed_over": passed.to_json() if passed else []}
+        return {
+            "path": str(self.folder.path),
+            "polling": self.folder.polling,
+            "task": self.folder.task,
+            "state": self.state,
+            "since": self.since,
+            "error": self.error if self.state == "error" else None,
+            "missing": self.error if self.state == "missing" else None,
+            "passed_over": passed.to_json() if passed else [],
+        }
 
 
 def _watch_error(folder: FolderConfig, e: OSError) -> str:
     if e.errno in (errno.ENOSPC, errno.EMFILE):
-        limit = ("fs.inotify.max_user_watches" if e.errno == errno.ENOSPC
-                 else "fs.inotify.max_user_instances")
-        return (f"the OS refused more file watches ({limit} reached). Fix: raise it, e.g. "
-                f"`sudo sysctl {limit}=524288` (and persist it in /etc/sysctl.d/), or set "
-                f"`polling: true` for this folder")
+        limit = (
+            "fs.inotify.max_user_watches"
+            if e.errno == errno.ENOSPC
+            else "fs.inotify.max_user_instances"
+        )
+        return (
+            f"the OS refused more file watches ({limit} reached). Fix: raise it, e.g. "
+            f"`sudo sysctl {limit}=524288` (and persist it in /etc/sysctl.d/), or set "
+            f"`polling: true` for this folder"
+        )
     return f"{e.strerror or e}: {folder.path}"
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: Path | None, err: TextIO,
-                 cli_dirs: Sequence[Path] = (), folder_check_seconds: float | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: Path | None,
+        err: TextIO,
+        cli_dirs: Sequence[Path] = (),
+        folder_check_seconds: float | None = None,
+    ) -> None:
         self.cli_dirs = tuple(cli_dirs)  # watched across reloads, besides the config's
         cfg = with_command_line(cfg, self.cli_dirs)
         self.cfg = cfg
@@ -380,15 +418,16 @@ class Daemon:
         self.watches: dict[Path, Watch] = {}
         self._worker_stuck = False
         if folder_check_seconds is None:  # the environment: for tests, and slow disks
-            folder_check_seconds = float(os.environ.get("WATCHER_FOLDER_CHECK_SECONDS",
-                                                        FOLDER_CHECK_SECONDS))
+            folder_check_seconds = float(
+                os.environ.get("WATCHER_FOLDER_CHECK_SECONDS", FOLDER_CHECK_SECONDS)
+            )
         self.folder_check_seconds = max(0.05, folder_check_seconds)
         self._db_identity: tuple[int, int] | None = None  # (st_dev, st_ino) opened at start
         self.exit_code = 0
 
     def run(self) -> int:
         from watcher.backends import ModelUnavailable, open_backend
-        from watcher.pipeline import Pipeline
+        from watcher.pipeline.stages import Pipeline
 
         cfg = self.cfg
         lock = DatabaseLock(cfg.database)
@@ -423,9 +462,11 @@ class Daemon:
                 self._add_folder(folder)
             self._write_daemon_row(started=True)
             self.notifier.ready()
-            log.info("watching", folders=[shown(f.path) for f in cfg.folders],
-                     missing=[shown(p) for p, w in self.watches.items()
-                              if w.state == "missing"])
+            log.info(
+                "watching",
+                folders=[shown(f.path) for f in cfg.folders],
+                missing=[shown(p) for p, w in self.watches.items() if w.state == "missing"],
+            )
             self._loop()
             self.notifier.stopping()
             log.info("stopping")
@@ -449,13 +490,15 @@ class Daemon:
         if watch.start():
             self._catch_up(folder)
         elif watch.state == "missing":
-            log.error("watched folder missing", folder=shown(folder.path),
-                      reason=watch.error, action="waiting for it to appear; it is "
-                      "watched and scanned once it does")
+            log.error(
+                "watched folder missing",
+                folder=shown(folder.path),
+                reason=watch.error,
+                action="waiting for it to appear; it is watched and scanned once it does",
+            )
 
     def _catch_up(self, folder: FolderConfig) -> None:
-        threading.Thread(target=self.tracker.scan, args=(folder,), daemon=True,
-                         name="scan").start()
+        threading.Thread(target=self.tracker.scan, args=(folder,), daemon=True, name="scan").start()
 
     def _check_folders(self) -> None:
         """Notice watched folders that went away, came back or were replaced: say so, and
@@ -466,8 +509,11 @@ class Daemon:
             try:
                 what = watch.check()
             except Exception as e:  # a bug here must not stop the loop
-                log.error("cannot check a watched folder", folder=shown(path),
-                          error=f"{type(e).__name__}: {e}")
+                log.error(
+                    "cannot check a watched folder",
+                    folder=shown(path),
+                    error=f"{type(e).__name__}: {e}",
+                )
                 continue
             if what is None:
                 continue
@@ -478,17 +524,27 @@ class Daemon:
                     rows = self.tracker.indexed_under(path)
                 except sqlite3.Error:
                     rows = None
-                log.error("watched folder missing", folder=shown(path), reason=watch.error,
-                          indexed_images=rows, action="waiting for it to appear; its "
-                          "index rows are kept until then")
+                log.error(
+                    "watched folder missing",
+                    folder=shown(path),
+                    reason=watch.error,
+                    indexed_images=rows,
+                    action="waiting for it to appear; its index rows are kept until then",
+                )
                 continue
             if what == "back":
-                log.warning("watched folder is back", folder=shown(path),
-                            action="watching it again, with a catch-up scan")
+                log.warning(
+                    "watched folder is back",
+                    folder=shown(path),
+                    action="watching it again, with a catch-up scan",
+                )
             else:
-                log.warning("watched folder replaced", folder=shown(path),
-                            reason="another folder now has its name",
-                            action="watching the new one, with a catch-up scan")
+                log.warning(
+                    "watched folder replaced",
+                    folder=shown(path),
+                    reason="another folder now has its name",
+                    action="watching the new one, with a catch-up scan",
+                )
             if watch.start():
                 self._catch_up(watch.folder)
         if changed or self.tracker.changed.is_set():
@@ -503,17 +559,20 @@ class Daemon:
         try:
             # Started without a config file: the default one, if it exists now, else the
             # defaults; either way the folders given on the command line stay watched.
-            new = load_config(self.config_path,
-                              required=self.config_path is not None or
-                              self.cfg.source is not None)
+            new = load_config(
+                self.config_path,
+                required=self.config_path is not None or self.cfg.source is not None,
+            )
         except ConfigError as e:
             log.error("config reload refused; keeping the running config", reason=str(e))
             self.notifier.ready()
             return
         new = with_command_line(new, self.cli_dirs)
         if new.database != self.cfg.database or new.model != self.cfg.model:
-            log.warning("database and model changes need a restart; applying folder changes",
-                        database=str(new.database))
+            log.warning(
+                "database and model changes need a restart; applying folder changes",
+                database=str(new.database),
+            )
             new = dataclasses.replace(new, database=self.cfg.database, model=self.cfg.model)
         old_folders = {f.path: f for f in self.cfg.folders}
         new_folders = {f.path: f for f in new.folders}
@@ -587,14 +646,16 @@ class Daemon:
                 counts = self.tracker.jobs.counts()
                 with transaction(self.tracker.db):
                     self.tracker.db.conn.execute(
-                        "UPDATE daemon SET heartbeat = ? WHERE id = 1", (time.time(),))
+                        "UPDATE daemon SET heartbeat = ? WHERE id = 1", (time.time(),)
+                    )
         except sqlite3.Error as e:  # disk full under the database: keep running, say so
             log.warning("cannot write to the database", error=str(e))
         else:
             self.notifier.status(
                 f"{counts['pending'] + self.tracker.settler.pending()} queued, "
                 f"{counts['running']} running, {counts['done']} done, "
-                f"{counts['failed']} failed")
+                f"{counts['failed']} failed"
+            )
         # Only a worker that is alive and not stuck in one model call pets the watchdog.
         worker = self.pipeline.worker
         stuck_after = wd if wd else 600
@@ -606,8 +667,11 @@ class Daemon:
                 self._worker_stuck = False
         elif not self._worker_stuck:  # said once, not at every tick
             self._worker_stuck = True
-            log.error("model worker is not responding; not confirming the watchdog",
-                      seconds=round(silent), alive=worker.is_alive())
+            log.error(
+                "model worker is not responding; not confirming the watchdog",
+                seconds=round(silent),
+                alive=worker.is_alive(),
+            )
 
     def _database_still_there(self) -> bool:
         """False (and the daemon stopping, exit 1) once the database file has been deleted or
@@ -617,12 +681,17 @@ class Daemon:
         now = file_identity(self.cfg.database)
         if now == self._db_identity or self.stop_event.is_set():
             return True
-        log.error("database file deleted or replaced while running; stopping (exit 1) so "
-                  "that a restart opens the database at its path",
-                  database=str(self.cfg.database), gone=now is None)
-        print(f"watcher: the database {self.cfg.database} was "
-              f"{'deleted' if now is None else 'replaced'} while running; stopping",
-              file=self.err)
+        log.error(
+            "database file deleted or replaced while running; stopping (exit 1) so "
+            "that a restart opens the database at its path",
+            database=str(self.cfg.database),
+            gone=now is None,
+        )
+        print(
+            f"watcher: the database {self.cfg.database} was "
+            f"{'deleted' if now is None else 'replaced'} while running; stopping",
+            file=self.err,
+        )
         self.exit_code = 1
         self.stop_event.set()
         return False
@@ -634,18 +703,22 @@ class Daemon:
                 self.tracker.db.conn.execute(
                     """INSERT OR REPLACE INTO daemon (id, pid, started, heartbeat, folders,
                        stopped) VALUES (1, ?, ?, ?, ?, NULL)""",
-                    (os.getpid(), time.time(), time.time(), folders))
+                    (os.getpid(), time.time(), time.time(), folders),
+                )
             elif stopped:
                 self.tracker.db.conn.execute(
                     "UPDATE daemon SET stopped = ?, folders = ? WHERE id = 1",
-                    (time.time(), folders))
+                    (time.time(), folders),
+                )
             else:
                 self.tracker.db.conn.execute(
-                    "UPDATE daemon SET folders = ? WHERE id = 1", (folders,))
+                    "UPDATE daemon SET folders = ? WHERE id = 1", (folders,)
+                )
 
 
-def run_daemon(cfg: Config, config_path: Path | None, err: TextIO,
-               cli_dirs: Sequence[Path] = ()) -> int:
+def run_daemon(
+    cfg: Config, config_path: Path | None, err: TextIO, cli_dirs: Sequence[Path] = ()
+) -> int:
     # The daemon never talks to the Hub: weights come from the local cache or model.path.
     # Set before transformers/huggingface_hub are imported (they read it at import).
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from watcher.index import NoDatabase, connect, prefix_range
+from watcher.jobs import JobQueue
 from watcher.paths import decode, shown
-from watcher.queue import JobQueue
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -56,8 +56,15 @@ def collect(db_path: Path) -> dict:
     try:
         db = connect(db_path, readonly=True)
     except NoDatabase:
-        return {"database": str(db_path), "images": 0, "queue": {}, "daemon": None,
-                "failures": [], "sidecars_pending": 0, "images_per_second": 0.0}
+        return {
+            "database": str(db_path),
+            "images": 0,
+            "queue": {},
+            "daemon": None,
+            "failures": [],
+            "sidecars_pending": 0,
+            "images_per_second": 0.0,
+        }
     try:
         jobs = JobQueue(db)
         now = time.time()
@@ -69,29 +76,38 @@ def collect(db_path: Path) -> dict:
             pid, started, heartbeat, folders, stopped = row
             running = stopped is None and _alive(pid)
             age = max(0.0, now - heartbeat) if heartbeat else None
-            daemon = {"running": running, "pid": pid, "started": started,
-                      "heartbeat": heartbeat,
-                      "heartbeat_age": round(age, 1) if age is not None else None,
-                      # A live pid is not enough: stopped (SIGSTOP) or hung, it is alive.
-                      "responding": running and age is not None and age < HEARTBEAT_STALE,
-                      "folders": json.loads(folders or "[]")}
+            daemon = {
+                "running": running,
+                "pid": pid,
+                "started": started,
+                "heartbeat": heartbeat,
+                "heartbeat_age": round(age, 1) if age is not None else None,
+                # A live pid is not enough: stopped (SIGSTOP) or hung, it is alive.
+                "responding": running and age is not None and age < HEARTBEAT_STALE,
+                "folders": json.loads(folders or "[]"),
+            }
             for f in daemon["folders"]:
                 if f.get("state") == "missing":  # rows kept, pointing at a missing folder
                     f["indexed_images"] = db.conn.execute(
                         "SELECT count(*) FROM images WHERE path >= ? AND path < ?",
-                        prefix_range(f["path"])).fetchone()[0]
+                        prefix_range(f["path"]),
+                    ).fetchone()[0]
         images = db.conn.execute("SELECT count(*) FROM images").fetchone()[0]
         pending_sidecars = db.conn.execute(
             "SELECT path, sidecar_error FROM images WHERE sidecar_state = 'pending' "
-            "ORDER BY updated DESC LIMIT 10").fetchall()
+            "ORDER BY updated DESC LIMIT 10"
+        ).fetchall()
         n_pending_sidecars = db.conn.execute(
-            "SELECT count(*) FROM images WHERE sidecar_state = 'pending'").fetchone()[0]
+            "SELECT count(*) FROM images WHERE sidecar_state = 'pending'"
+        ).fetchone()[0]
         n_skipped, skipped = jobs.skipped(10)
         kept = db.conn.execute(
             "SELECT path, sidecar, sidecar_error FROM images WHERE sidecar_state = 'kept' "
-            "ORDER BY updated DESC LIMIT 10").fetchall()
+            "ORDER BY updated DESC LIMIT 10"
+        ).fetchall()
         n_kept = db.conn.execute(
-            "SELECT count(*) FROM images WHERE sidecar_state = 'kept'").fetchone()[0]
+            "SELECT count(*) FROM images WHERE sidecar_state = 'kept'"
+        ).fetchone()[0]
         # Failures of images deleted since are not failures any more: left out of the
         # report (the connection is read-only; the next `caption` or scan forgets them).
         from watcher.captioning import vanished_failures
@@ -104,17 +120,21 @@ def collect(db_path: Path) -> dict:
             "queue": jobs.counts(),
             "images_per_second": round(jobs.done_since(now - 60) / 60.0, 3),
             "daemon": daemon,
-            "failures": [{"path": f.path, "reason": f.error, "attempts": f.attempts,
-                          "when": f.updated} for f in failures],
+            "failures": [
+                {"path": f.path, "reason": f.error, "attempts": f.attempts, "when": f.updated}
+                for f in failures
+            ],
             "sidecars_pending": n_pending_sidecars,
-            "sidecars_pending_list": [{"path": decode(p), "reason": r}
-                                      for p, r in pending_sidecars],
+            "sidecars_pending_list": [
+                {"path": decode(p), "reason": r} for p, r in pending_sidecars
+            ],
             "skipped": n_skipped,
             "skipped_list": [{"path": p, "reason": r} for p, r in skipped],
             "sidecars_kept": n_kept,
-            "sidecars_kept_list": [{"path": decode(p), "sidecar": decode(s) if s else s,
-                                    "reason": r}
-                                   for p, s, r in kept],
+            "sidecars_kept_list": [
+                {"path": decode(p), "sidecar": decode(s) if s else s, "reason": r}
+                for p, s, r in kept
+            ],
             "missing": missing_rows_estimate(db),
         }
     finally:
@@ -129,12 +149,15 @@ def passed_over_lines(entries: list[dict], root: str | None = None) -> list[str]
         names = []
         for p in e["examples"]:
             if root and p.startswith(root.rstrip("/") + "/"):
-                p = p[len(root.rstrip("/")) + 1:]
+                p = p[len(root.rstrip("/")) + 1 :]
             names.append(shown(p))
         more = ", ..." if e["count"] > len(names) else ""
         n = e["count"]
-        lines.append(f"passed over: {n} file{'s' if n != 1 else ''} ({e['reason']}): "
-                     + ", ".join(names) + more)
+        lines.append(
+            f"passed over: {n} file{'s' if n != 1 else ''} ({e['reason']}): "
+            + ", ".join(names)
+            + more
+        )
     return lines
 
 
@@ -144,12 +167,13 @@ def _folder_state(f: dict) -> str:
     if f.get("state") != "missing":
         return ""
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.get("since") or 0))
-    text = f"  [missing since {since} ({f.get('missing') or 'does not exist'}): " \
-           "waiting for it to appear"
+    text = (
+        f"  [missing since {since} ({f.get('missing') or 'does not exist'}): "
+        "waiting for it to appear"
+    )
     n = f.get("indexed_images")
     if n:
-        text += (f"; {n} indexed image{'s' if n != 1 else ''} point into it, kept until it "
-                 "is back")
+        text += f"; {n} indexed image{'s' if n != 1 else ''} point into it, kept until it is back"
     return text + "]"
 
 
@@ -164,42 +188,46 @@ def missing_rows_estimate(db: sqlite_utils.Database) -> int:
     return n
 
 
-
 def render(report: dict) -> str:
     lines = [f"database: {report['database']}"]
     d = report.get("daemon")
     if d and d["running"]:
         if d.get("responding", True):
-            lines.append(f"daemon: running (pid {d['pid']}), "
-                         f"watching {len(d['folders'])} folders")
+            lines.append(f"daemon: running (pid {d['pid']}), watching {len(d['folders'])} folders")
         else:
             age = d.get("heartbeat_age")
-            lines.append(f"daemon: not responding (pid {d['pid']}, last heartbeat "
-                         + (f"{age:.0f} s ago)" if age is not None else "never)")
-                         + f", watching {len(d['folders'])} folders")
+            lines.append(
+                f"daemon: not responding (pid {d['pid']}, last heartbeat "
+                + (f"{age:.0f} s ago)" if age is not None else "never)")
+                + f", watching {len(d['folders'])} folders"
+            )
         for f in d["folders"]:
             lines.append(f"  {shown(f['path'])}" + _folder_state(f))
-            lines += ["    " + ln for ln in passed_over_lines(f.get("passed_over") or [],
-                                                            f["path"])]
+            lines += [
+                "    " + ln for ln in passed_over_lines(f.get("passed_over") or [], f["path"])
+            ]
     else:
         lines.append("daemon: not running")
     q = report.get("queue") or {}
     lines.append(f"images indexed: {report['images']}")
-    lines.append("queue: " + ", ".join(f"{q.get(s, 0)} {s}"
-                                       for s in ("pending", "running", "done", "failed")))
+    lines.append(
+        "queue: "
+        + ", ".join(f"{q.get(s, 0)} {s}" for s in ("pending", "running", "done", "failed"))
+    )
     lines.append(f"rate: {report['images_per_second']:.2f} images/s over the last minute")
     if report.get("sidecars_pending"):
         # The reasons differ (a read-only folder, a name too long, a folder in the way):
         # each path says its own; the heading only says what to do.
-        lines.append("sidecars pending (caption kept in the index; `watcher retry --all` "
-                     f"once the reason is fixed): {report['sidecars_pending']}")
+        lines.append(
+            "sidecars pending (caption kept in the index; `watcher retry --all` "
+            f"once the reason is fixed): {report['sidecars_pending']}"
+        )
         for s in report.get("sidecars_pending_list", []):
             lines.append(f"  {shown(s['path'])}: {s['reason']}")
     if report.get("sidecars_kept"):
         # Existing sidecars left alone (edited by the user, their own, overwrite: never):
         # the index holds their text; the model's caption is beside it.
-        lines.append(f"sidecars kept (edited by you; not overwritten): "
-                     f"{report['sidecars_kept']}")
+        lines.append(f"sidecars kept (edited by you; not overwritten): {report['sidecars_kept']}")
         for s in report.get("sidecars_kept_list", []):
             lines.append(f"  {shown(s['sidecar'] or s['path'])}: {s['reason']}")
     if report.get("skipped"):
@@ -207,8 +235,10 @@ def render(report: dict) -> str:
         for s in report.get("skipped_list", []):
             lines.append(f"  {shown(s['path'])}: {s['reason']}")
     if report.get("missing"):
-        lines.append(f"index rows of missing files: {report['missing']} (their folders are "
-                     "gone; `watcher prune` removes them)")
+        lines.append(
+            f"index rows of missing files: {report['missing']} (their folders are "
+            "gone; `watcher prune` removes them)"
+        )
     if report["failures"]:
         lines.append("last failures:")
         for f in report["failures"]:

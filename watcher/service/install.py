@@ -2,7 +2,7 @@
 
 The unit and plist are rendered from the templates in systemd/ and launchd/ at the
 project root (a source checkout or an editable install) or, in a wheel, from the copies
-packaged as watcher/templates/. Rendering puts in the real interpreter, the config path,
+packaged as watcher/service/templates/. Rendering puts in the real interpreter, the config path,
 the folders the service may write to and the database folder, quoted for the format.
 
 `install`, `uninstall` and `status` take the home directory, the OS name and the command
@@ -47,17 +47,20 @@ class ServiceError(Exception):
 
 # --- templates ------------------------------------------------------------------------------
 
+
 def template_text(name: str) -> str:
     """The template `name`: the project-root copy if there is one, else the packaged copy."""
     kind = _TEMPLATE_DIRS[name]
-    source = Path(__file__).resolve().parent.parent / kind / name
+    source = Path(__file__).resolve().parents[2] / kind / name
     if source.is_file():
         return source.read_text(encoding="utf-8")
-    packaged = importlib.resources.files("watcher").joinpath("templates", name)
+    packaged = importlib.resources.files("watcher.service").joinpath("templates", name)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    raise ServiceError(f"service template {name} not found: neither {source} nor "
-                       "watcher/templates/ in the installed package")
+    raise ServiceError(
+        f"service template {name} not found: neither {source} nor "
+        "watcher/service/templates/ in the installed package"
+    )
 
 
 def _fill(text: str, values: Mapping[str, str | list[str]]) -> str:
@@ -84,6 +87,7 @@ def _fill(text: str, values: Mapping[str, str | list[str]]) -> str:
 
 # --- what the service needs -----------------------------------------------------------------
 
+
 def _abs(path: Path | str) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
@@ -107,11 +111,12 @@ def _python_path(python: str) -> str | None:
         importlib.metadata.distribution(DIST_NAME)
         return None
     except importlib.metadata.PackageNotFoundError:
-        return str(Path(__file__).resolve().parent.parent)
+        return str(Path(__file__).resolve().parents[2])
 
 
-def service_environment(cfg: Config, python: str,
-                        env: Mapping[str, str] | None = None) -> dict[str, str]:
+def service_environment(
+    cfg: Config, python: str, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Variables the service gets on top of the fixed ones in the templates."""
     env = os.environ if env is None else env
     extra: dict[str, str] = {}
@@ -152,10 +157,12 @@ def _command(python: str, config_path: Path) -> list[str]:
 
 # --- systemd --------------------------------------------------------------------------------
 
+
 def _check_line(value: str) -> str:
     if any(ord(c) < 32 or c == "\x7f" for c in value):
-        raise ServiceError(f"cannot put {value!r} in a unit file: it contains a control "
-                           "character (a newline?)")
+        raise ServiceError(
+            f"cannot put {value!r} in a unit file: it contains a control character (a newline?)"
+        )
     return value
 
 
@@ -176,7 +183,8 @@ def _exec_start(argv: Sequence[str]) -> str:
         raise ServiceError(
             f"systemd cannot run {argv[0]!r}: its path contains {' '.join(bad)}. Make a "
             "symlink to that interpreter at a path without quotes or backslashes and pass it "
-            "as the Python to use.")
+            "as the Python to use."
+        )
     words = [systemd_quote(argv[0], expand_dollar=False)]
     for arg in argv[1:]:
         plain = re.fullmatch(r"[A-Za-z0-9_./=:+-]+", arg) is not None
@@ -193,46 +201,73 @@ def _under_tmp(paths: Iterable[Path | str]) -> list[str]:
     return hits
 
 
-def render_systemd(cfg: Config, config_path: Path, python: str = sys.executable, *,
-                   env: Mapping[str, str] | None = None) -> str:
+def render_systemd(
+    cfg: Config,
+    config_path: Path,
+    python: str = sys.executable,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """The systemd user unit for `cfg`, read from `config_path`, run by `python`."""
     config_path = _abs(config_path)
     argv = _command(python, config_path)
     rw = writable_paths(cfg)
     environment = service_environment(cfg, python, env)
     # PrivateTmp hides the real /tmp: keep it only if nothing the service needs lives there.
-    needed_in_tmp = _under_tmp([*rw, config_path, argv[0],
-                                *([cfg.model.path] if cfg.model.path else [])])
-    rw_lines = [f"ReadWritePaths={systemd_quote('-' + str(p), expand_dollar=False)}"
-                for p in rw]  # "-": a folder missing at start (unmounted disk) is skipped
+    needed_in_tmp = _under_tmp(
+        [*rw, config_path, argv[0], *([cfg.model.path] if cfg.model.path else [])]
+    )
+    rw_lines = [
+        f"ReadWritePaths={systemd_quote('-' + str(p), expand_dollar=False)}" for p in rw
+    ]  # "-": a folder missing at start (unmounted disk) is skipped
     if needed_in_tmp:
-        private_tmp = [_check_line(f"# PrivateTmp=no: {p} is in a temporary folder")
-                       for p in needed_in_tmp]
+        private_tmp = [
+            _check_line(f"# PrivateTmp=no: {p} is in a temporary folder") for p in needed_in_tmp
+        ]
         private_tmp.append("PrivateTmp=no")
         # ProtectSystem=strict would leave the shared /tmp read-only (SQLite, tempfile).
         rw_lines += ["ReadWritePaths=-/tmp", "ReadWritePaths=-/var/tmp"]
     else:
         private_tmp = ["PrivateTmp=yes"]
-    return _fill(template_text(UNIT_NAME), {
-        # Quoted, so that a trailing backslash cannot continue the comment line.
-        "CONFIG_COMMENT": systemd_quote(str(config_path), expand_dollar=False),
-        "EXEC_START": _exec_start(argv),
-        "ENVIRONMENT": [f"Environment={systemd_quote(f'{k}={v}', expand_dollar=False)}"
-                        for k, v in environment.items()],
-        "PRIVATE_TMP": private_tmp,
-        "READ_WRITE_PATHS": rw_lines,
-    })
+    return _fill(
+        template_text(UNIT_NAME),
+        {
+            # Quoted, so that a trailing backslash cannot continue the comment line.
+            "CONFIG_COMMENT": systemd_quote(str(config_path), expand_dollar=False),
+            "EXEC_START": _exec_start(argv),
+            "ENVIRONMENT": [
+                f"Environment={systemd_quote(f'{k}={v}', expand_dollar=False)}"
+                for k, v in environment.items()
+            ],
+            "PRIVATE_TMP": private_tmp,
+            "READ_WRITE_PATHS": rw_lines,
+        },
+    )
 
 
 # --- launchd --------------------------------------------------------------------------------
 
-def render_launchd(cfg: Config, config_path: Path, python: str = sys.executable, *,
-                   home: Path | None = None, env: Mapping[str, str] | None = None) -> bytes:
+
+def render_launchd(
+    cfg: Config,
+    config_path: Path,
+    python: str = sys.executable,
+    *,
+    home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bytes:
     """The LaunchAgent plist for `cfg` (XML), filled in with plistlib so escaping is right."""
     home = _abs(home or Path.home())
     argv = _command(python, config_path)
-    path_dirs = [os.path.dirname(argv[0]), "/opt/homebrew/bin", "/usr/local/bin",
-                 "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+    path_dirs = [
+        os.path.dirname(argv[0]),
+        "/opt/homebrew/bin",
+        "/usr/local/bin",
+        "/usr/bin",
+        "/bin",
+        "/usr/sbin",
+        "/sbin",
+    ]
     values = {
         "PYTHON": argv[0],
         "CONFIG": str(_abs(config_path)),
@@ -263,6 +298,7 @@ def launchd_log_dir(home: Path | None = None) -> Path:
 
 # --- install / uninstall / status -----------------------------------------------------------
 
+
 def unit_path(home: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
     """~/.config/systemd/user/moondream-watcher.service ($XDG_CONFIG_HOME when home is
     not given explicitly)."""
@@ -288,8 +324,15 @@ def run_command(cmd: Sequence[str]) -> int:
 
 
 class _Host:
-    def __init__(self, out: TextIO | None, system: str | None, home: Path | None,
-                 runner: Runner | None, uid: int | None, env: Mapping[str, str] | None):
+    def __init__(
+        self,
+        out: TextIO | None,
+        system: str | None,
+        home: Path | None,
+        runner: Runner | None,
+        uid: int | None,
+        env: Mapping[str, str] | None,
+    ):
         self.out = out or sys.stdout
         self.system = system or platform.system()
         self.explicit_home = home
@@ -316,8 +359,10 @@ class _Host:
         return f"gui/{self.uid}"
 
     def unsupported(self) -> int:
-        self.say(f"error: `watcher service` supports Linux (systemd) and macOS (launchd), "
-                 f"not {self.system}. Run `watcher run` from your own service manager.")
+        self.say(
+            f"error: `watcher service` supports Linux (systemd) and macOS (launchd), "
+            f"not {self.system}. Run `watcher run` from your own service manager."
+        )
         return 2
 
 
@@ -329,10 +374,19 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def install(cfg: Config, config_path: Path, now: bool = False, out: TextIO | None = None, *,
-            python: str = sys.executable, system: str | None = None, home: Path | None = None,
-            runner: Runner | None = None, uid: int | None = None,
-            env: Mapping[str, str] | None = None) -> int:
+def install(
+    cfg: Config,
+    config_path: Path,
+    now: bool = False,
+    out: TextIO | None = None,
+    *,
+    python: str = sys.executable,
+    system: str | None = None,
+    home: Path | None = None,
+    runner: Runner | None = None,
+    uid: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """Write the unit/plist for `cfg` and register it; with `now`, (re)start it too.
 
     `cfg` must be what `config_path` holds: the service re-reads that file, while the
@@ -343,17 +397,22 @@ def install(cfg: Config, config_path: Path, now: bool = False, out: TextIO | Non
     if host.system not in ("Linux", "Darwin"):
         return host.unsupported()
     if not config_path.is_file():
-        host.say(f"error: {config_path}: config file not found. The service runs "
-                 "`watcher --config <it> run`; write it first (folders to watch, model).")
+        host.say(
+            f"error: {config_path}: config file not found. The service runs "
+            "`watcher --config <it> run`; write it first (folders to watch, model)."
+        )
         return 2
     if not cfg.folders:
-        host.say(f"warning: {config_path} configures no folders; the service will have "
-                 "nothing to watch until you add some and reload it.")
+        host.say(
+            f"warning: {config_path} configures no folders; the service will have "
+            "nothing to watch until you add some and reload it."
+        )
     try:
         _abs(cfg.database).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        host.say(f"warning: cannot create the database folder {_abs(cfg.database).parent}: "
-                 f"{e.strerror}")
+        host.say(
+            f"warning: cannot create the database folder {_abs(cfg.database).parent}: {e.strerror}"
+        )
     try:
         if host.system == "Linux":
             return _install_systemd(host, cfg, config_path, python, now)
@@ -363,16 +422,17 @@ def install(cfg: Config, config_path: Path, now: bool = False, out: TextIO | Non
         return 2
 
 
-def _install_systemd(host: _Host, cfg: Config, config_path: Path, python: str,
-                     now: bool) -> int:
+def _install_systemd(host: _Host, cfg: Config, config_path: Path, python: str, now: bool) -> int:
     text = render_systemd(cfg, config_path, python, env=host.env)
     path = host.unit_path()
     _write(path, text.encode("utf-8"))
     host.say(f"wrote {path}")
     rc = host.run(["systemctl", "--user", "daemon-reload"])
     if rc != 0:
-        host.say("error: systemctl --user daemon-reload failed; is a systemd user session "
-                 "running (loginctl, XDG_RUNTIME_DIR)?")
+        host.say(
+            "error: systemctl --user daemon-reload failed; is a systemd user session "
+            "running (loginctl, XDG_RUNTIME_DIR)?"
+        )
         return rc
     if now:
         host.say("starting: the first start loads the model and can take a few minutes")
@@ -380,21 +440,21 @@ def _install_systemd(host: _Host, cfg: Config, config_path: Path, python: str,
         host.run(["systemctl", "--user", "try-restart", UNIT_NAME])
         rc = host.run(["systemctl", "--user", "enable", "--now", UNIT_NAME])
         if rc != 0:
-            host.say(f"error: the service did not start; see `journalctl --user -u "
-                     f"{UNIT_NAME} -e`")
+            host.say(f"error: the service did not start; see `journalctl --user -u {UNIT_NAME} -e`")
             return rc
     else:
         host.say("To start it now and at every login:")
         host.say(f"  systemctl --user enable --now {UNIT_NAME}")
     host.say(f"Logs:   journalctl --user -u {UNIT_NAME} -f")
     host.say("Status: watcher service status")
-    host.say("To keep it running while you are logged out: loginctl enable-linger "
-             f"{host.env.get('USER', '$USER')}")
+    host.say(
+        "To keep it running while you are logged out: loginctl enable-linger "
+        f"{host.env.get('USER', '$USER')}"
+    )
     return 0
 
 
-def _install_launchd(host: _Host, cfg: Config, config_path: Path, python: str,
-                     now: bool) -> int:
+def _install_launchd(host: _Host, cfg: Config, config_path: Path, python: str, now: bool) -> int:
     data = render_launchd(cfg, config_path, python, home=host.home, env=host.env)
     path = host.plist_path()
     launchd_log_dir(host.home).mkdir(parents=True, exist_ok=True)
@@ -421,9 +481,15 @@ def _install_launchd(host: _Host, cfg: Config, config_path: Path, python: str,
     return 0
 
 
-def uninstall(out: TextIO | None = None, *, system: str | None = None,
-              home: Path | None = None, runner: Runner | None = None, uid: int | None = None,
-              env: Mapping[str, str] | None = None) -> int:
+def uninstall(
+    out: TextIO | None = None,
+    *,
+    system: str | None = None,
+    home: Path | None = None,
+    runner: Runner | None = None,
+    uid: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """Stop and unregister the service and remove its unit/plist (logs and index stay)."""
     host = _Host(out, system, home, runner, uid, env)
     if host.system == "Linux":
@@ -447,9 +513,15 @@ def uninstall(out: TextIO | None = None, *, system: str | None = None,
     return host.unsupported()
 
 
-def status(out: TextIO | None = None, *, system: str | None = None,
-           home: Path | None = None, runner: Runner | None = None, uid: int | None = None,
-           env: Mapping[str, str] | None = None) -> int:
+def status(
+    out: TextIO | None = None,
+    *,
+    system: str | None = None,
+    home: Path | None = None,
+    runner: Runner | None = None,
+    uid: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """Show whether the service is installed and what the service manager says about it.
 
     Returns the service manager's exit code (systemctl status: 3 when not running), or 3

@@ -17,9 +17,8 @@ import structlog
 from watcher import faults
 from watcher.config import Config, FolderConfig
 from watcher.index import ImageRow, Index, connect, transaction
-from watcher.paths import decode, encode
-from watcher.queue import Job, JobQueue
-from watcher.sidecar import (
+from watcher.jobs import Job, JobQueue
+from watcher.outputs.sidecar import (
     FolderMoved,
     SidecarRefused,
     check_name,
@@ -35,14 +34,14 @@ from watcher.sidecar import (
     text_hash,
     write_atomic,
 )
+from watcher.paths import decode, encode
+from watcher.pipeline.model_worker import STOP, Captioned, Failed
 from watcher.tasks import clean_caption
-from watcher.worker import STOP, Captioned, Failed
 
-log = structlog.get_logger("watcher.writer")
+log = structlog.get_logger("watcher.pipeline.writer")
 
 # Errors that go away by themselves: the job is retried later with backoff.
-TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM,
-                    errno.EIO}
+TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.EIO}
 # Any other error writing a sidecar (EACCES, EPERM, EROFS, ENAMETOOLONG, ...) needs the user:
 # the caption is kept in the index and the sidecar waits for `watcher retry`.
 
@@ -64,8 +63,14 @@ class Writer(threading.Thread):
     """Consumes Captioned/Failed from `inbox`, batching everything waiting into one
     transaction (one fsync for many images), then reports Outcomes."""
 
-    def __init__(self, cfg: Config, inbox: queue.Queue, db_path: Path,
-                 on_outcome: Callable[[Outcome], None], on_job_end: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        inbox: queue.Queue,
+        db_path: Path,
+        on_outcome: Callable[[Outcome], None],
+        on_job_end: Callable[[], None],
+    ) -> None:
         super().__init__(name="writer", daemon=True)
         self.cfg = cfg
         self.inbox = inbox
@@ -108,10 +113,10 @@ class Writer(threading.Thread):
                 try:
                     self._write(items, last_chance=stop)
                 except Exception as e:  # a bug here must not stop the writer for good
-                    log.error("unexpected error in the writer; jobs will be retried",
-                              exc_info=e)
-                    self._give_back(items, f"unexpected error writing results: "
-                                           f"{type(e).__name__}: {e}")
+                    log.error("unexpected error in the writer; jobs will be retried", exc_info=e)
+                    self._give_back(
+                        items, f"unexpected error writing results: {type(e).__name__}: {e}"
+                    )
                     self._end(items)
         self.db.conn.close()
 
@@ -134,15 +139,24 @@ class Writer(threading.Thread):
             try:
                 row = self._sidecar(item)
             except OSError as e:  # disk full, I/O error: nothing was left; try again later
-                failures.append(Failed(p.job, _os_reason("writing sidecar", e),
-                                       transient=True, identity=(p.size, p.mtime_ns)))
+                failures.append(
+                    Failed(
+                        p.job,
+                        _os_reason("writing sidecar", e),
+                        transient=True,
+                        identity=(p.size, p.mtime_ns),
+                    )
+                )
                 continue
             except Exception as e:
-                log.error("unexpected error writing a sidecar", path=str(p.job.path),
-                          exc_info=e)
-                failures.append(Failed(p.job, f"unexpected error writing the sidecar: "
-                                       f"{type(e).__name__}: {e}",
-                                       identity=(p.size, p.mtime_ns)))
+                log.error("unexpected error writing a sidecar", path=str(p.job.path), exc_info=e)
+                failures.append(
+                    Failed(
+                        p.job,
+                        f"unexpected error writing the sidecar: {type(e).__name__}: {e}",
+                        identity=(p.size, p.mtime_ns),
+                    )
+                )
                 continue
             if isinstance(row, Outcome):  # stale, gone or skipped: no row
                 if row.state == "skipped":
@@ -175,8 +189,9 @@ class Writer(threading.Thread):
                         self.index.upsert(row)
                         finished.append((row, item))
                     else:
-                        outcomes.append(Outcome(row.path, "requeued",
-                                                "changed, moved or deleted meanwhile"))
+                        outcomes.append(
+                            Outcome(row.path, "requeued", "changed, moved or deleted meanwhile")
+                        )
                         orphans.append(row)
                 for f in failures:
                     outcomes.append(self._failure(f))
@@ -195,11 +210,27 @@ class Writer(threading.Thread):
             self._remove_orphan(row)
         self._created.clear()
         for row, item in finished:
-            outcomes.append(Outcome(row.path, "done", row.sidecar_error, row.caption,
-                                    row.sidecar, row.sidecar_state, item.reused))
-            log.info("captioned", path=row.path, task=row.task, model=row.model,
-                     ms=round(item.model_ms, 1), outcome=row.sidecar_state,
-                     reused=item.reused, batch=item.batch)
+            outcomes.append(
+                Outcome(
+                    row.path,
+                    "done",
+                    row.sidecar_error,
+                    row.caption,
+                    row.sidecar,
+                    row.sidecar_state,
+                    item.reused,
+                )
+            )
+            log.info(
+                "captioned",
+                path=row.path,
+                task=row.task,
+                model=row.model,
+                ms=round(item.model_ms, 1),
+                outcome=row.sidecar_state,
+                reused=item.reused,
+                batch=item.batch,
+            )
         for o in outcomes:
             self.on_outcome(o)
         self._end(items)
@@ -207,11 +238,17 @@ class Writer(threading.Thread):
     def _remove_orphan(self, row: ImageRow) -> None:
         """A sidecar this batch created for an image that moved or vanished before its row
         was committed describes nothing now: remove it (the new name gets its own)."""
-        if (row.sidecar in self._created and row.sidecar_sha256
-                and not os.path.lexists(row.path)
-                and remove_if_ours(Path(row.root), Path(row.sidecar), row.sidecar_sha256)):
-            log.info("image moved or deleted while its sidecar was written; sidecar "
-                     "removed", path=row.path, sidecar=row.sidecar)
+        if (
+            row.sidecar in self._created
+            and row.sidecar_sha256
+            and not os.path.lexists(row.path)
+            and remove_if_ours(Path(row.root), Path(row.sidecar), row.sidecar_sha256)
+        ):
+            log.info(
+                "image moved or deleted while its sidecar was written; sidecar removed",
+                path=row.path,
+                sidecar=row.sidecar,
+            )
 
     def _give_back(self, items: list, reason: str) -> None:
         """Jobs still `running` after an unexpected error go back to the queue (with backoff,
@@ -220,9 +257,13 @@ class Writer(threading.Thread):
             with transaction(self.db):
                 for item in items:
                     job = item.job if isinstance(item, Failed) else item.prepared.job
-                    self.jobs.fail(job, reason, transient=True,
-                                   max_attempts=self.cfg.max_attempts,
-                                   backoff=self.cfg.retry_backoff)
+                    self.jobs.fail(
+                        job,
+                        reason,
+                        transient=True,
+                        max_attempts=self.cfg.max_attempts,
+                        backoff=self.cfg.retry_backoff,
+                    )
         except sqlite3.Error as e:
             log.error("cannot give jobs back to the queue", error=str(e))
 
@@ -237,8 +278,12 @@ class Writer(threading.Thread):
         if self._db_failures > self.cfg.max_attempts:
             return False
         delay = min(60.0, max(0.1, self.cfg.retry_backoff) * 2 ** (self._db_failures - 1))
-        log.warning("database write failed; will write again", error=str(exc),
-                    images=len(items), seconds=round(delay, 1))
+        log.warning(
+            "database write failed; will write again",
+            error=str(exc),
+            images=len(items),
+            seconds=round(delay, 1),
+        )
         self._deferred = items + self._deferred
         self._deferred_at = time.monotonic() + delay
         return True
@@ -249,9 +294,13 @@ class Writer(threading.Thread):
         try:
             with transaction(self.db):
                 for _, job, _ in rows:
-                    self.jobs.fail(job, reason, transient=True,
-                                   max_attempts=self.cfg.max_attempts,
-                                   backoff=self.cfg.retry_backoff)
+                    self.jobs.fail(
+                        job,
+                        reason,
+                        transient=True,
+                        max_attempts=self.cfg.max_attempts,
+                        backoff=self.cfg.retry_backoff,
+                    )
                 for f in failures:
                     self.jobs.release(f.job, self.cfg.retry_backoff)
                 for job in recheck:  # changed or gone: the next run sees which
@@ -267,9 +316,14 @@ class Writer(threading.Thread):
             self.index.delete(path)
             log.info("image gone before it was captioned", path=path)
             return Outcome(path, "gone", f.reason)
-        state = self.jobs.fail(f.job, f.reason, transient=f.transient,
-                               max_attempts=self.cfg.max_attempts,
-                               backoff=self.cfg.retry_backoff, identity=f.identity)
+        state = self.jobs.fail(
+            f.job,
+            f.reason,
+            transient=f.transient,
+            max_attempts=self.cfg.max_attempts,
+            backoff=self.cfg.retry_backoff,
+            identity=f.identity,
+        )
         if state == "failed":
             log.warning("image failed", path=path, reason=f.reason, outcome="failed")
             return Outcome(path, "failed", f.reason)
@@ -296,8 +350,11 @@ class Writer(threading.Thread):
             return Outcome(path, "gone", "image deleted while being captioned")
         except FolderMoved as e:
             reason = f"{e.reason}; not captioned there (captioned once it is a folder again)"
-            log.warning("folder replaced while being captioned; no sidecar written",
-                        path=path, reason=reason)
+            log.warning(
+                "folder replaced while being captioned; no sidecar written",
+                path=path,
+                reason=reason,
+            )
             return Outcome(path, "skipped", reason)
         try:
             return self._sidecar_in(item, dir_fd)
@@ -331,14 +388,22 @@ class Writer(threading.Thread):
             problem = pattern_problem(folder.sidecar, folder.extensions)
             if problem:  # a Config built in code, bypassing load_config's check
                 raise SidecarRefused(f"sidecar pattern {folder.sidecar!r}: {problem}")
-            naming = choose_name(job.path, folder.sidecar, folder.extensions,
-                                 self.index.sidecar_owner,
-                                 existing.sidecar if existing else None)
+            naming = choose_name(
+                job.path,
+                folder.sidecar,
+                folder.extensions,
+                self.index.sidecar_owner,
+                existing.sidecar if existing else None,
+            )
             sidecar = naming.path
             if naming.collision:
-                log.warning("sidecar name taken by another image with the same stem; using "
-                            "the full file name", path=path, sidecar=str(sidecar),
-                            other=naming.collision)
+                log.warning(
+                    "sidecar name taken by another image with the same stem; using "
+                    "the full file name",
+                    path=path,
+                    sidecar=str(sidecar),
+                    other=naming.collision,
+                )
             if sidecar.parent != job.path.parent:
                 raise SidecarRefused(f"sidecar {sidecar} is not beside its image")
             check_name(sidecar.name, folder.extensions)
@@ -346,8 +411,9 @@ class Writer(threading.Thread):
             decision = decide_hash(folder.overwrite, on_disk, ours, text)
             if decision == "write":
                 fresh = on_disk is None
-                ours = write_atomic(sidecar, text, sync_dir=False, dir_fd=dir_fd,
-                                    extensions=folder.extensions)
+                ours = write_atomic(
+                    sidecar, text, sync_dir=False, dir_fd=dir_fd, extensions=folder.extensions
+                )
                 state = "written"
                 self._dirty[sidecar.parent] = Path(job.root)
                 if fresh:
@@ -362,14 +428,22 @@ class Writer(threading.Thread):
                 theirs = read_text_at(dir_fd, sidecar.name)
                 if theirs is not None:
                     shown_caption = theirs.strip()
-                log.info("kept existing sidecar (not ours)", path=path, sidecar=str(sidecar),
-                         reason=error)
+                log.info(
+                    "kept existing sidecar (not ours)",
+                    path=path,
+                    sidecar=str(sidecar),
+                    reason=error,
+                )
         except SidecarRefused as e:
             # Never an image's name: the row keeps no sidecar name, so once the config is
             # fixed `watcher retry --all` writes the name it gives then.
             state, error = "pending", f"cannot write sidecar: {e.reason}"
-            log.warning("sidecar not written; caption kept in the index", path=path,
-                        sidecar=str(sidecar), reason=error)
+            log.warning(
+                "sidecar not written; caption kept in the index",
+                path=path,
+                sidecar=str(sidecar),
+                reason=error,
+            )
             sidecar = None
         except OSError as e:
             if e.errno in TRANSIENT_ERRNOS:
@@ -377,16 +451,33 @@ class Writer(threading.Thread):
             # Read-only folder, permissions, a name too long...: the caption is not lost, it
             # goes in the index; the sidecar waits for `watcher retry`.
             state, error = "pending", _os_reason("cannot write sidecar", e)
-            log.warning("sidecar not written; caption kept in the index", path=path,
-                        sidecar=str(sidecar), reason=error)
+            log.warning(
+                "sidecar not written; caption kept in the index",
+                path=path,
+                sidecar=str(sidecar),
+                reason=error,
+            )
         now = time.time()
         return ImageRow(
-            path=path, root=str(job.root), sha256=p.sha256, size=p.size, mtime_ns=p.mtime_ns,
-            width=p.width, height=p.height, caption=shown_caption, task=item.tasks[0].key,
-            outputs=texts, model=item.model, revision=item.revision,
+            path=path,
+            root=str(job.root),
+            sha256=p.sha256,
+            size=p.size,
+            mtime_ns=p.mtime_ns,
+            width=p.width,
+            height=p.height,
+            caption=shown_caption,
+            task=item.tasks[0].key,
+            outputs=texts,
+            model=item.model,
+            revision=item.revision,
             sidecar=str(sidecar) if sidecar is not None else None,
-            sidecar_sha256=ours, sidecar_state=state, sidecar_error=error,
-            created=existing.created if existing else now, updated=now, model_caption=caption,
+            sidecar_sha256=ours,
+            sidecar_state=state,
+            sidecar_error=error,
+            created=existing.created if existing else now,
+            updated=now,
+            model_caption=caption,
         )
 
 
@@ -400,14 +491,17 @@ def _sandbox_hint(e: OSError) -> str:
     """Under the systemd unit (ProtectSystem=strict), only the folders it was installed with
     are writable: one added later by `watcher reload` is a read-only file system to us."""
     if e.errno == errno.EROFS and os.environ.get("INVOCATION_ID"):  # set by systemd
-        return ("; the service can write only the folders it was installed with: run "
-                "`watcher service install --now` (it restarts the service), then "
-                "`watcher retry --all`")
+        return (
+            "; the service can write only the folders it was installed with: run "
+            "`watcher service install --now` (it restarts the service), then "
+            "`watcher retry --all`"
+        )
     return ""
 
 
-def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
-                           ) -> tuple[int, list[tuple[str, str]]]:
+def write_pending_sidecars(
+    db, cfg: Config, paths: list[str] | None = None
+) -> tuple[int, list[tuple[str, str]]]:
     """Write sidecars that could not be written before (read-only folder), from the index,
     without the model. Returns (written, [(path, reason still pending)])."""
     index = Index(db)
@@ -426,16 +520,23 @@ def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
         shown_caption, error = row.ours, None
         try:
             # A row refused for its name (an image's) gets the name the config gives now.
-            sidecar = Path(row.sidecar) if row.sidecar else choose_name(
-                Path(path), folder.sidecar, folder.extensions, index.sidecar_owner).path
+            sidecar = (
+                Path(row.sidecar)
+                if row.sidecar
+                else choose_name(
+                    Path(path), folder.sidecar, folder.extensions, index.sidecar_owner
+                ).path
+            )
             check_name(sidecar.name, folder.extensions)
             dir_fd = open_folder(Path(row.root), sidecar.parent)
             try:
                 on_disk = hash_at(dir_fd, sidecar.name)
                 decision = decide_hash(folder.overwrite, on_disk, row.sidecar_sha256, text)
                 if decision == "write":
-                    sha, state = write_atomic(sidecar, text, dir_fd=dir_fd,
-                                              extensions=folder.extensions), "written"
+                    sha, state = (
+                        write_atomic(sidecar, text, dir_fd=dir_fd, extensions=folder.extensions),
+                        "written",
+                    )
                 elif decision == "same":
                     sha, state = text_hash(text), "written"
                 else:
@@ -447,17 +548,22 @@ def write_pending_sidecars(db, cfg: Config, paths: list[str] | None = None
             finally:
                 os.close(dir_fd)
         except (OSError, FolderMoved, SidecarRefused) as e:
-            reason = (_os_reason("cannot write sidecar", e) if isinstance(e, OSError)
-                      else f"cannot write sidecar: {e.reason}")
+            reason = (
+                _os_reason("cannot write sidecar", e)
+                if isinstance(e, OSError)
+                else f"cannot write sidecar: {e.reason}"
+            )
             still.append((path, reason))
             with transaction(db):
-                db.conn.execute("UPDATE images SET sidecar_error = ? WHERE path = ?",
-                                (reason, encode(path)))
+                db.conn.execute(
+                    "UPDATE images SET sidecar_error = ? WHERE path = ?", (reason, encode(path))
+                )
             continue
         with transaction(db):
             db.conn.execute(
                 """UPDATE images SET sidecar = ?, sidecar_sha256 = ?, sidecar_state = ?,
                    sidecar_error = ?, caption = ?, updated = ? WHERE path = ?""",
-                (encode(sidecar), sha, state, error, shown_caption, time.time(), encode(path)))
+                (encode(sidecar), sha, state, error, shown_caption, time.time(), encode(path)),
+            )
         written += state == "written"
     return written, still

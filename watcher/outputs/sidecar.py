@@ -20,8 +20,9 @@ TEMP_SUFFIX = ".watcher-tmp"
 # digits, the suffix (`.00003039a1b2c3d4.watcher-tmp`). Only such names are ever removed as
 # leftovers of an interrupted write; `notes.watcher-tmp` is someone's file. (Names of 12 hex
 # digits are what earlier versions wrote.)
-_TEMP_NAME = re.compile(r"\.(?:(?P<pid>[0-9a-f]{8})[0-9a-f]{8}|[0-9a-f]{12})"
-                        + re.escape(TEMP_SUFFIX))
+_TEMP_NAME = re.compile(
+    r"\.(?:(?P<pid>[0-9a-f]{8})[0-9a-f]{8}|[0-9a-f]{12})" + re.escape(TEMP_SUFFIX)
+)
 # A write takes milliseconds: a temp file this old (seconds) is a leftover whoever wrote it.
 # A younger one is, if the process that wrote it is gone.
 TEMP_MIN_AGE = 60.0
@@ -73,6 +74,7 @@ def text_hash(text: str) -> str:
 
 # --- patterns ---------------------------------------------------------------------------
 
+
 def _image_extensions(extensions: Collection[str]) -> frozenset[str]:
     """The folder's extensions plus every extension watcher knows as an image, lowercase:
     a sidecar is never given a name another folder's config would caption either."""
@@ -90,17 +92,24 @@ def _pieces(pattern: str) -> list[tuple[str, str | None]]:
             pieces.append((literal, None))
             continue
         if field not in FIELDS or spec or conversion:
-            shown = "{" + field + (f"!{conversion}" if conversion else "") + \
-                (f":{spec}" if spec else "") + "}"
-            raise ValueError(f"{shown} is not allowed; the only fields are {{stem}} and "
-                             "{name}, as they are")
+            shown = (
+                "{"
+                + field
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+            raise ValueError(
+                f"{shown} is not allowed; the only fields are {{stem}} and {{name}}, as they are"
+            )
         pieces.append((literal, field))
     return pieces
 
 
 def _fill(pieces: list[tuple[str, str | None]], stem: str, name: str) -> str:
-    return "".join(lit + (stem if f == "stem" else name if f == "name" else "")
-                   for lit, f in pieces)
+    return "".join(
+        lit + (stem if f == "stem" else name if f == "name" else "") for lit, f in pieces
+    )
 
 
 def pattern_problem(pattern: str, extensions: Collection[str] = ()) -> str | None:
@@ -113,8 +122,10 @@ def pattern_problem(pattern: str, extensions: Collection[str] = ()) -> str | Non
     except ValueError as e:
         return str(e)
     if not any(f for _, f in pieces):
-        return ("it does not depend on the image (no {stem} or {name}): every image would "
-                "share one sidecar")
+        return (
+            "it does not depend on the image (no {stem} or {name}): every image would "
+            "share one sidecar"
+        )
     literal = "".join(lit for lit, _ in pieces)
     if "/" in literal or os.sep in literal or "\0" in literal:
         return "a sidecar goes beside its image: no '/' in the pattern"
@@ -127,21 +138,24 @@ def pattern_problem(pattern: str, extensions: Collection[str] = ()) -> str | Non
     own = [("." + e.lstrip(".")).lower() for e in extensions] or [".jpg"]
     example: str | None = None
     if "." in tail:
-        if tail[tail.rfind("."):].lower() in exts:
+        if tail[tail.rfind(".") :].lower() in exts:
             example = "photo" + own[0]
     elif last == "name":
         example = next(("photo" + c for c in own if c + tail.lower() in exts), None)
     else:
-        hit = next((e for e in (*own, *sorted(exts)) if e in exts
-                    and e[1:].endswith(tail.lower())), None)
+        hit = next(
+            (e for e in (*own, *sorted(exts)) if e in exts and e[1:].endswith(tail.lower())), None
+        )
         if hit is not None:
-            example = "photo." + hit[1:len(hit) - len(tail)] + own[0]
+            example = "photo." + hit[1 : len(hit) - len(tail)] + own[0]
     if example is None:
         return None
     image = Path(example)
-    return (f"it can name an image (for {image.name} it gives "
-            f"{_fill(pieces, image.stem, image.name)}); a sidecar name must not end in an "
-            f"image extension (or {TEMP_SUFFIX})")
+    return (
+        f"it can name an image (for {image.name} it gives "
+        f"{_fill(pieces, image.stem, image.name)}); a sidecar name must not end in an "
+        f"image extension (or {TEMP_SUFFIX})"
+    )
 
 
 def render(pattern: str, image: Path, *, full_name: bool = False) -> Path:
@@ -166,7 +180,8 @@ def check_name(name: str, extensions: Collection[str]) -> None:
     if ext is not None or lower.endswith(TEMP_SUFFIX):
         raise SidecarRefused(
             f"sidecar name {name} is an image's name ({ext or TEMP_SUFFIX}); not written, so "
-            "no image is replaced: change `sidecar:` in the config (e.g. '{stem}.txt')")
+            "no image is replaced: change `sidecar:` in the config (e.g. '{stem}.txt')"
+        )
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,7 @@ def _earlier_sibling(image: Path, extensions: tuple[str, ...]) -> Path | None:
 
 # --- folders opened without following links --------------------------------------------
 
+
 def open_folder(root: Path, folder: Path) -> int:
     """A directory fd for `folder`, opened component by component from the watched `root`
     without following a symbolic link: what is written through it lands inside the root,
@@ -259,8 +275,9 @@ def open_folder(root: Path, folder: Path) -> int:
                 except FileNotFoundError:
                     raise e from None
                 what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
-                raise FolderMoved(f"folder {here} is now {what}; nothing is written through "
-                                  "it") from None
+                raise FolderMoved(
+                    f"folder {here} is now {what}; nothing is written through it"
+                ) from None
             os.close(fd)
             fd = nfd
         return fd
@@ -354,8 +371,7 @@ def file_hash(path: Path) -> str | None:
         os.close(fd)
 
 
-def decide_hash(policy: str, on_disk: str | None, ours_sha256: str | None,
-                new_text: str) -> str:
+def decide_hash(policy: str, on_disk: str | None, ours_sha256: str | None, new_text: str) -> str:
     """'write', 'same' (already holds exactly this text) or 'keep' (someone else's file),
     given the hash of what is at the sidecar's name now (hash_at)."""
     if on_disk is None:
@@ -390,8 +406,15 @@ def kept_reason(policy: str, on_disk: str | None, ours_sha256: str | None) -> st
 
 # --- writing ----------------------------------------------------------------------------
 
-def write_atomic(path: Path, text: str, *, sync_dir: bool = True, dir_fd: int | None = None,
-                 extensions: Collection[str] = ()) -> str:
+
+def write_atomic(
+    path: Path,
+    text: str,
+    *,
+    sync_dir: bool = True,
+    dir_fd: int | None = None,
+    extensions: Collection[str] = (),
+) -> str:
     """Write via a temp file in the same folder, fsync, rename, fsync the folder.
 
     `dir_fd` is the folder opened by open_folder (without it, `path.parent` is opened as
@@ -404,21 +427,21 @@ def write_atomic(path: Path, text: str, *, sync_dir: bool = True, dir_fd: int | 
     if dir_fd is None:
         fd = os.open(path.parent, _DIR_FLAGS)
         try:
-            return write_atomic(path, text, sync_dir=sync_dir, dir_fd=fd,
-                                extensions=extensions)
+            return write_atomic(path, text, sync_dir=sync_dir, dir_fd=fd, extensions=extensions)
         finally:
             os.close(fd)
     data = text.encode("utf-8")
     tmp = f".{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}{TEMP_SUFFIX}"
     # The user's umask applies to 0o666.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o666,
-                 dir_fd=dir_fd)
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o666, dir_fd=dir_fd
+    )
     try:
         try:
             view = memoryview(data)
             while view:
                 faults.hit("sidecar_write", (str(path),))  # test-only seam; no-op normally
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -473,8 +496,9 @@ def remove_if_ours(root: Path, sidecar: Path, ours_sha256: str) -> bool:
         os.close(fd)
 
 
-def rename_if_ours(root: Path, old: Path, new: Path, ours_sha256: str,
-                   extensions: Collection[str] = ()) -> None:
+def rename_if_ours(
+    root: Path, old: Path, new: Path, ours_sha256: str, extensions: Collection[str] = ()
+) -> None:
     """Rename our unchanged sidecar `old` to `new` (its image moved), both folders opened
     below `root` without following links. Raises OSError/FolderMoved/SidecarRefused, or
     FileExistsError if `new` exists, or ValueError if `old` is no longer ours."""

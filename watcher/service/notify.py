@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import structlog
 
-log = structlog.get_logger("watcher.notify")
+log = structlog.get_logger("watcher.service.notify")
 
 
 class Notifier:
@@ -40,8 +40,13 @@ class Notifier:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, unset: bool = False,
-                 pid: int | None = None) -> Notifier:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        unset: bool = False,
+        pid: int | None = None,
+    ) -> Notifier:
         """From $NOTIFY_SOCKET, $WATCHDOG_USEC and $WATCHDOG_PID.
 
         With `unset`, the variables are removed from os.environ (as sd_notify's
@@ -104,8 +109,12 @@ class Notifier:
                 self._sock.sendto(data, socket.MSG_DONTWAIT, self._address)
             return True
         except OSError as e:
-            log.debug("sd_notify failed", address=_printable(self._address),
-                      message=assignments[0], error=f"{type(e).__name__}: {e}")
+            log.debug(
+                "sd_notify failed",
+                address=_printable(self._address),
+                message=assignments[0],
+                error=f"{type(e).__name__}: {e}",
+            )
             return False
 
     def close(self) -> None:

@@ -35,19 +35,26 @@ class DatabaseLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Never follow a link (`ln -s victim index.db.lock` must not reach victim), never
             # truncate on open, never block (a named pipe put there).
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                         | os.O_NOCTTY | os.O_CLOEXEC, 0o666)
+            fd = os.open(
+                self.path,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                0o666,
+            )
         except OSError as e:
             raise LockError(self._refusal(e, what)) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise LockError(f"{self.path} is not a regular file; refusing to use it as the "
-                                "lock. Remove it if no watcher is running")
+                raise LockError(
+                    f"{self.path} is not a regular file; refusing to use it as the "
+                    "lock. Remove it if no watcher is running"
+                )
             if st.st_nlink != 1:
                 # A hard link to someone's file: writing our pid would change that file.
-                raise LockError(f"{self.path} has other hard links; refusing to write to it. "
-                                "Remove it if no watcher is running")
+                raise LockError(
+                    f"{self.path} has other hard links; refusing to write to it. "
+                    "Remove it if no watcher is running"
+                )
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
@@ -66,14 +73,18 @@ class DatabaseLock:
 
     def _refusal(self, e: OSError, what: str) -> str:
         if e.errno == errno.ELOOP:
-            return (f"{self.path} is a symbolic link; refusing to open it (it could point at "
-                    "any file). Remove it if no watcher is running")
+            return (
+                f"{self.path} is a symbolic link; refusing to open it (it could point at "
+                "any file). Remove it if no watcher is running"
+            )
         if e.errno == errno.EISDIR:
             return f"{self.path} is a folder; refusing to use it as the lock. Remove it"
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return (f"cannot create the lock file {self.path}: {os_reason(e)}. `watcher "
-                    f"{what}` needs to write in the database folder {self.path.parent}; "
-                    "`watcher status` and `watcher search` still work read-only")
+            return (
+                f"cannot create the lock file {self.path}: {os_reason(e)}. `watcher "
+                f"{what}` needs to write in the database folder {self.path.parent}; "
+                "`watcher status` and `watcher search` still work read-only"
+            )
         return f"cannot open the lock file {self.path}: {os_reason(e)}"
 
     def release(self) -> None:

@@ -15,13 +15,13 @@ from typing import NamedTuple
 import structlog
 
 from watcher.config import FolderConfig, avif_readable
-from watcher.decode import image_format
+from watcher.outputs.sidecar import SIDECAR_MAX_BYTES, is_temp, temp_is_stale
 from watcher.paths import shown
-from watcher.sidecar import SIDECAR_MAX_BYTES, is_temp, temp_is_stale
+from watcher.pipeline.decode import image_format
 
 NOT_REGULAR = "not a regular file"  # a named pipe (opening it would block), socket, device
 
-log = structlog.get_logger("watcher.observer")
+log = structlog.get_logger("watcher.intake.observer")
 
 # Names browsers and editors write before an atomic rename to the final name.
 PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download", ".swp")
@@ -30,8 +30,10 @@ PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download", ".s
 NOT_IMAGE_EXTENSION = "not an image extension"
 NO_EXTENSION = "no extension"
 NO_EXTENSION_IMAGE = "no extension, but image bytes: add an extension (e.g. .jpg) to caption it"
-AVIF_UNREADABLE = ("AVIF, which this Pillow cannot read: install a Pillow built with AVIF "
-                   "(pip install -U 'pillow>=11.2')")
+AVIF_UNREADABLE = (
+    "AVIF, which this Pillow cannot read: install a Pillow built with AVIF "
+    "(pip install -U 'pillow>=11.2')"
+)
 EXAMPLES = 5  # names kept per reason
 SNIFF_BYTES = 32
 
@@ -70,7 +72,7 @@ class Filter:
             return False
         parts = rel.parts
         for i in range(len(parts)):
-            sub = "/".join(parts[:i + 1])
+            sub = "/".join(parts[: i + 1])
             for pattern in self.folder.ignore:
                 if fnmatch.fnmatch(sub, pattern) or fnmatch.fnmatch(parts[i], pattern):
                     return True
@@ -90,8 +92,9 @@ class Filter:
             return None
         return self.passed_over_in_scan(path, rel.name, sniff=sniff)
 
-    def passed_over_in_scan(self, path: Path | str, name: str, *,
-                            sniff: bool = False) -> str | None:
+    def passed_over_in_scan(
+        self, path: Path | str, name: str, *, sniff: bool = False
+    ) -> str | None:
         """`passed_over` for a file the scan found in a folder it entered (so neither hidden
         nor ignored): from the name alone, without path arithmetic (a scan may meet
         100,000 such files)."""
@@ -118,8 +121,10 @@ class Filter:
         stem = os.path.splitext(image_name)[0]
         pattern = self.folder.sidecar
         try:
-            return (pattern.format(stem=stem, name=image_name),
-                    pattern.replace("{stem}", "{name}").format(stem=stem, name=image_name))
+            return (
+                pattern.format(stem=stem, name=image_name),
+                pattern.replace("{stem}", "{name}").format(stem=stem, name=image_name),
+            )
         except (IndexError, KeyError, ValueError):
             return ()
 
@@ -130,8 +135,11 @@ class Filter:
         if any(part.startswith(".") for part in rel.parts):
             return False
         rel_s = rel.as_posix()
-        return not any(fnmatch.fnmatch(rel_s, p) or fnmatch.fnmatch(path.name, p)
-                       for p in self.folder.ignore if rel.parts)
+        return not any(
+            fnmatch.fnmatch(rel_s, p) or fnmatch.fnmatch(path.name, p)
+            for p in self.folder.ignore
+            if rel.parts
+        )
 
     def inside(self, path: Path) -> bool:
         """A symlink is followed only if it resolves inside the watched root."""
@@ -161,8 +169,12 @@ class Filter:
 def _sniff_image(path: Path) -> bool:
     """Whether the regular file at `path` starts like an image. Never follows a link and
     never blocks (a named pipe renamed in between), and reads SNIFF_BYTES at most."""
-    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_CLOEXEC", 0))
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     try:
         fd = os.open(path, flags)
     except OSError:
@@ -195,15 +207,17 @@ class PassedOver:
         for reason, n in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + n
             names = self.examples.setdefault(reason, [])
-            names.extend(other.examples.get(reason, [])[:EXAMPLES - len(names)])
+            names.extend(other.examples.get(reason, [])[: EXAMPLES - len(names)])
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def to_json(self) -> list[dict]:
-        return [{"reason": r, "count": n, "examples": self.examples.get(r, [])}
-                for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
+        return [
+            {"reason": r, "count": n, "examples": self.examples.get(r, [])}
+            for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1])
+        ]
 
 
 class Expected(NamedTuple):
@@ -242,11 +256,14 @@ class ScanResult:
     unreadable: list[Path] = field(default_factory=list)
 
 
-def walk(filt: Filter, top: Path | None = None,
-         skipped: list[tuple[Path, str]] | None = None,
-         passed_over: PassedOver | None = None, unreadable: list[Path] | None = None,
-         unseen: set[str] | None = None,
-         ) -> Iterator[tuple[Path, os.stat_result]]:
+def walk(
+    filt: Filter,
+    top: Path | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
+    passed_over: PassedOver | None = None,
+    unreadable: list[Path] | None = None,
+    unseen: set[str] | None = None,
+) -> Iterator[tuple[Path, os.stat_result]]:
     """Every wanted image under the folder with its stat: one stat per file, no more.
     Directory symlinks are not followed; file symlinks only when they stay inside the root.
     Image names refused (see ScanResult.skipped) are logged and added to `skipped`; other
@@ -309,8 +326,9 @@ def walk(filt: Filter, top: Path | None = None,
             try:
                 reason = filt.passed_over_in_scan(path, name, sniff=True)
             except Exception as e:
-                log.error("error looking at a file", path=shown(path),
-                          reason=f"{type(e).__name__}: {e}")
+                log.error(
+                    "error looking at a file", path=shown(path), reason=f"{type(e).__name__}: {e}"
+                )
                 continue
             if reason is not None and passed_over is not None:
                 passed_over.add(path, reason)
@@ -323,9 +341,12 @@ def _remove_stale_temp(path: Path) -> None:
     someone's file, or a write under way, and stays."""
     try:
         st = os.lstat(path)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
-                or st.st_size > SIDECAR_MAX_BYTES
-                or not temp_is_stale(path.name, time.time() - st.st_mtime)):
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or st.st_size > SIDECAR_MAX_BYTES
+            or not temp_is_stale(path.name, time.time() - st.st_mtime)
+        ):
             return
         path.unlink()
         log.info("removed a temp file left by an interrupted write", path=shown(path))
@@ -337,9 +358,14 @@ def _regular(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode)
 
 
-def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
-         failed: dict[str, tuple[int | None, int | None]], *, retry_failed: bool = False,
-         top: Path | None = None) -> ScanResult:
+def scan(
+    filt: Filter,
+    indexed: Mapping[str, tuple[int, int] | Expected],
+    failed: dict[str, tuple[int | None, int | None]],
+    *,
+    retry_failed: bool = False,
+    top: Path | None = None,
+) -> ScanResult:
     """Compare the folder with the index: an unchanged file costs one stat.
 
     When `indexed` holds Expected rows, an unchanged image is also work to do if its
@@ -354,8 +380,7 @@ def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
     has_sidecar: list[str] = []  # unchanged, current images whose sidecar is to be there
     if check:
         unseen = {e.sidecar for e in indexed.values() if e.sidecar}  # type: ignore[union-attr]
-    for path, st in walk(filt, top, result.skipped, result.passed_over, result.unreadable,
-                         unseen):
+    for path, st in walk(filt, top, result.skipped, result.passed_over, result.unreadable, unseen):
         key = str(path)
         seen.add(key)
         known = indexed.get(key)
@@ -388,13 +413,20 @@ def scan(filt: Filter, indexed: Mapping[str, tuple[int, int] | Expected],
     # A folder that could not be listed (the root gone, permissions) says nothing about the
     # files under it: they are not "removed".
     blind = tuple(str(u).rstrip("/") + "/" for u in result.unreadable)
-    result.removed = [p for p in indexed if p not in seen and p.startswith(prefix)
-                      and not p.startswith(blind)]
+    result.removed = [
+        p for p in indexed if p not in seen and p.startswith(prefix) and not p.startswith(blind)
+    ]
     # A failed image deleted since: forgotten (never listed, never retried). Failures are
     # few, and one that is merely skipped now stays for set_skipped to relabel.
-    result.removed += [p for p in failed if p not in seen and p not in indexed
-                       and p.startswith(prefix) and not p.startswith(blind)
-                       and not os.path.lexists(p)]
+    result.removed += [
+        p
+        for p in failed
+        if p not in seen
+        and p not in indexed
+        and p.startswith(prefix)
+        and not p.startswith(blind)
+        and not os.path.lexists(p)
+    ]
     return result
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
-from watcher.queue import Job
+from watcher.jobs import Job
 
 # Pillow's own bomb guard (MAX_IMAGE_PIXELS) warns above 89 Mpx and raises above 179 Mpx, fixed
 # and process-wide, whatever `max_pixels` says. It is switched off once, here, at import (before
@@ -36,8 +36,9 @@ try:  # HEIC/HEIF (iPhone photos) need the optional pillow-heif plugin.
 except Exception:  # not installed, or a broken install: HEIC files get a clear reason instead
     HEIF_AVAILABLE = False
 
-HEIF_MISSING = ("HEIC/HEIF needs the optional pillow-heif package: "
-                "pip install 'moondream-watcher[heif]'")
+HEIF_MISSING = (
+    "HEIC/HEIF needs the optional pillow-heif package: pip install 'moondream-watcher[heif]'"
+)
 
 try:  # AVIF: Pillow >= 11.2 built with libavif (its wheels are) decodes it itself.
     from PIL import features
@@ -46,8 +47,10 @@ try:  # AVIF: Pillow >= 11.2 built with libavif (its wheels are) decodes it itse
 except Exception:  # an older Pillow has no such feature
     AVIF_AVAILABLE = False
 
-AVIF_MISSING = ("AVIF needs a Pillow built with AVIF support (Pillow >= 11.2 wheels are): "
-                "pip install -U 'pillow>=11.2'")
+AVIF_MISSING = (
+    "AVIF needs a Pillow built with AVIF support (Pillow >= 11.2 wheels are): "
+    "pip install -U 'pillow>=11.2'"
+)
 
 # A truncated or empty file modified this recently may still be being written (a slow copy that
 # stalled past the settle time): that failure is transient and retried; once the file is older
@@ -77,8 +80,19 @@ _SIGNATURES = (  # magic bytes -> format, to tell "not an image" from "an image 
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
-_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
-                b"mif1", b"mif2", b"msf1"}
+_HEIF_BRANDS = {
+    b"heic",
+    b"heix",
+    b"heim",
+    b"heis",
+    b"hevc",
+    b"hevx",
+    b"hevm",
+    b"hevs",
+    b"mif1",
+    b"mif2",
+    b"msf1",
+}
 _AVIF_BRANDS = {b"avif", b"avis"}
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
@@ -110,8 +124,7 @@ class DecodeError(Exception):
         return self.reason
 
     def __repr__(self) -> str:
-        return (f"DecodeError({self.reason!r}, transient={self.transient}, "
-                f"vanished={self.vanished})")
+        return f"DecodeError({self.reason!r}, transient={self.transient}, vanished={self.vanished})"
 
 
 def file_identity(path: Path) -> tuple[int, int]:
@@ -128,14 +141,22 @@ def prepare(job: Job, *, max_pixels: int, max_side: int, now: float | None = Non
     if not data:
         raise DecodeError("empty file (0 bytes)", transient=recent)
     digest = hashlib.sha256(data).hexdigest()
-    image, width, height = _decode(data, max_pixels=max_pixels, max_side=max_side,
-                                   recent=recent)
-    return Prepared(job=job, image=image, sha256=digest, size=st.st_size,
-                    mtime_ns=st.st_mtime_ns, width=width, height=height, dev=st.st_dev,
-                    ino=st.st_ino)
+    image, width, height = _decode(data, max_pixels=max_pixels, max_side=max_side, recent=recent)
+    return Prepared(
+        job=job,
+        image=image,
+        sha256=digest,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        width=width,
+        height=height,
+        dev=st.st_dev,
+        ino=st.st_ino,
+    )
 
 
 # --- reading ----------------------------------------------------------------------------
+
 
 def _confined(path: Path, root: Path) -> Path:
     """`path` with symlinks resolved, refused if that leads out of the watched `root`: nothing
@@ -160,11 +181,18 @@ def _read_file(path: Path, max_pixels: int) -> tuple[bytes, os.stat_result]:
     # metadata and extra frames; anything bigger would only be read into memory to be refused.
     limit = max_pixels * 8 + 256 * 2**20
     if before.st_size > limit:
-        raise DecodeError(f"file too large: {before.st_size / 2**20:,.0f} MiB "
-                          f"(the limit for max_pixels is {limit / 2**20:,.0f} MiB)")
+        raise DecodeError(
+            f"file too large: {before.st_size / 2**20:,.0f} MiB "
+            f"(the limit for max_pixels is {limit / 2**20:,.0f} MiB)"
+        )
     # O_NONBLOCK: should the path have become a FIFO since the stat, the open must not hang.
-    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0))
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+        | getattr(os, "O_NOCTTY", 0)
+        | getattr(os, "O_BINARY", 0)
+    )
     try:
         fd = os.open(path, flags)
         try:
@@ -199,9 +227,17 @@ def _require_regular(st: os.stat_result) -> None:
     if stat.S_ISREG(st.st_mode):
         return
     m = st.st_mode
-    kind = ("a directory" if stat.S_ISDIR(m) else "a named pipe" if stat.S_ISFIFO(m)
-            else "a socket" if stat.S_ISSOCK(m)
-            else "a device" if stat.S_ISCHR(m) or stat.S_ISBLK(m) else "a special file")
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(m)
+        else "a named pipe"
+        if stat.S_ISFIFO(m)
+        else "a socket"
+        if stat.S_ISSOCK(m)
+        else "a device"
+        if stat.S_ISCHR(m) or stat.S_ISBLK(m)
+        else "a special file"
+    )
     raise DecodeError(f"not a regular file ({kind})")
 
 
@@ -222,6 +258,7 @@ def _os_error(e: OSError) -> DecodeError:
 
 # --- decoding ---------------------------------------------------------------------------
 
+
 def _corrupt(detail: str, recent: bool) -> DecodeError:
     return DecodeError(f"truncated or corrupt image: {detail}", transient=recent)
 
@@ -230,8 +267,9 @@ def _mpx(n: int) -> str:
     return f"{n / 1e6:.1f} Mpx"
 
 
-def _decode(data: bytes, *, max_pixels: int, max_side: int,
-            recent: bool) -> tuple[Image.Image, int, int]:
+def _decode(
+    data: bytes, *, max_pixels: int, max_side: int, recent: bool
+) -> tuple[Image.Image, int, int]:
     try:
         im = Image.open(io.BytesIO(data), formats=_FORMATS)  # lazy: reads the header only
     except UnidentifiedImageError:
@@ -240,15 +278,15 @@ def _decode(data: bytes, *, max_pixels: int, max_side: int,
         raise DecodeError("not enough memory to decode the image", transient=True) from None
     except Exception as e:  # a known header cut short or malformed
         fmt = _signature(data)
-        raise _corrupt(f"{fmt} header could not be read" if fmt else _message(e),
-                       recent) from None
+        raise _corrupt(f"{fmt} header could not be read" if fmt else _message(e), recent) from None
     with im:
         w, h = im.size
         if w <= 0 or h <= 0:
             raise _corrupt(f"image has no pixels ({w}x{h})", recent)
         if w * h > max_pixels:  # before any pixel data is decoded
-            raise DecodeError(f"image too large: {w}x{h} = {_mpx(w * h)} exceeds "
-                              f"max_pixels ({_mpx(max_pixels)})")
+            raise DecodeError(
+                f"image too large: {w}x{h} = {_mpx(w * h)} exceeds max_pixels ({_mpx(max_pixels)})"
+            )
         try:
             return _load(im, max_side)
         except DecodeError:
@@ -329,7 +367,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 def _unidentified(data: bytes, recent: bool) -> DecodeError:
     if data[4:8] == b"ftyp":
-        brands = {data[i:i + 4] for i in range(8, min(len(data), 64), 4)}
+        brands = {data[i : i + 4] for i in range(8, min(len(data), 64), 4)}
         if brands & _HEIF_BRANDS and not brands & _AVIF_BRANDS and not HEIF_AVAILABLE:
             return DecodeError(HEIF_MISSING)
         if brands & _AVIF_BRANDS:

@@ -36,7 +36,7 @@ class _Reader:
         if not (self.start <= pos and end <= self.start + len(self.buf)):
             self.start = pos
             self.buf = os.pread(self.fd, max(n, self.WINDOW), pos)
-        return self.buf[pos - self.start:end - self.start]
+        return self.buf[pos - self.start : end - self.start]
 
     def __getitem__(self, key: int | slice) -> int | bytes:
         if isinstance(key, slice):
@@ -153,7 +153,7 @@ def _jpeg(data: _Reader, size: int, strict: bool) -> Verdict:
         # else after it (a phone's appended video, a trailer) is proof the writer is done,
         # and settle decides. (No scan of the whole file here: the decode stage's full
         # decode is the check that follows.)
-        tail = data[max(pos, size - 4096):size].rstrip(b"\x00")
+        tail = data[max(pos, size - 4096) : size].rstrip(b"\x00")
         return Verdict.COMPLETE if tail.endswith(b"\xff\xd9") else Verdict.UNKNOWN
     return Verdict.COMPLETE if data.find(b"\xff\xd9", pos, size) >= 0 else Verdict.PARTIAL
 
@@ -165,8 +165,8 @@ def _png(data: _Reader, size: int, strict: bool) -> Verdict:
         length = data.u32(pos, ">")
         if not 0 <= length <= 0x7FFFFFFF:  # the format's own limit: this is not a chunk
             return Verdict.PARTIAL
-        if data[pos + 4:pos + 8] == b"IEND":
-            if data[pos:pos + 12] != _PNG_IEND:
+        if data[pos + 4 : pos + 8] == b"IEND":
+            if data[pos : pos + 12] != _PNG_IEND:
                 return Verdict.PARTIAL
             end = pos + 12
             return Verdict.COMPLETE if end == size or not strict else Verdict.UNKNOWN

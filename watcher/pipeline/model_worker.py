@@ -14,12 +14,12 @@ import structlog
 
 from watcher import faults
 from watcher.backends import Backend, is_out_of_memory
-from watcher.decode import Prepared
 from watcher.index import Index, connect
-from watcher.queue import Job
+from watcher.jobs import Job
+from watcher.pipeline.decode import Prepared
 from watcher.tasks import Task
 
-log = structlog.get_logger("watcher.worker")
+log = structlog.get_logger("watcher.pipeline.model_worker")
 
 STOP = object()
 # The longest wait for a batch to fill before the first model call (later: one call's time).
@@ -71,10 +71,17 @@ class ModelWorker(threading.Thread):
     so only the bad image fails.
     """
 
-    def __init__(self, backend: Backend, inbox: queue.Queue, outbox: queue.Queue,
-                 db_path: Path, *, cache_size: int = 4096,
-                 incoming: Callable[[float], int] = lambda within: 0,
-                 decoding: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        inbox: queue.Queue,
+        outbox: queue.Queue,
+        db_path: Path,
+        *,
+        cache_size: int = 4096,
+        incoming: Callable[[float], int] = lambda within: 0,
+        decoding: Callable[[], int] = lambda: 0,
+    ) -> None:
         super().__init__(name="model-worker", daemon=True)
         self.backend = backend
         self.inbox = inbox
@@ -186,9 +193,12 @@ class ModelWorker(threading.Thread):
             self._cache.move_to_end(key)
             return self._cache[key]
         row = self.index.by_hash(sha256)
-        if (row is not None and row.model == self.backend.name
-                and row.revision == self.backend.revision
-                and all(t.key in row.outputs for t in tasks)):
+        if (
+            row is not None
+            and row.model == self.backend.name
+            and row.revision == self.backend.revision
+            and all(t.key in row.outputs for t in tasks)
+        ):
             outputs = tuple(row.outputs[t.key] for t in tasks)
             self._remember(key, outputs)
             return outputs
@@ -214,7 +224,7 @@ class ModelWorker(threading.Thread):
                 todo.setdefault(w.prepared.sha256, []).append(w)
         unique = [ws[0] for ws in todo.values()]
         for start in range(0, len(unique), self.batch_limit):
-            chunk = unique[start:start + self.batch_limit]
+            chunk = unique[start : start + self.batch_limit]
             for w, outputs, ms, size in self._run(tasks, chunk):
                 copies = todo[w.prepared.sha256]
                 if isinstance(outputs, Failed):
@@ -223,8 +233,7 @@ class ModelWorker(threading.Thread):
                     continue
                 self._remember(self._cache_key(w.prepared.sha256, tasks), outputs)
                 for i, copy in enumerate(copies):
-                    self._emit(copy, tasks, outputs, reused=i > 0, ms=ms,
-                               batch=0 if i else size)
+                    self._emit(copy, tasks, outputs, reused=i > 0, ms=ms, batch=0 if i else size)
 
     def _run(self, tasks: tuple[Task, ...], chunk: list[Work]):
         """Yield (work, outputs or a Failed, ms per image, images in its model call) for
@@ -257,35 +266,58 @@ class ModelWorker(threading.Thread):
             if len(chunk) > 1:
                 half = max(1, len(chunk) // 2)
                 if half < self.batch_limit:
-                    log.warning("out of memory: batch size reduced", old=self.batch_limit,
-                                new=half)
+                    log.warning("out of memory: batch size reduced", old=self.batch_limit, new=half)
                     self.batch_limit = half
                 yield from self._run(tasks, chunk[:half])
                 yield from self._run(tasks, chunk[half:])
                 return
             log.error("out of memory on a single image", path=str(chunk[0].prepared.job.path))
-            yield chunk[0], Failed(chunk[0].prepared.job, "out of memory running the model",
-                                   transient=True), 0.0, 1
+            yield (
+                chunk[0],
+                Failed(chunk[0].prepared.job, "out of memory running the model", transient=True),
+                0.0,
+                1,
+            )
             return
         if len(chunk) > 1:
-            log.warning("model error on a batch; retrying one image at a time",
-                        error=_described(exc), batch=len(chunk))
+            log.warning(
+                "model error on a batch; retrying one image at a time",
+                error=_described(exc),
+                batch=len(chunk),
+            )
             for w in chunk:
                 yield from self._run(tasks, [w])
             return
-        log.error("model failed on image", path=str(chunk[0].prepared.job.path),
-                  error=_described(exc), exc_info=exc)
-        yield chunk[0], Failed(chunk[0].prepared.job, _first_line(
-            f"model error: {_described(exc)}")), 0.0, 1
+        log.error(
+            "model failed on image",
+            path=str(chunk[0].prepared.job.path),
+            error=_described(exc),
+            exc_info=exc,
+        )
+        yield (
+            chunk[0],
+            Failed(chunk[0].prepared.job, _first_line(f"model error: {_described(exc)}")),
+            0.0,
+            1,
+        )
 
     def _fail(self, w: Work, reason: str, *, transient: bool) -> None:
         p = w.prepared
         self.outbox.put(Failed(p.job, reason, transient, identity=(p.size, p.mtime_ns)))
 
-    def _emit(self, w: Work, tasks, outputs, *, reused: bool, ms: float,
-              batch: int = 0) -> None:
-        self.outbox.put(Captioned(w.prepared, tasks, tuple(outputs), self.backend.name,
-                                  self.backend.revision, reused, ms, batch))
+    def _emit(self, w: Work, tasks, outputs, *, reused: bool, ms: float, batch: int = 0) -> None:
+        self.outbox.put(
+            Captioned(
+                w.prepared,
+                tasks,
+                tuple(outputs),
+                self.backend.name,
+                self.backend.revision,
+                reused,
+                ms,
+                batch,
+            )
+        )
 
 
 def _described(exc: BaseException) -> str:

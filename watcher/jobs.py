@@ -15,7 +15,7 @@ import structlog
 from watcher.index import prefix_range, transaction
 from watcher.paths import decode, encode, safe_text, shown
 
-log = structlog.get_logger("watcher.queue")
+log = structlog.get_logger("watcher.jobs")
 
 STATES = ("pending", "running", "done", "failed")
 
@@ -100,7 +100,8 @@ class JobQueue:
                ON CONFLICT(path) DO UPDATE SET state = 'skipped', error = excluded.error,
                  root = excluded.root, updated = excluded.updated
                WHERE state != 'running'""",
-            (encode(path), encode(root), safe_text(reason), now, now))
+            (encode(path), encode(root), safe_text(reason), now, now),
+        )
 
     def set_skipped(self, under: Path, root: Path, found: Iterable[tuple[Path, str]]) -> None:
         """A scan of `under` found exactly these skipped names: record them, and forget
@@ -112,17 +113,21 @@ class JobQueue:
             keep.add(encode(path))
         rows = self.db.conn.execute(
             "SELECT path FROM jobs WHERE state = 'skipped' AND path >= ? AND path < ?",
-            prefix_range(under)).fetchall()
-        self.db.conn.executemany("DELETE FROM jobs WHERE path = ? AND state = 'skipped'",
-                                 [(p,) for (p,) in rows if p not in keep])
+            prefix_range(under),
+        ).fetchall()
+        self.db.conn.executemany(
+            "DELETE FROM jobs WHERE path = ? AND state = 'skipped'",
+            [(p,) for (p,) in rows if p not in keep],
+        )
 
     def skipped(self, limit: int = 10) -> tuple[int, list[tuple[str, str]]]:
         """How many image names are skipped, and the newest `limit` as (path, reason)."""
-        n = self.db.conn.execute(
-            "SELECT count(*) FROM jobs WHERE state = 'skipped'").fetchone()[0]
+        n = self.db.conn.execute("SELECT count(*) FROM jobs WHERE state = 'skipped'").fetchone()[0]
         rows = self.db.conn.execute(
             "SELECT path, error FROM jobs WHERE state = 'skipped' ORDER BY updated DESC, path "
-            "LIMIT ?", (limit,)).fetchall()
+            "LIMIT ?",
+            (limit,),
+        ).fetchall()
         return n, [(decode(p), r) for p, r in rows]
 
     def enqueue(self, path: Path, root: Path) -> bool:
@@ -170,8 +175,16 @@ class JobQueue:
             return False
         return True
 
-    def fail(self, job: Job, reason: str, *, transient: bool, max_attempts: int,
-             backoff: float, identity: tuple[int, int] | None = None) -> str:
+    def fail(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        transient: bool,
+        max_attempts: int,
+        backoff: float,
+        identity: tuple[int, int] | None = None,
+    ) -> str:
         """Record a failure; transient ones retry with exponential backoff up to max_attempts.
         Returns the new state. Runs inside the caller's transaction."""
         now = time.time()
@@ -202,7 +215,8 @@ class JobQueue:
         Inside the caller's transaction."""
         cur = self.db.conn.execute(
             "UPDATE jobs SET state = 'skipped', error = ?, updated = ? WHERE id = ? AND gen = ?",
-            (reason, time.time(), job.id, job.gen))
+            (reason, time.time(), job.id, job.gen),
+        )
         if cur.rowcount == 0:
             self._reopen(job)
 
@@ -230,25 +244,39 @@ class JobQueue:
         src, dest = encode(src), encode(dest)
         self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (dest,))
         if rerun:
-            return self.db.conn.execute(
-                """UPDATE jobs SET path = ?, gen = gen + 1, attempts = 0, error = NULL,
+            return (
+                self.db.conn.execute(
+                    """UPDATE jobs SET path = ?, gen = gen + 1, attempts = 0, error = NULL,
                    next_try = 0, updated = ?,
                    state = CASE WHEN state = 'running' THEN 'running' ELSE 'pending' END
-                   WHERE path = ?""", (dest, time.time(), src)).rowcount > 0
-        return self.db.conn.execute(
-            "UPDATE jobs SET path = ? WHERE path = ?", (dest, src)).rowcount > 0
+                   WHERE path = ?""",
+                    (dest, time.time(), src),
+                ).rowcount
+                > 0
+            )
+        return (
+            self.db.conn.execute("UPDATE jobs SET path = ? WHERE path = ?", (dest, src)).rowcount
+            > 0
+        )
 
-    def failed_existing(self, paths: Iterable[str] | None = None
-                        ) -> tuple[list[str], list[str]]:
+    def failed_existing(self, paths: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
         """Failed jobs (all, or those for `paths`), split into (files that still exist,
         files deleted since): only the first are worth retrying."""
         if paths is None:
-            rows = [decode(p) for (p,) in self.db.conn.execute(
-                "SELECT path FROM jobs WHERE state = 'failed' ORDER BY path")]
+            rows = [
+                decode(p)
+                for (p,) in self.db.conn.execute(
+                    "SELECT path FROM jobs WHERE state = 'failed' ORDER BY path"
+                )
+            ]
         else:
-            rows = [p for p in paths if self.db.conn.execute(
-                "SELECT 1 FROM jobs WHERE state = 'failed' AND path = ?",
-                (encode(p),)).fetchone()]
+            rows = [
+                p
+                for p in paths
+                if self.db.conn.execute(
+                    "SELECT 1 FROM jobs WHERE state = 'failed' AND path = ?", (encode(p),)
+                ).fetchone()
+            ]
         exist = [p for p in rows if os.path.lexists(p)]
         kept = set(exist)
         return exist, [p for p in rows if p not in kept]
@@ -256,9 +284,12 @@ class JobQueue:
     def forget_failed(self, paths: Iterable[str]) -> int:
         """Forget failures (of files deleted since): no longer listed or retried."""
         with transaction(self.db):
-            return sum(self.db.conn.execute(
-                "DELETE FROM jobs WHERE path = ? AND state = 'failed'", (encode(p),)).rowcount
-                for p in paths)
+            return sum(
+                self.db.conn.execute(
+                    "DELETE FROM jobs WHERE path = ? AND state = 'failed'", (encode(p),)
+                ).rowcount
+                for p in paths
+            )
 
     def retry(self, paths: Iterable[str] | None = None) -> int:
         """Re-queue failed jobs (all of them, or those for `paths`)."""
@@ -267,7 +298,9 @@ class JobQueue:
                 sql, args = "state = 'failed'", []
                 return self.db.conn.execute(
                     f"""UPDATE jobs SET state = 'pending', attempts = 0, next_try = 0,
-                        gen = gen + 1 WHERE {sql}""", args).rowcount
+                        gen = gen + 1 WHERE {sql}""",
+                    args,
+                ).rowcount
             n = 0
             for p in paths:
                 n += self.db.conn.execute(
@@ -309,11 +342,12 @@ class JobQueue:
         """path -> (size, mtime_ns) at the time of failure, for the catch-up scan."""
         cur = self.db.conn.execute(
             "SELECT path, size, mtime_ns FROM jobs WHERE state = 'failed' AND path >= ? "
-            "AND path < ?", prefix_range(root))
+            "AND path < ?",
+            prefix_range(root),
+        )
         return {decode(p): (s, m) for p, s, m in cur}
 
     def done_since(self, since: float) -> int:
         return self.db.conn.execute(
             "SELECT count(*) FROM jobs WHERE state = 'done' AND updated >= ?", (since,)
         ).fetchone()[0]
-

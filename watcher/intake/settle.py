@@ -13,9 +13,9 @@ from pathlib import Path
 import structlog
 from PIL import Image
 
-from watcher.complete import Verdict, check
+from watcher.intake.complete import Verdict, check
 
-log = structlog.get_logger("watcher.settle")
+log = structlog.get_logger("watcher.intake.settle")
 
 # A file that is stable but does not open as an image yet may still be being written by a
 # slow writer that pauses; it is handed on anyway (and fails with a clear reason) after this.
@@ -61,8 +61,7 @@ class Settler(threading.Thread):
         self._wake_at = float("inf")  # when the loop's current wait ends
         self._checked_at = 0.0
 
-    def touch(self, path: Path, root: Path, settle_seconds: float, *,
-              closed: bool = False) -> None:
+    def touch(self, path: Path, root: Path, settle_seconds: float, *, closed: bool = False) -> None:
         """An event for `path`: (re)start its stability timer. The file is stat'ed now, so
         one that does not change again is ready exactly `settle_seconds` later.
 
@@ -113,11 +112,15 @@ class Settler(threading.Thread):
                     return
                 now = time.monotonic()
                 # What each due file looked like now: an event after this is judged later.
-                due = [(p, w, _Seen(w.identity, w.stable_since, w.closed))
-                       for p, w in self._pending.items() if w.check_at <= now]
+                due = [
+                    (p, w, _Seen(w.identity, w.stable_since, w.closed))
+                    for p, w in self._pending.items()
+                    if w.check_at <= now
+                ]
                 if not due:
-                    self._wake_at = min((w.check_at for w in self._pending.values()),
-                                        default=now + 3600.0)
+                    self._wake_at = min(
+                        (w.check_at for w in self._pending.values()), default=now + 3600.0
+                    )
                     self._cond.wait(max(self._wake_at - now, 0.0))
                     self._wake_at = float("inf")
                     continue
@@ -126,8 +129,10 @@ class Settler(threading.Thread):
                 try:
                     self.on_ready(ready)
                 except Exception as e:  # e.g. disk full under the database
-                    log.warning("could not queue settled files; will try again",
-                                error=f"{type(e).__name__}: {e}")
+                    log.warning(
+                        "could not queue settled files; will try again",
+                        error=f"{type(e).__name__}: {e}",
+                    )
                     with self._cond:
                         for r in ready:
                             if (w := self._pending.get(r.path)) is not None:

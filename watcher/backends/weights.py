@@ -23,8 +23,21 @@ FIX = "run `watcher model fetch` on a connected machine, or set model.path to a 
 HUB_PROBE_TIMEOUT = 3.0  # seconds; the whole check stays well under 10 s
 _UNPINNED = (None, "", "main", "master")
 # Weight formats we never need; a repo's .bin files are skipped when it has safetensors.
-_IGNORE = ["*.onnx", "*.onnx_data", "*.gguf", "*.h5", "*.msgpack", "*.ot", "*.tflite",
-           "*.mlmodel", "*.mf", "onnx/*", "*.pt", "*.pth", "*.ckpt"]
+_IGNORE = [
+    "*.onnx",
+    "*.onnx_data",
+    "*.gguf",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.tflite",
+    "*.mlmodel",
+    "*.mf",
+    "onnx/*",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+]
 
 
 def needs_remote_code(cfg: ModelConfig) -> bool:
@@ -61,8 +74,10 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(
-        folder.glob("*.safetensors.index.json")
+    return (
+        any(folder.glob("*.safetensors"))
+        or any(folder.glob("*.bin"))
+        or any(folder.glob("*.safetensors.index.json"))
     )
 
 
@@ -183,6 +198,7 @@ def ensure_available(cfg: ModelConfig, *, daemon: bool = False) -> None:
 
 # --- CLI: watcher model fetch / watcher model info ---------------------------------------
 
+
 def _human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
@@ -218,8 +234,14 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
 
 
-def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bool = True,
-              err: TextIO | None = None) -> int:
+def cmd_fetch(
+    cfg: ModelConfig,
+    revision: str | None,
+    out: TextIO,
+    *,
+    verify: bool = True,
+    err: TextIO | None = None,
+) -> int:
     """Download the model (and Moondream's tokenizer) into the HF cache, then check it loads.
 
     Returns 0 when everything is in place, 1 on a download or load failure, 2 when the
@@ -239,8 +261,10 @@ def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bo
     try:
         if target.path:
             folder = Path(target.path).expanduser()
-            print(f"model.path is set: {folder} is used as it is; nothing to download "
-                  "for the model.", file=out)
+            print(
+                f"model.path is set: {folder} is used as it is; nothing to download for the model.",
+                file=out,
+            )
         else:
             print(f"fetching {target.id} at revision {target.revision or 'main'} ...", file=out)
             folder = _download(target.id, target.revision)
@@ -256,10 +280,13 @@ def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bo
         if reason is None:
             print(f"watcher: download failed: {type(e).__name__}: {_first_line(e)}", file=err)
             return 1
-        print(f"watcher: cannot download from the Hugging Face Hub: {reason}. Connect this "
-              "machine to the network and run `watcher model fetch` again, or fetch on a "
-              f"connected machine and copy its cache ({hub_cache_dir()}) here, or set "
-              "model.path to a local copy.", file=err)
+        print(
+            f"watcher: cannot download from the Hugging Face Hub: {reason}. Connect this "
+            "machine to the network and run `watcher model fetch` again, or fetch on a "
+            f"connected machine and copy its cache ({hub_cache_dir()}) here, or set "
+            "model.path to a local copy.",
+            file=err,
+        )
         return 2
     print(f"cache: {hub_cache_dir()}", file=out)
     if not verify:
@@ -283,11 +310,27 @@ def cmd_fetch(cfg: ModelConfig, revision: str | None, out: TextIO, *, verify: bo
 # Exception type names (anywhere in the chain) that mean "no network to the Hub": the
 # requests/urllib3/httpx stack's and huggingface_hub's own, matched by name so none of
 # those libraries need importing here.
-_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout",
-                   "Timeout", "TimeoutException", "MaxRetryError", "NewConnectionError",
-                   "NameResolutionError", "ProxyError", "SSLError", "OfflineModeIsEnabled",
-                   "LocalEntryNotFoundError", "gaierror", "timeout", "TimeoutError",
-                   "ConnectionRefusedError", "ConnectionResetError", "URLError"}
+_NETWORK_ERRORS = {
+    "ConnectionError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "TimeoutException",
+    "MaxRetryError",
+    "NewConnectionError",
+    "NameResolutionError",
+    "ProxyError",
+    "SSLError",
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "gaierror",
+    "timeout",
+    "TimeoutError",
+    "ConnectionRefusedError",
+    "ConnectionResetError",
+    "URLError",
+}
 
 
 def _network_reason(e: BaseException) -> str | None:
@@ -335,13 +378,14 @@ def cmd_info(cfg: ModelConfig, out: TextIO) -> int:
     else:
         folder = cached_snapshot(cfg.id, cfg.revision)
         status = "cached" if folder is not None and snapshot_complete(folder) else "not cached"
-        print(f"configured: {cfg.backend} {cfg.id} at revision {cfg.revision or 'main'}: "
-              f"{status}", file=out)
+        print(
+            f"configured: {cfg.backend} {cfg.id} at revision {cfg.revision or 'main'}: {status}",
+            file=out,
+        )
     if cfg.backend != "photon":
         missing = missing_files(cfg)
         if missing:
-            print(f"not ready offline: missing {' and '.join(missing)}; to fix: {FIX}",
-                  file=out)
+            print(f"not ready offline: missing {' and '.join(missing)}; to fix: {FIX}", file=out)
         else:
             print("ready to run offline", file=out)
     try:

@@ -17,13 +17,13 @@ import structlog
 
 from watcher.backends import Backend
 from watcher.config import Config
-from watcher.decode import DecodeError, prepare
 from watcher.index import connect, transaction
-from watcher.queue import Job, JobQueue
-from watcher.worker import STOP, Failed, ModelWorker, Work
-from watcher.writer import Outcome, Writer
+from watcher.jobs import Job, JobQueue
+from watcher.pipeline.decode import DecodeError, prepare
+from watcher.pipeline.model_worker import STOP, Failed, ModelWorker, Work
+from watcher.pipeline.writer import Outcome, Writer
 
-log = structlog.get_logger("watcher.pipeline")
+log = structlog.get_logger("watcher.pipeline.stages")
 
 
 class Pipeline:
@@ -36,8 +36,14 @@ class Pipeline:
     last few decoded) every other call: at the tiny model's speed that cost 20% throughput.
     """
 
-    def __init__(self, cfg: Config, backend: Backend, *, roots: tuple[Path, ...] | None = None,
-                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        backend: Backend,
+        *,
+        roots: tuple[Path, ...] | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.roots = roots
@@ -57,8 +63,14 @@ class Pipeline:
         # Whether work not yet queued will be within the given seconds (the daemon: settling
         # files); the worker waits for it to fill a batch.
         self.upstream: Callable[[float], bool] = lambda within: False
-        self.worker = ModelWorker(backend, self.work_q, self.write_q, cfg.database,
-                                  incoming=self._incoming, decoding=lambda: self._decoding)
+        self.worker = ModelWorker(
+            backend,
+            self.work_q,
+            self.write_q,
+            cfg.database,
+            incoming=self._incoming,
+            decoding=lambda: self._decoding,
+        )
         self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
@@ -140,16 +152,16 @@ class Pipeline:
                 try:
                     claimed = jobs.claim(want, self.roots)
                 except sqlite3.Error as e:  # disk full or locked: keep the thread, retry
-                    log.warning("cannot claim jobs from the database; will retry",
-                                error=str(e))
+                    log.warning("cannot claim jobs from the database; will retry", error=str(e))
                     claimed = []
                     self._stopping.wait(1.0)
                 for _ in range(want - len(claimed)):
                     self._slots.release()
                 with self._lock:
                     # Fewer than asked for: nothing else is queued, whatever was announced.
-                    self._queued = (max(0, self._queued - len(claimed))
-                                    if len(claimed) == want else 0)
+                    self._queued = (
+                        max(0, self._queued - len(claimed)) if len(claimed) == want else 0
+                    )
                     self._in_flight += len(claimed)
                     self._decoding += len(claimed)
                 if claimed:
@@ -187,8 +199,14 @@ class Pipeline:
             return
         except Exception as e:  # a bug in decoding must not take the daemon down
             log.error("unexpected error preparing image", path=str(job.path), exc_info=e)
-            self.write_q.put(Failed(job, f"unexpected error: {type(e).__name__}: {e}",
-                                    transient=False, identity=_identity(job)))
+            self.write_q.put(
+                Failed(
+                    job,
+                    f"unexpected error: {type(e).__name__}: {e}",
+                    transient=False,
+                    identity=_identity(job),
+                )
+            )
             return
         self.work_q.put(Work(prepared, tasks))
 

@@ -1,0 +1,1 @@
+"""What is written next to an image: the `.txt` sidecar, confined and atomic."""

@@ -1,0 +1,1 @@
+"""The pipeline: jobs -> decode (CPU threads) -> model worker (one thread, batches) -> writer."""
