@@ -375,7 +375,7 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     ):
         db.conn.execute(sql)
     # External-content FTS5 kept in sync by triggers (sqlite-utils writes them).
-    db["images"].enable_fts(
+    db.table("images").enable_fts(
         ["caption", "outputs"], create_triggers=True, tokenize="porter", replace=True
     )
 

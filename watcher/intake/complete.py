@@ -7,6 +7,7 @@ import os
 import stat
 import struct
 from pathlib import Path
+from typing import overload
 
 # A TIFF has no end marker: it is checked by decoding it, and only up to this size (a larger
 # one waits out settle_seconds like any file without a marker; the settle thread must not
@@ -38,6 +39,10 @@ class _Reader:
             self.buf = os.pread(self.fd, max(n, self.WINDOW), pos)
         return self.buf[pos - self.start : end - self.start]
 
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+    @overload
+    def __getitem__(self, key: slice) -> bytes: ...
     def __getitem__(self, key: int | slice) -> int | bytes:
         if isinstance(key, slice):
             start = key.start or 0

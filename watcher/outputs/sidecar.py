@@ -86,7 +86,7 @@ def _image_extensions(extensions: Collection[str]) -> frozenset[str]:
 
 def _pieces(pattern: str) -> list[tuple[str, str | None]]:
     """(literal, field) pairs; raises ValueError for anything outside the grammar."""
-    pieces = []
+    pieces: list[tuple[str, str | None]] = []
     for literal, field, spec, conversion in string.Formatter().parse(pattern):
         if field is None:
             pieces.append((literal, None))
