@@ -18,11 +18,10 @@ from tiny_moondream import install_in_hf_cache, model_files, tiny_tokenizer_json
 from watcher.backends import ModelUnavailable
 from watcher.backends.weights import (
     MOONDREAM_TOKENIZER,
-    cmd_fetch,
-    cmd_info,
     ensure_available,
     hub_unreachable,
 )
+from watcher.cli import model_fetch, model_info
 from watcher.config import DEFAULT_MOONDREAM_REVISION, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +176,7 @@ def test_unpinned_revision_refused_before_anything_else(hub_cache):
 
 def test_info_on_an_empty_cache(hub_cache):
     out = io.StringIO()
-    assert cmd_info(ModelConfig(), out) == 0
+    assert model_info(ModelConfig(), out) == 0
     text = out.getvalue()
     assert str(hub_cache) in text
     assert "vikhyatk/moondream2 at revision 2025-06-21: not cached" in text
@@ -194,7 +193,7 @@ def test_info_on_a_populated_cache(hub_cache, tiny_moondream):
     )
     install_in_hf_cache({"tokenizer.json": tiny_tokenizer_json()}, hub_cache, MOONDREAM_TOKENIZER)
     out = io.StringIO()
-    assert cmd_info(ModelConfig(), out) == 0
+    assert model_info(ModelConfig(), out) == 0
     text = out.getvalue()
     assert "vikhyatk/moondream2 at revision 2025-06-21: cached" in text
     assert "ready to run offline" in text
@@ -205,13 +204,13 @@ def test_info_on_a_populated_cache(hub_cache, tiny_moondream):
 
 def test_info_with_a_local_path(hub_cache, tiny_moondream):
     out = io.StringIO()
-    assert cmd_info(ModelConfig(path=str(tiny_moondream)), out) == 0
+    assert model_info(ModelConfig(path=str(tiny_moondream)), out) == 0
     assert f"model.path: {tiny_moondream} (" in out.getvalue()
 
 
 def test_fetch_refuses_an_unpinned_revision():
     out = io.StringIO()
-    assert cmd_fetch(ModelConfig(), "main", out) == 2
+    assert model_fetch(ModelConfig(), "main", out) == 2
     assert "pinned revision" in out.getvalue()
 
 
@@ -219,7 +218,7 @@ def test_fetch_reports_a_download_failure(hub_cache, monkeypatch):
     # Tests run with HF_HUB_OFFLINE=1: the Hub client refuses at once, and that is the
     # environment's doing (exit 2), said in one line.
     out = io.StringIO()
-    assert cmd_fetch(ModelConfig(), None, out, verify=False) == 2
+    assert model_fetch(ModelConfig(), None, out, verify=False) == 2
     assert "HF_HUB_OFFLINE is set in your environment" in out.getvalue().splitlines()[-1]
 
     import watcher.backends.weights as models
@@ -229,7 +228,7 @@ def test_fetch_reports_a_download_failure(hub_cache, monkeypatch):
 
     monkeypatch.setattr(models, "_download", broken)
     out = io.StringIO()
-    assert cmd_fetch(ModelConfig(), None, out, verify=False) == 1
+    assert model_fetch(ModelConfig(), None, out, verify=False) == 1
     assert out.getvalue().splitlines()[-1] == (
         "watcher: download failed: ValueError: the repository is odd"
     )
@@ -242,6 +241,7 @@ from PIL import Image
 import watcher.backends.weights as models
 from tiny_moondream import install_in_hf_cache, model_files, tiny_tokenizer_json
 from watcher.backends import load_backend
+from watcher.cli import model_fetch, model_info
 from watcher.config import ModelConfig
 from watcher.tasks import Task
 
@@ -254,14 +254,14 @@ def fake_download(repo_id, revision):  # lays out what snapshot_download leaves 
         files = model_files(tiny)
     return install_in_hf_cache(files, models.hub_cache_dir(), repo_id, ref=revision or "main")
 models._download = fake_download
-rc = models.cmd_fetch(ModelConfig(), None, sys.stdout)
+rc = model_fetch(ModelConfig(), None, sys.stdout)
 print("RC", rc)
 t0 = time.monotonic()
 b = load_backend(ModelConfig())
 print("SECONDS", round(time.monotonic() - t0, 2))
 print("LOADED", b.name, b.revision, b.model.tokenizer.get_vocab_size())
 print("OUT", b.describe([Image.new("RGB", (32, 32), "red")], [Task("short")]))
-models.cmd_info(ModelConfig(), sys.stdout)
+model_info(ModelConfig(), sys.stdout)
 """
 
 

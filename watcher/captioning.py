@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import stat
 import threading
 import time
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from watcher.backends.registry import get_backend
 from watcher.config import Config, FolderConfig, ModelConfig
 from watcher.index import ImageRow, Index, prefix_range, transaction
 from watcher.intake.observer import Expected, Filter, PassedOver, scan
@@ -32,30 +32,18 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("watcher.captioning")
 
-_SHA = re.compile(r"^[0-9a-f]{40}$")
-
-
 # -- what the index expects ---------------------------------------------------------------
 
 
 def model_name(model: ModelConfig) -> str:
     """The name a loaded backend records in the index for this model config."""
-    if model.path and model.backend != "photon":
-        return str(Path(model.path).expanduser())
-    return model.source
+    return get_backend(model.backend).model_name(model)
 
 
 def model_revision(model: ModelConfig) -> str | None:
     """The revision a loaded backend records, as far as the config and the disk tell
     (a local copy that is a cache snapshot is its commit)."""
-    if model.backend == "photon":
-        return model.revision if not model.path else None
-    if model.path:
-        resolved = Path(model.path).expanduser().resolve()
-        if resolved.parent.name == "snapshots" and _SHA.match(resolved.name):
-            return resolved.name
-        return model.revision if model.backend == "transformers" else None
-    return model.revision
+    return get_backend(model.backend).model_revision(model)
 
 
 def compose(text: str, prefix: str, suffix: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from watcher import __version__
-from watcher.config import Config, ConfigError, default_config_path, load_config
+from watcher.config import Config, ConfigError, ModelConfig, default_config_path, load_config
 from watcher.paths import shown
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -629,9 +629,10 @@ def _caption(
 
 def _run_here(cfg: Config, plan, restored, pending: int, jobs, out: TextIO, err: TextIO) -> int:
     from watcher.backends import ModelUnavailable, open_backend
+    from watcher.backends.registry import get_backend
     from watcher.captioning import LazyBackend, run_pipeline
 
-    if cfg.model.backend in ("moondream", "transformers"):
+    if get_backend(cfg.model.backend).checks_weights:
         # A quick check of the disk now, so a missing model fails before any work; the
         # model itself loads only for the first batch that needs it.
         from watcher.backends.weights import ensure_available
@@ -1037,7 +1038,9 @@ def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.index import verify
 
     verify(cfg.database)
-    if cfg.model.backend in ("moondream", "transformers"):
+    from watcher.backends.registry import get_backend
+
+    if get_backend(cfg.model.backend).checks_weights:
         # Checked here, said once: the daemon never downloads (it runs offline), so a
         # missing model is the user's to fetch, whatever HF_HUB_OFFLINE says.
         from watcher.backends import ModelUnavailable
@@ -1052,11 +1055,106 @@ def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_model(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.backends import weights as models
-
     if args.model_command == "fetch":
-        return models.cmd_fetch(cfg.model, args.revision, out, err=err)
-    return models.cmd_info(cfg.model, out)
+        return model_fetch(cfg.model, args.revision, out, err=err)
+    return model_info(cfg.model, out)
+
+
+def model_fetch(
+    model: ModelConfig,
+    revision: str | None,
+    out: TextIO,
+    *,
+    verify: bool = True,
+    err: TextIO | None = None,
+) -> int:
+    """`watcher model fetch`: the download's steps as they happen, then how it ended.
+
+    0: everything is in place; 1: a download or test-load failed; 2: the request is
+    refused (an unpinned revision for remote code) or the Hub cannot be reached."""
+    from watcher.backends.weights import FetchStep, fetch, hub_cache_dir, human_size
+
+    err = err or out
+
+    def step(s: FetchStep) -> None:
+        if s.kind == "local copy":
+            line = (
+                f"model.path is set: {s.folder} is used as it is; "
+                "nothing to download for the model."
+            )
+        elif s.kind == "downloading" and s.tokenizer:
+            line = f"fetching tokenizer {s.repo_id} ..."
+        elif s.kind == "downloading":
+            line = f"fetching {s.repo_id} at revision {s.revision or 'main'} ..."
+        elif s.kind == "downloaded":
+            line = f"  {s.folder} ({human_size(s.size)})"
+        elif s.kind == "cached":
+            line = f"cache: {s.folder}"
+        else:
+            line = "test-loading the model ..."
+        print(line, file=out)
+
+    report = fetch(model, revision, verify=verify, on_step=step)
+    if report.outcome == "refused":
+        print(f"watcher: {report.message}", file=err)
+        return EXIT_USAGE
+    if report.outcome == "no network":
+        print(
+            f"watcher: cannot download from the Hugging Face Hub: {report.message}. Connect this "
+            "machine to the network and run `watcher model fetch` again, or fetch on a "
+            f"connected machine and copy its cache ({hub_cache_dir()}) here, or set "
+            "model.path to a local copy.",
+            file=err,
+        )
+        return EXIT_USAGE
+    if report.outcome == "download failed":
+        print(f"watcher: download failed: {report.message}", file=err)
+        return EXIT_FAILED
+    if report.outcome == "does not load":
+        print(f"watcher: downloaded, but it does not load: {report.message}", file=err)
+        return EXIT_FAILED
+    if report.not_test_loaded:
+        print(f"not test-loaded: {report.not_test_loaded}.", file=out)
+    elif report.outcome == "loads":
+        print("ok: the model loads from the cache; it works offline now.", file=out)
+    return EXIT_OK
+
+
+def model_info(model: ModelConfig, out: TextIO) -> int:
+    """`watcher model info`: the configured model's state and what the HF cache holds."""
+    from watcher.backends.weights import FIX, cache_info, human_size
+
+    info = cache_info(model)
+    print(f"Hugging Face cache: {info.cache}", file=out)
+    if info.local_path is not None:
+        state = human_size(info.local_size) if info.local_size is not None else "missing"
+        print(f"model.path: {info.local_path} ({state})", file=out)
+    else:
+        status = "cached" if info.cached else "not cached"
+        print(
+            f"configured: {model.backend} {model.id} at revision {model.revision or 'main'}: "
+            f"{status}",
+            file=out,
+        )
+    if info.missing:
+        print(f"not ready offline: missing {' and '.join(info.missing)}; to fix: {FIX}", file=out)
+    elif info.missing is not None:
+        print("ready to run offline", file=out)
+    if info.cache_error is not None:
+        print(f"cannot read the cache: {info.cache_error}", file=out)
+        return EXIT_FAILED
+    if not info.models:
+        print("nothing cached yet", file=out)
+        return EXIT_OK
+    print("cached models:", file=out)
+    for repo in info.models:
+        print(f"  {repo.repo_id}: {human_size(repo.size)}", file=out)
+        for rev in repo.revisions:
+            refs = ", ".join(rev.refs) or "no tag"
+            print(f"    {refs} (commit {rev.commit[:12]}): {human_size(rev.size)}", file=out)
+    for warning in info.warnings:
+        print(f"warning: {warning}", file=out)
+    return EXIT_OK
 
 
 def cmd_service(args, cfg: Config, out: TextIO, err: TextIO) -> int:

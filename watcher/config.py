@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from watcher.backends.registry import backend_names, get_backend
 from watcher.outputs.sidecar import pattern_problem
 from watcher.tasks import TASK_KINDS, Task
 
@@ -43,7 +44,6 @@ IMAGE_EXTENSIONS = (
 ) + ((".avif",) if avif_readable() else ())
 OVERWRITE_POLICIES = ("never", "ours", "always")
 ON_DELETE = ("keep", "remove-ours")
-BACKENDS = ("moondream", "transformers", "photon")
 DEFAULT_MOONDREAM_REVISION = "2025-06-21"
 
 
@@ -290,7 +290,9 @@ def _model(data: Any, where: str) -> ModelConfig:
     fields_ = {f.name for f in dataclasses.fields(ModelConfig)}
     _check_keys(data, fields_, "model.", where)
     kw: dict[str, Any] = {}
-    backend = _choice(data.get("backend", "moondream"), BACKENDS, "model.backend", where)
+    backend = _choice(
+        data.get("backend", ModelConfig.backend), backend_names(), "model.backend", where
+    )
     kw["backend"] = backend
     for name, value in data.items():
         k = f"model.{name}"
@@ -313,21 +315,15 @@ def _model(data: Any, where: str) -> ModelConfig:
             kw[name] = _number(value, k, where, minimum=1, integer=True)
         elif name in ("trust_remote_code", "isolate"):
             kw[name] = _typed(value, bool, k, where, "true or false")
-    if backend == "transformers" and "id" not in data and "path" not in data:
-        raise ConfigError(f"{where}: model.id: missing; backend 'transformers' needs id or path")
-    if backend != "moondream" and "revision" not in data:
-        kw["revision"] = None
-    if backend != "moondream" and "id" not in data:
-        kw.setdefault("id", ModelConfig.id)
-    needs_remote = backend == "moondream" or kw.get("trust_remote_code", False)
-    if needs_remote and not kw.get("path") and not kw.get("revision", "x"):
-        raise ConfigError(
-            f"{where}: model.revision: remote code is only trusted on a pinned revision "
-            "(a tag or commit sha); got none"
-        )
-    if needs_remote and not kw.get("path") and kw.get("revision") in ("main", "master"):
-        raise _fail(where, "model.revision", "a tag or commit sha, not a branch", kw["revision"])
-    return ModelConfig(**kw)
+    # The rest is the backend's to judge (watcher.backends.registry.BackendSpec).
+    spec = get_backend(backend)
+    if "revision" not in data:
+        kw["revision"] = spec.default_revision
+    model = ModelConfig(**kw)
+    problem = spec.config_problem(model, data.keys())
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    return model
 
 
 _TOP = {

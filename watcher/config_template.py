@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from watcher.backends.registry import backend_names
 from watcher.config import Config, FolderConfig, ModelConfig
 
 
@@ -35,7 +36,7 @@ def render_config(folders: list[Path], database: Path | None = None) -> str:
 # change what you need. Reference: config.example.yaml in the project.
 
 model:
-  backend: {m.backend}                # moondream | transformers | photon
+  backend: {m.backend}                # {" | ".join(backend_names())}
   id: {_y(m.id)}    # Hugging Face model id
   revision: {_y(m.revision)}           # a tag or commit; remote code is never run unpinned
   path: null                       # a local copy of the model; wins over id/revision

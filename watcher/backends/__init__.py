@@ -49,7 +49,9 @@ def open_backend(cfg: ModelConfig, log_cfg: LogConfig | None = None) -> Backend:
     else in this one. Raises ModelUnavailable with a user-facing message."""
     if not cfg.isolate:
         return load_backend(cfg)
-    if cfg.backend in ("moondream", "transformers"):
+    from watcher.backends.registry import get_backend
+
+    if get_backend(cfg.backend).checks_weights:
         # Here too, before a child spends seconds importing torch only to find no weights.
         from watcher.backends.weights import ensure_available
 
@@ -60,23 +62,15 @@ def open_backend(cfg: ModelConfig, log_cfg: LogConfig | None = None) -> Backend:
 
 
 def load_backend(cfg: ModelConfig) -> Backend:
-    """Build the configured backend. Raises ModelUnavailable with a user-facing message."""
-    if cfg.backend in ("moondream", "transformers"):
+    """Build the configured backend (the one registered as `model.backend`) in this process.
+    Raises ModelUnavailable with a user-facing message."""
+    from watcher.backends.registry import get_backend
+
+    spec = get_backend(cfg.backend)
+    if spec.checks_weights:
         # Fail in seconds, with one clear message, when the weights are not on this
         # machine and the Hub cannot be reached (instead of after the Hub client's retries).
         from watcher.backends.weights import ensure_available
 
         ensure_available(cfg)
-    if cfg.backend == "transformers":
-        from watcher.backends.transformers_backend import TransformersBackend
-
-        return TransformersBackend.load(cfg)
-    if cfg.backend == "moondream":
-        from watcher.backends.moondream import MoondreamBackend
-
-        return MoondreamBackend.load(cfg)
-    if cfg.backend == "photon":
-        from watcher.backends.photon import PhotonBackend
-
-        return PhotonBackend.load(cfg)
-    raise ModelUnavailable(f"unknown backend {cfg.backend!r}")
+    return spec.load(cfg)

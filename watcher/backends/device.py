@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -44,3 +45,12 @@ def pick(device: str = "auto", dtype: str = "auto") -> Placement:
     else:
         chosen = _DTYPES[dtype]
     return Placement(device, chosen)
+
+
+def free_memory(device: str) -> None:
+    """After a model is dropped: collect it, then hand its cached memory back to the GPU."""
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif device == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()

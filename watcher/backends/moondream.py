@@ -9,7 +9,6 @@ None: a non-None variant makes the model download LoRA weights from a remote API
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,15 +17,18 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from watcher.backends import ModelUnavailable
-from watcher.backends.device import pick
 from watcher.backends.weights import (
     FIX,
     MOONDREAM_TOKENIZER,
+    HubBackendSpec,
     cached_snapshot,
     cached_tokenizer_file,
     require_pinned_revision,
     snapshot_complete,
+    snapshot_revision,
+    uses_moondream_tokenizer,
 )
+from watcher.config import DEFAULT_MOONDREAM_REVISION
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,13 +38,51 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
+# The task kinds Moondream's own `caption` call serves (the others go through `query`).
 CAPTION_LENGTHS = ("short", "normal", "long")
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-def settings_for(task: Task) -> dict[str, Any]:
-    """Sampling settings for one call: greedy, capped, never a remote LoRA variant."""
-    return {"temperature": 0, "max_tokens": task.max_tokens, "variant": None}
+class MoondreamSpec(HubBackendSpec):
+    """Moondream2 through its remote code: always remote code, so always a pinned revision
+    (the config's default one) or a local copy."""
+
+    name = "moondream"
+    title = "Moondream"
+    default_revision = DEFAULT_MOONDREAM_REVISION
+
+    def load(self, cfg: ModelConfig) -> MoondreamBackend:
+        return MoondreamBackend.load(cfg)
+
+    def needs_remote_code(self, cfg: ModelConfig) -> bool:
+        return True
+
+    def tokenizers(self, cfg: ModelConfig, folder: Path | None) -> tuple[str, ...]:
+        return (MOONDREAM_TOKENIZER,) if uses_moondream_tokenizer(folder, True) else ()
+
+
+SPEC = MoondreamSpec()
+
+
+def settings_for(task: Task, *, pin_variant: bool = True) -> dict[str, Any]:
+    """Sampling settings for one Moondream call: greedy, capped by the task.
+
+    `pin_variant`: add `variant: None`, for the Hugging Face remote code, where a non-None
+    variant downloads LoRA weights from a remote API. Photon's settings have no such key."""
+    settings: dict[str, Any] = {"temperature": 0, "max_tokens": task.max_tokens}
+    if pin_variant:
+        settings["variant"] = None
+    return settings
+
+
+def run_task(model: Any, image: Any, task: Task, settings: dict[str, Any], **query: Any) -> str:
+    """One task on one (encoded) image through Moondream's API: `caption` for the caption
+    lengths, `query` (with the backend's extra `query` arguments) for the rest."""
+    if task.kind in CAPTION_LENGTHS:
+        out = model.caption(image, length=task.kind, stream=False, settings=settings)
+        return str(out["caption"]).strip()
+    # "prompt" asks the Stable Diffusion instruction, "query" the user's question.
+    out = model.query(image, task.instruction, settings=settings, **query)
+    return str(out["answer"]).strip()
 
 
 @contextlib.contextmanager
@@ -78,14 +118,6 @@ def _cached_tokenizer() -> Iterator[None]:
         Tokenizer.from_pretrained = original
 
 
-def _local_revision(path: Path) -> str | None:
-    """The commit of a local copy that is a Hugging Face cache snapshot, else None."""
-    resolved = path.resolve()
-    if resolved.parent.name == "snapshots" and _SHA.match(resolved.name):
-        return resolved.name
-    return None
-
-
 class MoondreamBackend:
     """Backend over a loaded Moondream2 (or API-compatible) remote-code model."""
 
@@ -109,7 +141,7 @@ class MoondreamBackend:
                     f"model.path: {local} is not a model folder (no config.json). "
                     f"Point it at a copy of {cfg.id}, or unset it; to get one: {FIX}."
                 )
-            source, name, revision = str(local), str(local), _local_revision(local)
+            source, name, revision = str(local), str(local), snapshot_revision(local)
             kwargs["local_files_only"] = True
         else:
             source, name, revision = cfg.id, cfg.id, cfg.revision
@@ -118,6 +150,8 @@ class MoondreamBackend:
             if snapshot is not None and snapshot_complete(snapshot):
                 # Everything is here: no Hub round trips at start-up.
                 kwargs["local_files_only"] = True
+        from watcher.backends.device import pick  # torch: only once a model loads
+
         placement = pick(cfg.device, cfg.dtype)
         log.info(
             "loading model",
@@ -162,13 +196,7 @@ class MoondreamBackend:
         return cls(model, name=name, revision=revision, placement=placement)
 
     def _run(self, encoded: Any, task: Task) -> str:
-        settings = settings_for(task)
-        if task.kind in CAPTION_LENGTHS:
-            out = self.model.caption(encoded, length=task.kind, stream=False, settings=settings)
-            return str(out["caption"]).strip()
-        # "prompt" asks the Stable Diffusion instruction, "query" the user's question.
-        out = self.model.query(encoded, task.instruction, reasoning=False, settings=settings)
-        return str(out["answer"]).strip()
+        return run_task(self.model, encoded, task, settings_for(task), reasoning=False)
 
     def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]:
         """Per image, one output per task. The image is encoded once and reused."""
@@ -186,13 +214,6 @@ class MoondreamBackend:
         if model is None:
             return
         del model
-        import gc
+        from watcher.backends.device import free_memory
 
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # pragma: no cover - best effort
-            pass
+        free_memory(self.placement.device)

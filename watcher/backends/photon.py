@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from watcher.backends import ModelUnavailable
+from watcher.backends.moondream import run_task, settings_for
+from watcher.backends.registry import BackendSpec
+from watcher.backends.weights import MOONDREAM_TOKENIZER, uses_moondream_tokenizer
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,7 +42,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-CAPTION_LENGTHS = ("short", "normal", "long")
 # Hugging Face ids of the models Photon knows, and Photon's names for them.
 PHOTON_NAMES = {
     "vikhyatk/moondream2": "moondream2",
@@ -60,9 +62,22 @@ class PhotonBatchError(RuntimeError):
         )
 
 
-def settings_for(task: Task) -> dict[str, Any]:
-    """Greedy decoding with the task's cap. Photon's settings have no "variant" key."""
-    return {"temperature": 0, "max_tokens": task.max_tokens}
+class PhotonSpec(BackendSpec):
+    """Photon fetches and checks its own weights (none are checked before start) and
+    runs only on a GPU machine, so `watcher model fetch` does not test-load it."""
+
+    name = "photon"
+    not_test_loaded = "Photon loads on its GPU machine"
+
+    def load(self, cfg: ModelConfig) -> PhotonBackend:
+        return PhotonBackend.load(cfg)
+
+    def tokenizers(self, cfg: ModelConfig, folder: Path | None) -> tuple[str, ...]:
+        # Moondream's weights, so Moondream's tokenizer when its code asks for it.
+        return (MOONDREAM_TOKENIZER,) if uses_moondream_tokenizer(folder, False) else ()
+
+
+SPEC = PhotonSpec()
 
 
 def photon_device(cfg: ModelConfig) -> str:
@@ -191,12 +206,9 @@ class PhotonBackend:
         return cls(engine, cfg, name=cfg.path or cfg.id, revision=revision)
 
     def _run(self, image: Any, task: Task) -> str:
-        settings = settings_for(task)
-        if task.kind in CAPTION_LENGTHS:
-            out = self.engine.caption(image, length=task.kind, stream=False, settings=settings)
-            return str(out["caption"]).strip()
-        out = self.engine.query(image, task.instruction, stream=False, settings=settings)
-        return str(out["answer"]).strip()
+        return run_task(
+            self.engine, image, task, settings_for(task, pin_variant=False), stream=False
+        )
 
     def _submit_all(
         self, calls: list[tuple[Callable[..., Any], tuple]], *, started: bool

@@ -21,50 +21,60 @@ the same text as one image at a time. The text is returned raw; the caller clean
 
 from __future__ import annotations
 
-import gc
 import inspect
 import os
-import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-import torch
 
 from watcher.backends import ModelUnavailable
-from watcher.backends.device import Placement, pick
 from watcher.backends.weights import (
     FIX,
+    HubBackendSpec,
     cached_snapshot,
+    first_line,
     offline_mode,
     require_pinned_revision,
     snapshot_complete,
+    snapshot_revision,
 )
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
+    from watcher.backends.device import Placement
     from watcher.config import ModelConfig
     from watcher.tasks import Task
 
 log = structlog.get_logger()
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-def _snapshot_revision(path: Path) -> str | None:
-    """The commit of a local copy that is a Hugging Face cache snapshot, else None."""
-    resolved = path.resolve()
-    if resolved.parent.name == "snapshots" and _SHA.match(resolved.name):
-        return resolved.name
-    return None
+class TransformersSpec(HubBackendSpec):
+    """Any image-text-to-text model: named by model.id or model.path (no default model);
+    remote code only with trust_remote_code, and then at a pinned revision."""
+
+    name = "transformers"
+
+    def load(self, cfg: ModelConfig) -> TransformersBackend:
+        return TransformersBackend.load(cfg)
+
+    def config_problem(self, cfg: ModelConfig, given: Collection[str]) -> str | None:
+        if "id" not in given and "path" not in given:
+            return "model.id: missing; backend 'transformers' needs id or path"
+        return super().config_problem(cfg, given)
+
+    def model_revision(self, cfg: ModelConfig) -> str | None:
+        # A local copy that is no cache snapshot is recorded at the configured revision.
+        if cfg.path:
+            return snapshot_revision(Path(cfg.path)) or cfg.revision
+        return cfg.revision
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0].rstrip(". ") if text else type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+SPEC = TransformersSpec()
 
 
 def _takes_token_type_ids(model: Any) -> bool:
@@ -79,6 +89,8 @@ def _takes_token_type_ids(model: Any) -> bool:
 
 def _check_device(device: str) -> None:
     """ModelUnavailable for a configured device this machine does not have."""
+    import torch
+
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ModelUnavailable(f"model.device is {device}, but CUDA is not available here")
@@ -134,6 +146,10 @@ class TransformersBackend:
         or a Hub model not in the cache while offline), the configured device is not there,
         or the model cannot be loaded as an image-text-to-text model.
         """
+        import torch  # here, not at the top: the registry imports this module's SPEC
+
+        from watcher.backends.device import pick
+
         require_pinned_revision(cfg)
         placement = pick(cfg.device, cfg.dtype)
         _check_device(placement.device)
@@ -147,7 +163,7 @@ class TransformersBackend:
                 raise ModelUnavailable(
                     f"model.path: {cfg.path} is not a model folder (no config.json)"
                 )
-            source, revision = str(path), _snapshot_revision(path) or cfg.revision
+            source, revision = str(path), snapshot_revision(path) or cfg.revision
             where, hint = source, ""
             kwargs["local_files_only"] = True
         else:
@@ -178,12 +194,14 @@ class TransformersBackend:
                 source, dtype=placement.dtype, device_map={"": placement.device}, **kwargs
             )
         except OSError as e:
+            why = first_line(e, drop_stop=True)
             raise ModelUnavailable(
-                f"cannot load model {where}: files missing or unreadable: {_first_line(e)}{hint}"
+                f"cannot load model {where}: files missing or unreadable: {why}{hint}"
             ) from e
         except (ValueError, KeyError, ImportError) as e:
+            why = first_line(e, drop_stop=True)
             raise ModelUnavailable(
-                f"cannot load model {where} as an image-text-to-text model: {_first_line(e)}"
+                f"cannot load model {where} as an image-text-to-text model: {why}"
             ) from e
         except torch.cuda.OutOfMemoryError as e:
             raise ModelUnavailable(
@@ -264,6 +282,8 @@ class TransformersBackend:
         self, images: list[Image.Image], instruction: str | None, max_new_tokens: int
     ) -> torch.Tensor:
         """The generated token ids, prompt removed, shape (len(images), n)."""
+        import torch
+
         inputs = self._inputs(images, instruction)
         if not self._token_type_ids:
             inputs.pop("token_type_ids", None)
@@ -307,9 +327,6 @@ class TransformersBackend:
         self._model = None
         self._processor = None
         self._tokenizer = None
-        gc.collect()
-        device = self.placement.device
-        if device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        elif device == "mps" and hasattr(torch, "mps"):
-            torch.mps.empty_cache()
+        from watcher.backends.device import free_memory
+
+        free_memory(self.placement.device)

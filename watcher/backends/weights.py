@@ -1,20 +1,26 @@
 """Model weights on disk: is the configured model usable offline, fetch it, show the cache.
 
 Everything here uses huggingface_hub's cache (honouring HF_HOME / HF_HUB_CACHE) and never
-imports torch, so `ensure_available` and `cmd_info` are quick and work offline.
+imports torch, so `ensure_available` and `cache_info` are quick and work offline. What
+differs per backend is asked of its spec (watcher.backends.registry); `HubBackendSpec` is
+the part shared by the backends that load from that cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Literal
 
 from watcher.backends import ModelUnavailable
+from watcher.backends.registry import BackendSpec, get_backend
 from watcher.config import ModelConfig
 
 # Moondream2's remote code loads this tokenizer from the Hub at start-up (unpinned, "main").
@@ -22,6 +28,7 @@ MOONDREAM_TOKENIZER = "moondream/starmie-v1"
 FIX = "run `watcher model fetch` on a connected machine, or set model.path to a local copy"
 HUB_PROBE_TIMEOUT = 3.0  # seconds; the whole check stays well under 10 s
 _UNPINNED = (None, "", "main", "master")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
 # Weight formats we never need; a repo's .bin files are skipped when it has safetensors.
 _IGNORE = [
     "*.onnx",
@@ -41,7 +48,7 @@ _IGNORE = [
 
 
 def needs_remote_code(cfg: ModelConfig) -> bool:
-    return cfg.backend == "moondream" or cfg.trust_remote_code
+    return get_backend(cfg.backend).needs_remote_code(cfg)
 
 
 def require_pinned_revision(cfg: ModelConfig) -> None:
@@ -54,6 +61,14 @@ def require_pinned_revision(cfg: ModelConfig) -> None:
             f"at a pinned revision (a tag such as 2025-06-21 or a commit sha); got "
             f"{cfg.revision!r}. Set model.revision, or set model.path to a local copy."
         )
+
+
+def snapshot_revision(path: Path) -> str | None:
+    """The commit of a local copy that is a Hugging Face cache snapshot, else None."""
+    resolved = path.expanduser().resolve()
+    if resolved.parent.name == "snapshots" and _SHA.match(resolved.name):
+        return resolved.name
+    return None
 
 
 def hub_cache_dir() -> Path:
@@ -85,21 +100,21 @@ def snapshot_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and _has_weights(folder)
 
 
-def uses_moondream_tokenizer(folder: Path | None, cfg: ModelConfig) -> bool:
+def uses_moondream_tokenizer(folder: Path | None, default: bool) -> bool:
     """Whether loading this model fetches the starmie tokenizer from the Hub.
 
     Judged from the model's own code when we have it (a tiny test model does not), else
-    from the backend: Moondream2 does.
+    `default` (the backend's answer: Moondream2 does).
     """
     if folder is not None:
         code = [p.read_text(encoding="utf-8", errors="replace") for p in folder.glob("*.py")]
         if code:
             return any("starmie" in c or "Tokenizer.from_pretrained" in c for c in code)
-    return cfg.backend == "moondream"
+    return default
 
 
-def cached_tokenizer_file() -> Path | None:
-    folder = cached_snapshot(MOONDREAM_TOKENIZER, None)
+def cached_tokenizer_file(repo_id: str = MOONDREAM_TOKENIZER) -> Path | None:
+    folder = cached_snapshot(repo_id, None)
     if folder is not None and (folder / "tokenizer.json").is_file():
         return folder / "tokenizer.json"
     return None
@@ -145,23 +160,39 @@ def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
     return result[0]
 
 
+class HubBackendSpec(BackendSpec):
+    """A backend that loads a Hugging Face model from the cache or from model.path."""
+
+    checks_weights = True
+    title = ""  # the model family, for messages ("Moondream loads it at start-up")
+
+    def missing_files(self, cfg: ModelConfig) -> list[str]:
+        missing: list[str] = []
+        folder: Path | None
+        if cfg.path:
+            folder = Path(cfg.path).expanduser()
+            if not folder.is_dir():
+                return []  # the backend reports a bad model.path itself
+        else:
+            folder = cached_snapshot(cfg.id, cfg.revision)
+            if folder is None or not snapshot_complete(folder):
+                missing.append(f"model {cfg.id} at revision {cfg.revision or 'main'}")
+                folder = None
+        for repo_id in self.tokenizers(cfg, folder):
+            if cached_tokenizer_file(repo_id) is None:
+                missing.append(f"tokenizer {repo_id} ({self.title} loads it at start-up)")
+        return missing
+
+    def model_name(self, cfg: ModelConfig) -> str:
+        return str(Path(cfg.path).expanduser()) if cfg.path else cfg.id
+
+    def model_revision(self, cfg: ModelConfig) -> str | None:
+        return snapshot_revision(Path(cfg.path)) if cfg.path else cfg.revision
+
+
 def missing_files(cfg: ModelConfig) -> list[str]:
     """What the configured model still needs from the Hub, as phrases for a message."""
-    missing: list[str] = []
-    folder: Path | None = None
-    if cfg.path:
-        folder = Path(cfg.path).expanduser()
-        if not folder.is_dir():
-            return []  # the backend reports a bad model.path itself
-    elif cfg.backend != "photon":
-        folder = cached_snapshot(cfg.id, cfg.revision)
-        if folder is None or not snapshot_complete(folder):
-            missing.append(f"model {cfg.id} at revision {cfg.revision or 'main'}")
-            folder = None
-    if cfg.backend == "moondream" and uses_moondream_tokenizer(folder, cfg):
-        if cached_tokenizer_file() is None:
-            missing.append(f"tokenizer {MOONDREAM_TOKENIZER} (Moondream loads it at start-up)")
-    return missing
+    return get_backend(cfg.backend).missing_files(cfg)
 
 
 def ensure_available(cfg: ModelConfig, *, daemon: bool = False) -> None:
@@ -170,15 +201,13 @@ def ensure_available(cfg: ModelConfig, *, daemon: bool = False) -> None:
     That is: an unpinned revision for remote code, or files missing from the cache while
     the Hub cannot be reached (offline mode, or no answer within a few seconds). When
     files are missing but the Hub answers, loading goes on and downloads them.
-    Photon manages its own weights and is not checked here.
+    A backend that manages its own weights (Photon) has nothing missing here.
 
     `daemon`: for `watcher run`, which never downloads (it sets HF_HUB_OFFLINE for itself):
     missing files are an error at once, and the message says so rather than blaming a
     setting the user did not make.
     """
     require_pinned_revision(cfg)
-    if cfg.backend == "photon":
-        return
     missing = missing_files(cfg)
     if not missing:
         return
@@ -196,10 +225,116 @@ def ensure_available(cfg: ModelConfig, *, daemon: bool = False) -> None:
     )
 
 
-# --- CLI: watcher model fetch / watcher model info ---------------------------------------
+# --- watcher model fetch / watcher model info, as data (the CLI prints them) -------------
 
 
-def _human(n: int) -> str:
+@dataclass(frozen=True)
+class FetchStep:
+    """One step of `fetch`, reported as it happens (for a progress line).
+
+    "local copy": model.path is used as it is (`folder`); "downloading": `repo_id` at
+    `revision` starts (`tokenizer`: a tokenizer the model loads); "downloaded": it is in
+    `folder`, `size` bytes; "cached": everything is in the HF cache `folder`;
+    "test-loading": the model is being loaded from the cache.
+    """
+
+    kind: Literal["local copy", "downloading", "downloaded", "cached", "test-loading"]
+    repo_id: str | None = None
+    revision: str | None = None
+    tokenizer: bool = False
+    folder: Path | None = None
+    size: int = 0
+
+
+FetchOutcome = Literal[
+    "refused", "no network", "download failed", "downloaded", "loads", "does not load"
+]
+
+
+@dataclass(frozen=True)
+class FetchReport:
+    """How `fetch` ended, after its `steps`.
+
+    outcome: "refused" (an unpinned revision for remote code; `message` says why), "no
+    network" (the Hub cannot be reached; `message` is why), "download failed" (`message`:
+    the error's type and first line), "downloaded" (not test-loaded: asked not to, or
+    `not_test_loaded` says why), "loads" (test-loaded from the cache) or "does not load"
+    (`message`: the error's first line).
+    """
+
+    outcome: FetchOutcome
+    steps: tuple[FetchStep, ...]
+    message: str = ""
+    not_test_loaded: str | None = None
+
+
+def fetch(
+    cfg: ModelConfig,
+    revision: str | None,
+    *,
+    verify: bool = True,
+    on_step: Callable[[FetchStep], None] | None = None,
+) -> FetchReport:
+    """Download the model (and the tokenizers it loads) into the HF cache, then check it
+    loads. `on_step` hears of every step as it happens. Never raises for a refused
+    request, a failed download or a model that does not load: the report says which."""
+    target = dataclasses.replace(cfg, revision=revision or cfg.revision)
+    spec = get_backend(target.backend)
+    steps: list[FetchStep] = []
+
+    def step(s: FetchStep) -> None:
+        steps.append(s)
+        if on_step is not None:
+            on_step(s)
+
+    def report(
+        outcome: FetchOutcome, message: str = "", not_test_loaded: str | None = None
+    ) -> FetchReport:
+        return FetchReport(outcome, tuple(steps), message, not_test_loaded)
+
+    try:
+        require_pinned_revision(target)
+    except ModelUnavailable as e:
+        return report("refused", str(e))
+    folder: Path | None = None
+    try:
+        if target.path:
+            folder = Path(target.path).expanduser()
+            step(FetchStep("local copy", folder=folder))
+        else:
+            step(FetchStep("downloading", target.id, target.revision))
+            folder = _download(target.id, target.revision)
+            step(
+                FetchStep(
+                    "downloaded", target.id, target.revision, folder=folder, size=_size(folder)
+                )
+            )
+        for repo_id in spec.tokenizers(target, folder if folder and folder.is_dir() else None):
+            step(FetchStep("downloading", repo_id, tokenizer=True))
+            tok = _download(repo_id, None)
+            step(FetchStep("downloaded", repo_id, tokenizer=True, folder=tok, size=_size(tok)))
+    except Exception as e:
+        reason = _network_reason(e)
+        if reason is None:
+            return report("download failed", f"{type(e).__name__}: {first_line(e)}")
+        return report("no network", reason)
+    step(FetchStep("cached", folder=hub_cache_dir()))
+    if not verify:
+        return report("downloaded")
+    if spec.not_test_loaded is not None:
+        return report("downloaded", not_test_loaded=spec.not_test_loaded)
+    from watcher.backends import load_backend
+
+    step(FetchStep("test-loading"))
+    try:
+        backend = load_backend(target)
+    except Exception as e:
+        return report("does not load", first_line(e))
+    backend.close()
+    return report("loads")
+
+
+def human_size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
@@ -232,79 +367,6 @@ def _download(repo_id: str, revision: str | None) -> Path:
     if any(f.endswith(".safetensors") for f in files):
         ignore.append("*.bin")
     return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
-
-
-def cmd_fetch(
-    cfg: ModelConfig,
-    revision: str | None,
-    out: TextIO,
-    *,
-    verify: bool = True,
-    err: TextIO | None = None,
-) -> int:
-    """Download the model (and Moondream's tokenizer) into the HF cache, then check it loads.
-
-    Returns 0 when everything is in place, 1 on a download or load failure, 2 when the
-    request itself is refused (an unpinned revision for remote code) or the Hub cannot be
-    reached: one line on `err` saying what to do, never an exception dump.
-    """
-    import dataclasses
-
-    err = err or out
-    target = dataclasses.replace(cfg, revision=revision or cfg.revision)
-    try:
-        require_pinned_revision(target)
-    except ModelUnavailable as e:
-        print(f"watcher: {e}", file=err)
-        return 2
-    folder: Path | None = None
-    try:
-        if target.path:
-            folder = Path(target.path).expanduser()
-            print(
-                f"model.path is set: {folder} is used as it is; nothing to download for the model.",
-                file=out,
-            )
-        else:
-            print(f"fetching {target.id} at revision {target.revision or 'main'} ...", file=out)
-            folder = _download(target.id, target.revision)
-            print(f"  {folder} ({_human(_size(folder))})", file=out)
-        if target.backend in ("moondream", "photon") and uses_moondream_tokenizer(
-            folder if folder and folder.is_dir() else None, target
-        ):
-            print(f"fetching tokenizer {MOONDREAM_TOKENIZER} ...", file=out)
-            tok = _download(MOONDREAM_TOKENIZER, None)
-            print(f"  {tok} ({_human(_size(tok))})", file=out)
-    except Exception as e:
-        reason = _network_reason(e)
-        if reason is None:
-            print(f"watcher: download failed: {type(e).__name__}: {_first_line(e)}", file=err)
-            return 1
-        print(
-            f"watcher: cannot download from the Hugging Face Hub: {reason}. Connect this "
-            "machine to the network and run `watcher model fetch` again, or fetch on a "
-            f"connected machine and copy its cache ({hub_cache_dir()}) here, or set "
-            "model.path to a local copy.",
-            file=err,
-        )
-        return 2
-    print(f"cache: {hub_cache_dir()}", file=out)
-    if not verify:
-        return 0
-    if target.backend == "photon":
-        print("not test-loaded: Photon loads on its GPU machine.", file=out)
-        return 0
-    from watcher.backends import load_backend
-
-    print("test-loading the model ...", file=out)
-    try:
-        backend = load_backend(target)
-    except Exception as e:
-        print(f"watcher: downloaded, but it does not load: {_first_line(e)}", file=err)
-        return 1
-    backend.close()
-    print("ok: the model loads from the cache; it works offline now.", file=out)
-    return 0
 
 
 # Exception type names (anywhere in the chain) that mean "no network to the Hub": the
@@ -346,65 +408,83 @@ def _network_reason(e: BaseException) -> str | None:
     if offline_mode():
         return "offline mode is on (HF_HUB_OFFLINE is set in your environment; unset it)"
     inner = chain[-1]
-    detail = getattr(inner, "strerror", None) or _first_line(inner)
+    detail = getattr(inner, "strerror", None) or first_line(inner)
     return f"no connection ({type(inner).__name__}: {detail})"
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
+def first_line(e: BaseException, limit: int = 300, *, drop_stop: bool = False) -> str:
+    """The first line of an error's text, at most `limit` characters, for a message.
+    `drop_stop`: without a closing full stop (the message goes on after it)."""
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
+    if drop_stop and text:
+        line = line.rstrip(". ")
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _revision_lines(revisions: Iterable) -> list[str]:
-    lines = []
-    for rev in sorted(revisions, key=lambda r: r.last_modified, reverse=True):
-        refs = ", ".join(sorted(rev.refs)) or "no tag"
-        lines.append(f"    {refs} (commit {rev.commit_hash[:12]}): {_human(rev.size_on_disk)}")
-    return lines
+@dataclass(frozen=True)
+class CachedRevision:
+    refs: tuple[str, ...]  # sorted tag/branch names; empty: none
+    commit: str
+    size: int
 
 
-def cmd_info(cfg: ModelConfig, out: TextIO) -> int:
+@dataclass(frozen=True)
+class CachedModel:
+    repo_id: str
+    size: int
+    revisions: tuple[CachedRevision, ...]  # newest first
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What `watcher model info` reports: the configured model and what is cached."""
+
+    cache: Path
+    local_path: Path | None  # model.path, when set
+    local_size: int | None  # its size; None: the folder is missing
+    cached: bool  # without model.path: whether the configured snapshot is complete
+    # What loading offline still needs; None: the backend's weights are not checked.
+    missing: tuple[str, ...] | None
+    models: tuple[CachedModel, ...] = ()  # model repositories in the cache, by id
+    warnings: tuple[str, ...] = ()
+    cache_error: str | None = None  # the cache exists but could not be read
+
+
+def cache_info(cfg: ModelConfig) -> CacheInfo:
     """What is cached, at which revisions, and how big. Reads the disk only."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     cache = hub_cache_dir()
-    print(f"Hugging Face cache: {cache}", file=out)
+    local_path: Path | None = None
+    local_size: int | None = None
+    cached = False
     if cfg.path:
-        p = Path(cfg.path).expanduser()
-        state = f"{_human(_size(p))}" if p.is_dir() else "missing"
-        print(f"model.path: {p} ({state})", file=out)
+        local_path = Path(cfg.path).expanduser()
+        local_size = _size(local_path) if local_path.is_dir() else None
     else:
         folder = cached_snapshot(cfg.id, cfg.revision)
-        status = "cached" if folder is not None and snapshot_complete(folder) else "not cached"
-        print(
-            f"configured: {cfg.backend} {cfg.id} at revision {cfg.revision or 'main'}: {status}",
-            file=out,
-        )
-    if cfg.backend != "photon":
-        missing = missing_files(cfg)
-        if missing:
-            print(f"not ready offline: missing {' and '.join(missing)}; to fix: {FIX}", file=out)
-        else:
-            print("ready to run offline", file=out)
+        cached = folder is not None and snapshot_complete(folder)
+    spec = get_backend(cfg.backend)
+    missing = tuple(missing_files(cfg)) if spec.checks_weights else None
+    base = CacheInfo(cache, local_path, local_size, cached, missing)
     try:
         info = scan_cache_dir(cache)
     except CacheNotFound:
-        print("nothing cached yet", file=out)
-        return 0
+        return base
     except Exception as e:
-        print(f"cannot read the cache: {e}", file=out)
-        return 1
+        return dataclasses.replace(base, cache_error=str(e))
     repos = sorted((r for r in info.repos if r.repo_type == "model"), key=lambda r: r.repo_id)
-    if not repos:
-        print("nothing cached yet", file=out)
-        return 0
-    print("cached models:", file=out)
-    for repo in repos:
-        print(f"  {repo.repo_id}: {_human(repo.size_on_disk)}", file=out)
-        for line in _revision_lines(repo.revisions):
-            print(line, file=out)
-    for warning in info.warnings:
-        print(f"warning: {warning}", file=out)
-    return 0
+    models = tuple(
+        CachedModel(
+            repo.repo_id,
+            repo.size_on_disk,
+            tuple(
+                CachedRevision(tuple(sorted(rev.refs)), rev.commit_hash, rev.size_on_disk)
+                for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+            ),
+        )
+        for repo in repos
+    )
+    return dataclasses.replace(base, models=models, warnings=tuple(str(w) for w in info.warnings))
