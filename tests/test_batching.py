@@ -13,7 +13,8 @@ from images import distinct_image
 from test_worker import _run, _work
 
 import watcher.pipeline.model_worker as worker_mod
-from watcher.pipeline.model_worker import STOP, Captioned, ModelWorker
+from watcher.messages import STOP, Captioned
+from watcher.pipeline.model_worker import ModelWorker
 
 
 def test_images_being_decoded_are_waited_for_however_quick_the_last_call(tmp_path, monkeypatch):

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image, ImageFile, ImageStat
 from PIL.JpegImagePlugin import JpegImageFile
 
-from watcher.jobs import Job
+from watcher.messages import Job, Prepared
 from watcher.pipeline import decode
-from watcher.pipeline.decode import DecodeError, Prepared, file_identity, prepare
+from watcher.pipeline.decode import DecodeError, file_identity, prepare
 
 MAX_PIXELS = 100_000_000
 MAX_SIDE = 2048

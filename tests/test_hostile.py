@@ -487,7 +487,7 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path, tiny_llava, recorder)
 
 def test_decode_refuses_a_link_out_of_the_root_without_opening_it(tmp_path):
     """The last check before the open, for a link that appears after the scan or event."""
-    from watcher.jobs import Job
+    from watcher.messages import Job
     from watcher.pipeline.decode import DecodeError, prepare
 
     outside, secret, listing = _outside_tree(tmp_path)

@@ -31,7 +31,7 @@ def test_claim_finish_and_reenqueue_while_running(tmp_path: Path) -> None:
     with transaction(q.db):
         assert not q.finish(jobs[0])  # stale: runs again
         assert q.finish(jobs[1])
-    assert q.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0}
+    assert q.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0, "skipped": 0}
 
 
 def test_crash_recovery_requeues_running(tmp_path: Path) -> None:

@@ -11,9 +11,8 @@ from images import distinct_pil
 
 import watcher.pipeline.model_worker as worker_mod
 from watcher.intake.settle import Settler
-from watcher.jobs import Job
-from watcher.pipeline.decode import Prepared
-from watcher.pipeline.model_worker import STOP, Captioned, ModelWorker, Work
+from watcher.messages import STOP, Captioned, Job, Prepared, Work
+from watcher.pipeline.model_worker import ModelWorker
 from watcher.tasks import Task
 
 TASKS = (Task("short", max_tokens=4),)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from watcher.backends import Backend
-    from watcher.pipeline.writer import Outcome
+    from watcher.messages import Outcome
     from watcher.tasks import Task
 
 log = structlog.get_logger("watcher.captioning")
@@ -137,13 +137,13 @@ def missing_sidecars(db: sqlite_utils.Database, paths: Iterable[str] | None = No
 
 def restore_sidecars(db: sqlite_utils.Database, cfg: Config, paths: Iterable[str]) -> Restored:
     """Write the missing sidecars of `paths` again from their index rows (no model work).
-    They go through the writer's confined path (writer.write_pending_sidecars): the folder
+    They go through the writer's confined path (outputs.pending.write_pending_sidecars): the folder
     opened without following links below the watched root, the name checked against image
     names, and the overwrite policy asked again, so a file that appeared meanwhile, or a
     folder swapped for a link, is not written over. What is written is ours (the model's
     caption), also for a sidecar of the user's that was deleted. A sidecar that cannot be
     written stays `pending`, as in the writer."""
-    from watcher.pipeline.writer import write_pending_sidecars
+    from watcher.outputs.pending import write_pending_sidecars
 
     index = Index(db)
     todo = []
@@ -504,7 +504,7 @@ def follow_daemon(
     """Follow jobs the running daemon drains, from the jobs table, until each queued path
     is done or failed (or forgotten: deleted meanwhile). Returns None if the daemon stops
     first (the jobs stay queued for its next start)."""
-    from watcher.pipeline.writer import Outcome
+    from watcher.messages import Outcome, OutcomeState, SidecarState
 
     waiting = set(paths)
     index, jobs = Index(db), JobQueue(db)
@@ -514,20 +514,20 @@ def follow_daemon(
         for p in list(waiting):
             row = jobs.state_of(p)
             if row is None:
-                o = Outcome(p, "gone", "image deleted meanwhile")
+                o = Outcome(p, OutcomeState.GONE, "image deleted meanwhile")
             elif row[0] == "done":
                 r = index.get(p)
                 o = Outcome(
                     p,
-                    "done",
+                    OutcomeState.DONE,
                     r.sidecar_error if r else None,
                     r.caption if r else None,
                     r.sidecar if r else None,
-                    r.sidecar_state if r else None,
+                    SidecarState(r.sidecar_state) if r else None,
                 )
                 done.append(o)
             elif row[0] == "failed":
-                o = Outcome(p, "failed", row[1])
+                o = Outcome(p, OutcomeState.FAILED, row[1])
             else:
                 continue
             finished.append(p)

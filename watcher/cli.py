@@ -830,8 +830,8 @@ def cmd_retry(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.captioning import missing_sidecars, restore_sidecars
     from watcher.index import connect
     from watcher.jobs import JobQueue
+    from watcher.outputs.pending import write_pending_sidecars
     from watcher.paths import decode
-    from watcher.pipeline.writer import write_pending_sidecars
 
     if not args.all and not args.paths:
         print("watcher: retry needs --all or one or more paths", file=err)

@@ -13,22 +13,13 @@ import sqlite_utils
 import structlog
 
 from watcher.index import prefix_range, transaction
+from watcher.messages import Job, JobState
 from watcher.paths import decode, encode, safe_text, shown
 
 log = structlog.get_logger("watcher.jobs")
 
-STATES = ("pending", "running", "done", "failed")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One claimed unit of work. `gen` detects a re-enqueue while it was running."""
-
-    id: int
-    path: Path
-    root: Path
-    gen: int
-    attempts: int
+# Every state a job row can be in, in the order `counts()` lists them.
+STATES: tuple[JobState, ...] = tuple(JobState)
 
 
 @dataclass(frozen=True)
@@ -184,9 +175,9 @@ class JobQueue:
         max_attempts: int,
         backoff: float,
         identity: tuple[int, int] | None = None,
-    ) -> str:
+    ) -> JobState:
         """Record a failure; transient ones retry with exponential backoff up to max_attempts.
-        Returns the new state. Runs inside the caller's transaction."""
+        Returns the new state (pending or failed). Runs inside the caller's transaction."""
         now = time.time()
         if transient and job.attempts < max_attempts:
             delay = backoff * (2 ** (job.attempts - 1))
@@ -195,7 +186,7 @@ class JobQueue:
                    WHERE id = ? AND state = 'running'""",
                 (safe_text(reason), now + delay, now, job.id),
             )
-            return "pending"
+            return JobState.PENDING
         if transient:
             reason = f"{reason} (gave up after {job.attempts} attempts)"
         cur = self.db.conn.execute(
@@ -205,8 +196,8 @@ class JobQueue:
         )
         if cur.rowcount == 0:
             self._reopen(job)
-            return "pending"
-        return "failed"
+            return JobState.PENDING
+        return JobState.FAILED
 
     def skip_running(self, job: Job, reason: str) -> None:
         """The writer found the running job's image no longer captionable where it is (its
@@ -295,11 +286,9 @@ class JobQueue:
         """Re-queue failed jobs (all of them, or those for `paths`)."""
         with transaction(self.db):
             if paths is None:
-                sql, args = "state = 'failed'", []
                 return self.db.conn.execute(
-                    f"""UPDATE jobs SET state = 'pending', attempts = 0, next_try = 0,
-                        gen = gen + 1 WHERE {sql}""",
-                    args,
+                    """UPDATE jobs SET state = 'pending', attempts = 0, next_try = 0,
+                        gen = gen + 1 WHERE state = 'failed'"""
                 ).rowcount
             n = 0
             for p in paths:
@@ -317,12 +306,13 @@ class JobQueue:
         return (row[0], row[1]) if row else None
 
     def counts(self, root: Path | None = None) -> dict[str, int]:
+        """Jobs by state (every state, zeros included; keys are the plain state strings)."""
         sql, args = "SELECT state, count(*) FROM jobs", []
         if root is not None:
             sql += " WHERE path >= ? AND path < ?"
             args = list(prefix_range(root))
         got = dict(self.db.conn.execute(sql + " GROUP BY state", args).fetchall())
-        return {s: got.get(s, 0) for s in STATES}
+        return {s.value: got.get(s.value, 0) for s in STATES}
 
     def next_due(self) -> float | None:
         row = self.db.conn.execute(

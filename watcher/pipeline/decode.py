@@ -14,13 +14,13 @@ import io
 import os
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from PIL import Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
-from watcher.jobs import Job
+from watcher.messages import Job, Prepared
 
 # Pillow's own bomb guard (MAX_IMAGE_PIXELS) warns above 89 Mpx and raises above 179 Mpx, fixed
 # and process-wide, whatever `max_pixels` says. It is switched off once, here, at import (before
@@ -95,20 +95,6 @@ _HEIF_BRANDS = {
 }
 _AVIF_BRANDS = {b"avif", b"avis"}
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
-
-
-@dataclass(frozen=True, eq=False)
-class Prepared:
-    job: Job
-    image: Image.Image  # RGB, upright (EXIF orientation applied), max(w, h) <= max_side
-    sha256: str  # of the file bytes
-    size: int  # bytes
-    mtime_ns: int
-    width: int  # original size, upright, for the index
-    height: int
-    # The file read, so the writer can tell it is still this very file (0: not known).
-    dev: int = 0
-    ino: int = 0
 
 
 class DecodeError(Exception):
@@ -349,10 +335,12 @@ def _normalize_mode(im: Image.Image) -> Image.Image:
 
 def _to_8bit(im: Image.Image) -> Image.Image:
     """16-bit and 32-bit grey to L, scaled (Pillow's own conversion clips: all white)."""
+    lo: float
+    hi: float
     if im.mode.startswith("I;16"):
         im, lo, hi = im.convert("I"), 0, 65535
     else:
-        lo, hi = im.getextrema()
+        lo, hi = cast("tuple[float, float]", im.getextrema())  # one band: (min, max)
     if im.mode == "F" and 0 <= lo and hi <= 1:
         scale, offset = 255.0, 0.0
     elif 0 <= lo and hi <= 255:

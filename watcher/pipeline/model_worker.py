@@ -7,7 +7,6 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -15,51 +14,17 @@ import structlog
 from watcher import faults
 from watcher.backends import Backend, is_out_of_memory
 from watcher.index import Index, connect
-from watcher.jobs import Job
-from watcher.pipeline.decode import Prepared
+from watcher.messages import STOP, Captioned, Failed, Job, Work
+from watcher.pipeline import MODEL
 from watcher.tasks import Task
 
 log = structlog.get_logger("watcher.pipeline.model_worker")
 
-STOP = object()
 # The longest wait for a batch to fill before the first model call (later: one call's time).
 FILL_WAIT = 0.5
 # The longest wait for images already being decoded (they are certain to come; this only
 # guards against a decode that hangs).
 MAX_FILL_WAIT = 10.0
-
-
-@dataclass(frozen=True, eq=False)
-class Captioned:
-    """Raw model outputs for one image, one per task, in task order."""
-
-    prepared: Prepared
-    tasks: tuple[Task, ...]
-    outputs: tuple[str, ...]
-    model: str
-    revision: str | None
-    reused: bool  # taken from identical bytes captioned before: no model work
-    model_ms: float
-    batch: int = 0  # images in the model call that captioned it (0: no model call)
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A job that produced no caption, and why."""
-
-    job: Job
-    reason: str
-    transient: bool = False
-    vanished: bool = False
-    identity: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class Work:
-    """What the decode stage hands the worker: an image and the tasks its folder asks for."""
-
-    prepared: Prepared
-    tasks: tuple[Task, ...]
 
 
 class ModelWorker(threading.Thread):
@@ -82,7 +47,7 @@ class ModelWorker(threading.Thread):
         incoming: Callable[[float], int] = lambda within: 0,
         decoding: Callable[[], int] = lambda: 0,
     ) -> None:
-        super().__init__(name="model-worker", daemon=True)
+        super().__init__(name=MODEL.name, daemon=True)
         self.backend = backend
         self.inbox = inbox
         self.outbox = outbox

@@ -1,4 +1,4 @@
-"""Wires the stages: queue -> decode threads -> model worker -> writer, with bounded hand-offs.
+"""Wires the stages of watcher.pipeline.STAGES (claim -> decode -> model -> write), bounded.
 
 `watcher caption` and `watcher run` both drive this; neither adds a stage of its own.
 """
@@ -18,22 +18,27 @@ import structlog
 from watcher.backends import Backend
 from watcher.config import Config
 from watcher.index import connect, transaction
-from watcher.jobs import Job, JobQueue
+from watcher.jobs import JobQueue
+from watcher.messages import STOP, Failed, Job, Outcome, Work
+from watcher.pipeline import CLAIM, DECODE
 from watcher.pipeline.decode import DecodeError, prepare
-from watcher.pipeline.model_worker import STOP, Failed, ModelWorker, Work
-from watcher.pipeline.writer import Outcome, Writer
+from watcher.pipeline.model_worker import ModelWorker
+from watcher.pipeline.writer import Writer
 
 log = structlog.get_logger("watcher.pipeline.stages")
 
 
 class Pipeline:
-    """Runs jobs from the persistent queue until stopped.
+    """Runs jobs from the persistent queue through the stages until stopped.
 
     At most `max_in_flight` jobs are between claim and commit: enough to have the next batch
     decoded and waiting while the model works on one batch and the writer commits the one
     before (three batches), few enough that a kill re-does little. With only two, the slots
     of the batch being written hold back the next one, and the model gets a runt batch (the
     last few decoded) every other call: at the tiny model's speed that cost 20% throughput.
+
+    `upstream(within)` says whether work not yet queued will be within that many seconds
+    (the daemon: files settling); the model worker waits for it to fill a batch.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class Pipeline:
         *,
         roots: tuple[Path, ...] | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
+        upstream: Callable[[float], bool] = lambda within: False,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
@@ -60,9 +66,7 @@ class Pipeline:
         self.write_q: queue.Queue = queue.Queue()
         self._decoding = 0  # claimed jobs not yet handed to the worker (or failed)
         self._queued = 0  # jobs announced by wake() and not claimed yet (a hint)
-        # Whether work not yet queued will be within the given seconds (the daemon: settling
-        # files); the worker waits for it to fill a batch.
-        self.upstream: Callable[[float], bool] = lambda within: False
+        self._upstream = upstream
         self.worker = ModelWorker(
             backend,
             self.work_q,
@@ -72,8 +76,8 @@ class Pipeline:
             decoding=lambda: self._decoding,
         )
         self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
-        self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
-        self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
+        self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix=DECODE.name)
+        self._feeder = threading.Thread(target=self._feed, name=CLAIM.name, daemon=True)
         self.outcomes = 0
         self._cancelled: list[Job] = []
 
@@ -92,7 +96,7 @@ class Pipeline:
 
     def _incoming(self, within: float) -> int:
         known = self._decoding + self._queued
-        return known if known else int(self.upstream(within))
+        return known if known else int(self._upstream(within))
 
     def set_config(self, cfg: Config) -> None:
         """A reloaded config: folder settings apply to jobs written from now on."""
@@ -104,7 +108,9 @@ class Pipeline:
         self._stopping.set()
         self._wake.set()
         self._feeder.join(timeout)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # Decodes not started yet still run, only to see the stop and hand their job back
+        # (cancelled futures would leave their jobs `running` until the next start).
+        self._pool.shutdown(wait=True)
         self.work_q.put(STOP)
         self.worker.join(timeout)
         self.write_q.put(STOP)

@@ -9,7 +9,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -17,7 +16,18 @@ import structlog
 from watcher import faults
 from watcher.config import Config, FolderConfig
 from watcher.index import ImageRow, Index, connect, transaction
-from watcher.jobs import Job, JobQueue
+from watcher.jobs import JobQueue
+from watcher.messages import (
+    STOP,
+    Captioned,
+    Failed,
+    Job,
+    JobState,
+    Outcome,
+    OutcomeState,
+    SidecarState,
+)
+from watcher.outputs.pending import error_reason
 from watcher.outputs.sidecar import (
     FolderMoved,
     SidecarRefused,
@@ -34,8 +44,7 @@ from watcher.outputs.sidecar import (
     text_hash,
     write_atomic,
 )
-from watcher.paths import decode, encode
-from watcher.pipeline.model_worker import STOP, Captioned, Failed
+from watcher.pipeline import WRITE
 from watcher.tasks import clean_caption
 
 log = structlog.get_logger("watcher.pipeline.writer")
@@ -44,19 +53,6 @@ log = structlog.get_logger("watcher.pipeline.writer")
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.EIO}
 # Any other error writing a sidecar (EACCES, EPERM, EROFS, ENAMETOOLONG, ...) needs the user:
 # the caption is kept in the index and the sidecar waits for `watcher retry`.
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one image, for progress output, stats and tests."""
-
-    path: str
-    state: str  # done | failed | retry | requeued | gone | skipped
-    reason: str | None = None  # failed/skipped: why; done: why the sidecar is pending or kept
-    caption: str | None = None
-    sidecar: str | None = None
-    sidecar_state: str | None = None  # written | same | kept | pending
-    reused: bool = False
 
 
 class Writer(threading.Thread):
@@ -71,7 +67,7 @@ class Writer(threading.Thread):
         on_outcome: Callable[[Outcome], None],
         on_job_end: Callable[[], None],
     ) -> None:
-        super().__init__(name="writer", daemon=True)
+        super().__init__(name=WRITE.name, daemon=True)
         self.cfg = cfg
         self.inbox = inbox
         self.db_path = db_path
@@ -142,7 +138,7 @@ class Writer(threading.Thread):
                 failures.append(
                     Failed(
                         p.job,
-                        _os_reason("writing sidecar", e),
+                        error_reason("writing sidecar", e),
                         transient=True,
                         identity=(p.size, p.mtime_ns),
                     )
@@ -158,11 +154,14 @@ class Writer(threading.Thread):
                     )
                 )
                 continue
+            if isinstance(row, Failed):  # nothing worth a sidecar
+                failures.append(row)
+                continue
             if isinstance(row, Outcome):  # stale, gone or skipped: no row
-                if row.state == "skipped":
+                if row.state == OutcomeState.SKIPPED:
                     skipped.append((p.job, row.reason or ""))
                 else:
-                    (gone if row.state == "gone" else requeue).append(p.job)
+                    (gone if row.state == OutcomeState.GONE else requeue).append(p.job)
                 outcomes.append(row)
                 continue
             rows.append((row, p.job, item))
@@ -190,7 +189,11 @@ class Writer(threading.Thread):
                         finished.append((row, item))
                     else:
                         outcomes.append(
-                            Outcome(row.path, "requeued", "changed, moved or deleted meanwhile")
+                            Outcome(
+                                row.path,
+                                OutcomeState.REQUEUED,
+                                "changed, moved or deleted meanwhile",
+                            )
                         )
                         orphans.append(row)
                 for f in failures:
@@ -213,11 +216,11 @@ class Writer(threading.Thread):
             outcomes.append(
                 Outcome(
                     row.path,
-                    "done",
+                    OutcomeState.DONE,
                     row.sidecar_error,
                     row.caption,
                     row.sidecar,
-                    row.sidecar_state,
+                    SidecarState(row.sidecar_state),
                     item.reused,
                 )
             )
@@ -315,7 +318,7 @@ class Writer(threading.Thread):
             self.jobs.forget(path)
             self.index.delete(path)
             log.info("image gone before it was captioned", path=path)
-            return Outcome(path, "gone", f.reason)
+            return Outcome(path, OutcomeState.GONE, f.reason)
         state = self.jobs.fail(
             f.job,
             f.reason,
@@ -324,11 +327,11 @@ class Writer(threading.Thread):
             backoff=self.cfg.retry_backoff,
             identity=f.identity,
         )
-        if state == "failed":
+        if state == JobState.FAILED:
             log.warning("image failed", path=path, reason=f.reason, outcome="failed")
-            return Outcome(path, "failed", f.reason)
+            return Outcome(path, OutcomeState.FAILED, f.reason)
         log.info("will retry", path=path, reason=f.reason, outcome="retry")
-        return Outcome(path, "retry", f.reason)
+        return Outcome(path, OutcomeState.RETRY, f.reason)
 
     def _folder(self, job: Job) -> FolderConfig:
         folder = self.cfg.folder_for(job.path)
@@ -336,7 +339,7 @@ class Writer(threading.Thread):
             folder = self.cfg.with_folders([job.root]).folders[0]
         return folder
 
-    def _sidecar(self, item: Captioned) -> ImageRow | Outcome:
+    def _sidecar(self, item: Captioned) -> ImageRow | Outcome | Failed:
         p = item.prepared
         job = p.job
         path = str(job.path)
@@ -347,7 +350,7 @@ class Writer(threading.Thread):
             dir_fd = open_folder(Path(job.root), job.path.parent)
         except (FileNotFoundError, NotADirectoryError):
             log.info("image deleted while being captioned", path=path)
-            return Outcome(path, "gone", "image deleted while being captioned")
+            return Outcome(path, OutcomeState.GONE, "image deleted while being captioned")
         except FolderMoved as e:
             reason = f"{e.reason}; not captioned there (captioned once it is a folder again)"
             log.warning(
@@ -355,13 +358,13 @@ class Writer(threading.Thread):
                 path=path,
                 reason=reason,
             )
-            return Outcome(path, "skipped", reason)
+            return Outcome(path, OutcomeState.SKIPPED, reason)
         try:
             return self._sidecar_in(item, dir_fd)
         finally:
             os.close(dir_fd)
 
-    def _sidecar_in(self, item: Captioned, dir_fd: int) -> ImageRow | Outcome:
+    def _sidecar_in(self, item: Captioned, dir_fd: int) -> ImageRow | Outcome | Failed:
         p = item.prepared
         job = p.job
         path = str(job.path)
@@ -370,14 +373,18 @@ class Writer(threading.Thread):
             st = os.stat(job.path.name, dir_fd=dir_fd)
         except (FileNotFoundError, NotADirectoryError):
             log.info("image deleted while being captioned", path=path)
-            return Outcome(path, "gone", "image deleted while being captioned")
+            return Outcome(path, OutcomeState.GONE, "image deleted while being captioned")
         same_file = p.ino == 0 or (st.st_dev, st.st_ino) == (p.dev, p.ino)
         if (st.st_size, st.st_mtime_ns) != (p.size, p.mtime_ns) or not same_file:
             # Replaced while the model ran: this caption describes old bytes. Run it again.
             log.info("image changed while being captioned; re-queued", path=path)
-            return Outcome(path, "requeued", "image changed while being captioned")
+            return Outcome(path, OutcomeState.REQUEUED, "image changed while being captioned")
         folder = self._folder(job)
         texts = {t.key: clean_caption(o) for t, o in zip(item.tasks, item.outputs, strict=True)}
+        if not texts[item.tasks[0].key]:
+            # An empty sidecar would pass for a caption (and the prefix alone is none):
+            # failed, for `watcher retry` (with another model or setting) to run again.
+            return Failed(job, no_text_reason(item.outputs[0]), identity=(p.size, p.mtime_ns))
         caption = clean_caption(item.outputs[0], folder.prefix, folder.suffix)
         existing = self.index.get(path)
         text = caption + "\n"
@@ -414,17 +421,17 @@ class Writer(threading.Thread):
                 ours = write_atomic(
                     sidecar, text, sync_dir=False, dir_fd=dir_fd, extensions=folder.extensions
                 )
-                state = "written"
+                state = SidecarState.WRITTEN
                 self._dirty[sidecar.parent] = Path(job.root)
                 if fresh:
                     self._created.add(str(sidecar))
             elif decision == "same":
-                ours, state = text_hash(text), "written"
+                ours, state = text_hash(text), SidecarState.WRITTEN
             else:
                 # Someone else's (or edited) sidecar: left alone, and the index holds what
                 # it says, so `watcher search` finds the user's words; the model's caption
                 # stays beside it (model_caption, outputs).
-                state, error = "kept", kept_reason(folder.overwrite, on_disk, ours)
+                state, error = SidecarState.KEPT, kept_reason(folder.overwrite, on_disk, ours)
                 theirs = read_text_at(dir_fd, sidecar.name)
                 if theirs is not None:
                     shown_caption = theirs.strip()
@@ -437,7 +444,7 @@ class Writer(threading.Thread):
         except SidecarRefused as e:
             # Never an image's name: the row keeps no sidecar name, so once the config is
             # fixed `watcher retry --all` writes the name it gives then.
-            state, error = "pending", f"cannot write sidecar: {e.reason}"
+            state, error = SidecarState.PENDING, f"cannot write sidecar: {e.reason}"
             log.warning(
                 "sidecar not written; caption kept in the index",
                 path=path,
@@ -450,7 +457,7 @@ class Writer(threading.Thread):
                 raise  # disk full and the like: the job is retried later, nothing kept
             # Read-only folder, permissions, a name too long...: the caption is not lost, it
             # goes in the index; the sidecar waits for `watcher retry`.
-            state, error = "pending", _os_reason("cannot write sidecar", e)
+            state, error = SidecarState.PENDING, error_reason("cannot write sidecar", e)
             log.warning(
                 "sidecar not written; caption kept in the index",
                 path=path,
@@ -481,89 +488,10 @@ class Writer(threading.Thread):
         )
 
 
-def _os_reason(what: str, e: OSError) -> str:
-    name = errno.errorcode.get(e.errno or 0, "")
-    detail = e.strerror or str(e)
-    return f"{what}: {detail}" + (f" ({name})" if name else "") + _sandbox_hint(e)
-
-
-def _sandbox_hint(e: OSError) -> str:
-    """Under the systemd unit (ProtectSystem=strict), only the folders it was installed with
-    are writable: one added later by `watcher reload` is a read-only file system to us."""
-    if e.errno == errno.EROFS and os.environ.get("INVOCATION_ID"):  # set by systemd
-        return (
-            "; the service can write only the folders it was installed with: run "
-            "`watcher service install --now` (it restarts the service), then "
-            "`watcher retry --all`"
-        )
-    return ""
-
-
-def write_pending_sidecars(
-    db, cfg: Config, paths: list[str] | None = None
-) -> tuple[int, list[tuple[str, str]]]:
-    """Write sidecars that could not be written before (read-only folder), from the index,
-    without the model. Returns (written, [(path, reason still pending)])."""
-    index = Index(db)
-    sql = "SELECT path FROM images WHERE sidecar_state = 'pending'"
-    candidates = [decode(r[0]) for r in db.conn.execute(sql)]
-    if paths is not None:
-        wanted = set(paths)
-        candidates = [p for p in candidates if p in wanted]
-    written, still = 0, []
-    for path in candidates:
-        row = index.get(path)
-        if row is None:
-            continue
-        folder = cfg.folder_for(Path(path)) or cfg.with_folders([Path(row.root)]).folders[0]
-        text = row.ours + "\n"
-        shown_caption, error = row.ours, None
-        try:
-            # A row refused for its name (an image's) gets the name the config gives now.
-            sidecar = (
-                Path(row.sidecar)
-                if row.sidecar
-                else choose_name(
-                    Path(path), folder.sidecar, folder.extensions, index.sidecar_owner
-                ).path
-            )
-            check_name(sidecar.name, folder.extensions)
-            dir_fd = open_folder(Path(row.root), sidecar.parent)
-            try:
-                on_disk = hash_at(dir_fd, sidecar.name)
-                decision = decide_hash(folder.overwrite, on_disk, row.sidecar_sha256, text)
-                if decision == "write":
-                    sha, state = (
-                        write_atomic(sidecar, text, dir_fd=dir_fd, extensions=folder.extensions),
-                        "written",
-                    )
-                elif decision == "same":
-                    sha, state = text_hash(text), "written"
-                else:
-                    sha, state = row.sidecar_sha256, "kept"
-                    error = kept_reason(folder.overwrite, on_disk, row.sidecar_sha256)
-                    theirs = read_text_at(dir_fd, sidecar.name)
-                    if theirs is not None:
-                        shown_caption = theirs.strip()
-            finally:
-                os.close(dir_fd)
-        except (OSError, FolderMoved, SidecarRefused) as e:
-            reason = (
-                _os_reason("cannot write sidecar", e)
-                if isinstance(e, OSError)
-                else f"cannot write sidecar: {e.reason}"
-            )
-            still.append((path, reason))
-            with transaction(db):
-                db.conn.execute(
-                    "UPDATE images SET sidecar_error = ? WHERE path = ?", (reason, encode(path))
-                )
-            continue
-        with transaction(db):
-            db.conn.execute(
-                """UPDATE images SET sidecar = ?, sidecar_sha256 = ?, sidecar_state = ?,
-                   sidecar_error = ?, caption = ?, updated = ? WHERE path = ?""",
-                (encode(sidecar), sha, state, error, shown_caption, time.time(), encode(path)),
-            )
-        written += state == "written"
-    return written, still
+def no_text_reason(output: str) -> str:
+    """Why a model answer gives no caption: nothing at all, or nothing but a stock opening."""
+    if not output.strip():
+        return "the model returned no text"
+    said = " ".join(output.split())
+    said = said if len(said) <= 80 else said[:77] + "..."
+    return f"the model returned no caption, only its opening ({said!r}), removed in clean-up"

@@ -451,10 +451,9 @@ class Daemon:
                 print(f"watcher: {e}", file=self.err)
                 return 2
             # The backend has logged device, dtype and memory in use ("model ready").
-            self.pipeline = Pipeline(cfg, backend)
             self.tracker = Tracker(cfg, Settler)
+            self.pipeline = Pipeline(cfg, backend, upstream=self.tracker.settler.due_within)
             self.tracker.on_enqueued = self.pipeline.wake
-            self.pipeline.upstream = self.tracker.settler.due_within
             self.pipeline.start()
             self.tracker.settler.start()
             self._install_signals()
