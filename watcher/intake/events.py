@@ -46,7 +46,7 @@ class FileEvents(Sink):
         settler_factory: Callable[[Callable[[list[Ready]], None]], Settler],
         on_enqueued: Callable[[int], None] = lambda queued: None,
     ) -> None:
-        self.cfg = cfg  # replaced on reload (the daemon's thread; read by the others)
+        self.cfg = cfg  # see set_config
         self.db = connect(cfg.database)
         self.index = Index(self.db)
         self.jobs = JobQueue(self.db)
@@ -59,6 +59,11 @@ class FileEvents(Sink):
         self.passed_over: dict[Path, PassedOver] = {}
         self._reported: set[Path] = set()
         self.changed = threading.Event()  # something `watcher status` shows changed
+
+    def set_config(self, cfg: Config) -> None:
+        """A reload: scans from now on use the new config (model settings, to tell outdated
+        sidecars; sidecar restores). Folder settings come with each event and scan."""
+        self.cfg = cfg
 
     # -- from the settler ---------------------------------------------------------------
     def enqueue_ready(self, ready: list[Ready]) -> None:

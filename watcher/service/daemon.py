@@ -229,7 +229,7 @@ class Daemon:
                 self.watches.pop(path).stop()
                 log.info("stopped watching", folder=shown(path))
         self.cfg = new
-        self.events.cfg = new
+        self.events.set_config(new)
         self.pipeline.set_config(new)
         for path, folder in new_folders.items():
             if old_folders.get(path) != folder:
