@@ -23,7 +23,8 @@ from watchdog.events import (
     FileOpenedEvent,
 )
 
-from watcher.config import FolderConfig, ModelConfig
+from watcher.captioning import plan_caption
+from watcher.config import Config, FolderConfig, ModelConfig
 from watcher.index import connect, transaction
 from watcher.intake.filter import (
     NO_EXTENSION,
@@ -383,6 +384,11 @@ def test_scan_folder_reads_what_the_index_expects_and_what_failed(tmp_path):
 
     sub = scan_folder(db, folder, ModelConfig(), top=root / "nothing-here")
     assert sub.queue == [] and sub.unreadable == [root / "nothing-here"]
+
+    # `watcher caption` plans with the same scan: the failed image is tried again.
+    plan = plan_caption(db, Config().with_folders([root]), [root])
+    assert sorted(p for p, _ in plan.queued) == sorted([a, bad])
+    assert (plan.new, plan.retried) == (2, 1)
 
 
 # -- the observer: watchdog events into Sink calls ------------------------------------------------
