@@ -115,7 +115,7 @@ def test_watch_limit_fails_that_folder_only(tmp_path, monkeypatch):
 
     from watcher.config import Config
     from watcher.intake.observer import Sink
-    from watcher.service.daemon import Watch
+    from watcher.service.watches import Watch
 
     full, fine = tmp_path / "full", tmp_path / "fine"
     full.mkdir()

@@ -281,9 +281,9 @@ def test_caption_says_which_files_it_passed_over_and_captions_avif(tmp_path, tin
 def test_avif_where_pillow_cannot_read_it_is_passed_over_with_the_fix(
     tmp_path, tiny_llava, monkeypatch
 ):
-    import watcher.intake.observer
+    import watcher.intake.filter
 
-    monkeypatch.setattr(watcher.intake.observer, "avif_readable", lambda: False, raising=False)
+    monkeypatch.setattr(watcher.intake.filter, "avif_readable", lambda: False)
     pics = tmp_path / "pics"
     distinct_image(0, pics / "a.jpg")
     (pics / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")

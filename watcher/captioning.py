@@ -18,7 +18,8 @@ import structlog
 from watcher.backends.registry import get_backend
 from watcher.config import Config, FolderConfig, ModelConfig
 from watcher.index import ImageRow, Index, prefix_range, transaction
-from watcher.intake.observer import Expected, Filter, PassedOver, scan
+from watcher.intake.filter import PassedOver
+from watcher.intake.scan import Expected, scan_folder
 from watcher.jobs import JobQueue
 from watcher.paths import decode, encode, shown
 
@@ -331,19 +332,14 @@ def plan_caption(
     """Scan `dirs` against the index: what is new, changed, written with other settings,
     missing its sidecar, gone. Records nothing (see apply_plan). `force`: every image is
     queued again. `only`: restrict the work to these paths (recaption)."""
-    jobs = JobQueue(db)
     plan = Plan(tuple(dirs))
     for d in dirs:
         folder = cfg.folder_for(d)
         assert folder is not None
-        failed = jobs.failed_under(d)
-        expected = expected_under(db, d, folder, cfg.model)
-        if force:
-            expected = {p: e._replace(current=False) for p, e in expected.items()}
-        result = scan(Filter(folder), expected, failed, retry_failed=True, top=d)
+        result = scan_folder(db, folder, cfg.model, top=d, retry_failed=True, force=force)
         queue = [p for p in result.queue if only is None or only(str(p))]
         plan.queued += [(p, folder.path) for p in queue]
-        plan.retried += sum(1 for p in queue if str(p) in failed)
+        plan.retried += sum(1 for p in queue if str(p) in result.retried)
         plan.new += result.new
         plan.changed += result.changed
         plan.outdated += [str(p) for p in result.outdated if only is None or only(str(p))]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from watcher.index import NoDatabase, connect, prefix_range
 from watcher.jobs import JobQueue
 from watcher.paths import decode, shown
+from watcher.service import lifecycle
+from watcher.service.lifecycle import daemon_pid
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -21,34 +22,6 @@ __all__ = ["collect", "daemon_pid", "render", "shown"]
 # SIGSTOP, hung, or unable to write its database). It writes one every loop tick: 2 s, or
 # a sixth of WatchdogSec when that is shorter, so 30 s is 15 missed beats or more.
 HEARTBEAT_STALE = 30.0
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def daemon_pid(db_path: Path) -> int | None:
-    if not db_path.exists():
-        return None
-    try:
-        db = connect(db_path, readonly=True)
-    except NoDatabase:
-        return None
-    try:
-        row = db.conn.execute("SELECT pid, stopped FROM daemon WHERE id = 1").fetchone()
-    finally:
-        db.conn.close()
-    if row and row[1] is None and _alive(row[0]):
-        return row[0]
-    return None
 
 
 def collect(db_path: Path) -> dict:
@@ -68,23 +41,20 @@ def collect(db_path: Path) -> dict:
     try:
         jobs = JobQueue(db)
         now = time.time()
-        row = db.conn.execute(
-            "SELECT pid, started, heartbeat, folders, stopped FROM daemon WHERE id = 1"
-        ).fetchone()
-        daemon = None
+        row = lifecycle.read(db)
+        daemon: dict[str, Any] | None = None
         if row:
-            pid, started, heartbeat, folders, stopped = row
-            running = stopped is None and _alive(pid)
-            age = max(0.0, now - heartbeat) if heartbeat else None
+            running = row.running
+            age = max(0.0, now - row.heartbeat) if row.heartbeat else None
             daemon = {
                 "running": running,
-                "pid": pid,
-                "started": started,
-                "heartbeat": heartbeat,
+                "pid": row.pid,
+                "started": row.started,
+                "heartbeat": row.heartbeat,
                 "heartbeat_age": round(age, 1) if age is not None else None,
                 # A live pid is not enough: stopped (SIGSTOP) or hung, it is alive.
                 "responding": running and age is not None and age < HEARTBEAT_STALE,
-                "folders": json.loads(folders or "[]"),
+                "folders": row.folders,
             }
             for f in daemon["folders"]:
                 if f.get("state") == "missing":  # rows kept, pointing at a missing folder
