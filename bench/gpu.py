@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
             dtype=dtype,
         )
     )
-    params = sum(p.numel() for p in backend._model.parameters())
+    params = sum(p.numel() for p in backend._model.parameters())  # type: ignore[attr-defined]
     tasks = FolderConfig(path=Path("/")).tasks(T)
     from PIL import Image
 

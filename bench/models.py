@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from watcher.tasks import Task
 
 # Random-weight LLaVA-style models (SigLIP vision tower + Phi text model) by size.
 MODEL_DIMS: dict[str, dict[str, Any]] = {
@@ -130,7 +136,7 @@ def build_random_llava(
         dtype
     ]
     with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(torch_dtype).eval()
+        model = LlavaForConditionalGeneration(config).to(torch_dtype).eval()  # type: ignore[arg-type]
     model.generation_config = _generation_config(tok, suppressed)
     processor = LlavaProcessor(
         image_processor=SiglipImageProcessor(
@@ -182,7 +188,7 @@ class TimedBackend:
         self.calls = 0
         self.sizes: list[int] = []  # images per model call
 
-    def describe(self, images: list, tasks: Any) -> Any:
+    def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]:
         t0 = time.perf_counter()
         try:
             self.inner.max_batch = self.max_batch

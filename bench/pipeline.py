@@ -9,7 +9,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def run_caption(
     import watcher.backends as backends
 
     real = backends.open_backend
-    backends.open_backend = lambda cfg, log_cfg=None: backend  # type: ignore[assignment]
+    backends.open_backend = lambda cfg, log_cfg=None: backend
     busy0 = backend.busy
     try:
         t0 = time.perf_counter()
@@ -224,7 +224,9 @@ def run(args: argparse.Namespace, work: Path) -> Result:
                 # b runs before and after c and d, and the faster b is the reference (noise
                 # only ever slows a run down: this makes the ratios conservative). The order of
                 # c and d alternates between rounds; (a), slow, runs in the first round only.
-                order = [run_b, run_c, run_d, run_b] if r % 2 == 0 else [run_b, run_d, run_c, run_b]
+                order: list[Callable[[], None]] = (
+                    [run_b, run_c, run_d, run_b] if r % 2 == 0 else [run_b, run_d, run_c, run_b]
+                )
                 if r == 0 and not args.skip_a:
                     order.insert(0, run_a)
                 for fn in order:

@@ -86,6 +86,7 @@ def machine() -> dict:
         import psutil
 
         mem = round(psutil.virtual_memory().total / 2**30, 1)
+    cores: int | None
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
