@@ -59,7 +59,9 @@ def memory_mib(pid: int, key: str) -> float:
             lines = Path(f"/proc/{p}/status").read_text().splitlines()
         except OSError:
             continue
-        total += next(int(ln.split()[1]) for ln in lines if ln.startswith(key + ":")) / 1024
+        # A process that has exited but is not yet reaped has no memory lines.
+        kb = next((int(ln.split()[1]) for ln in lines if ln.startswith(key + ":")), 0)
+        total += kb / 1024
     return total
 
 
@@ -72,7 +74,11 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra) -> Path:
+def write_config(
+    tmp_path: Path, model_path: Path, folders: list[dict], *, name: str = "config.yaml", **extra
+) -> Path:
+    """`tmp_path/name`: a config for the tiny model with JSON log lines; `extra` replaces
+    top-level sections (`model=`, `database=`, ...)."""
     data = {
         "model": {
             "backend": "transformers",
@@ -86,7 +92,7 @@ def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra)
         "retry_backoff": 0.2,
     }
     data.update(extra)
-    p = tmp_path / "config.yaml"
+    p = tmp_path / name
     p.write_text(yaml.safe_dump(data))
     return p
 
@@ -182,17 +188,7 @@ class Daemon:
 
     # -- what the user sees -------------------------------------------------------------
     def rows(self) -> dict[str, dict]:
-        if not self.db.exists():
-            return {}
-        con = sqlite3.connect(self.db, timeout=30)
-        con.row_factory = sqlite3.Row
-        try:
-            # Keyed by the real path (stored paths are encoded: watcher.paths).
-            return {decode(r["path"]): dict(r) for r in con.execute("SELECT * FROM images")}
-        except sqlite3.OperationalError:
-            return {}
-        finally:
-            con.close()
+        return index_rows(self.db)
 
     def captioned(self, image: Path) -> bool:
         """The image's sidecar is complete and its job is done. (The writer renames the
@@ -213,3 +209,28 @@ class Daemon:
 def sidecar_ready(image: Path) -> bool:
     side = image.with_suffix(".txt")
     return side.exists() and side.read_text().endswith("\n")
+
+
+def index_rows(db: Path) -> dict[str, dict]:
+    """Every `images` row of the index at `db`, keyed by the real path (stored paths are
+    encoded: watcher.paths); {} when there is no index yet."""
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(db, timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        return {decode(r["path"]): dict(r) for r in con.execute("SELECT * FROM images")}
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+
+
+def job_states(db: Path) -> dict[str, str]:
+    """Every job's state (`pending`, `running`, `done`, ...) in the index at `db`, keyed by
+    the real path."""
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return {decode(path): state for path, state in con.execute("SELECT path, state FROM jobs")}
+    finally:
+        con.close()

@@ -1,0 +1,43 @@
+"""The benchmarks' outcome checks: no speed is reported for a run that did not do its work."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from daemon_harness import index_rows, job_states
+
+
+class BenchFailure(RuntimeError):
+    """The benchmark's own outcome check failed: no speed is reported."""
+
+
+def sidecar_of(image: Path) -> Path:
+    return image.with_suffix(".txt")
+
+
+def check_sidecars(images: Sequence[Path]) -> None:
+    """Every image has its sidecar, and none is empty."""
+    missing = [p for p in images if not sidecar_of(p).is_file()]
+    if missing:
+        raise BenchFailure(f"{len(missing)} of {len(images)} sidecars missing, e.g. {missing[0]}")
+    empty = [p for p in images if not sidecar_of(p).read_text().strip()]
+    if empty:
+        raise BenchFailure(f"{len(empty)} empty sidecars, e.g. {sidecar_of(empty[0])}")
+
+
+def check_rows(db: Path, images: Sequence[Path]) -> None:
+    """Every image has its index row with its sidecar `written`, and its job `done`."""
+    rows = {path: row["sidecar_state"] for path, row in index_rows(db).items()}
+    jobs = job_states(db)
+    missing = [p for p in images if rows.get(str(p)) != "written"]
+    if missing:
+        raise BenchFailure(
+            f"{len(missing)} of {len(images)} index rows missing or not "
+            f"'written', e.g. {missing[0]}: {rows.get(str(missing[0]))}"
+        )
+    undone = [p for p in images if jobs.get(str(p)) != "done"]
+    if undone:
+        raise BenchFailure(
+            f"{len(undone)} jobs not done, e.g. {undone[0]}: {jobs.get(str(undone[0]))}"
+        )
