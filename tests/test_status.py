@@ -119,7 +119,7 @@ def test_status_json_has_the_same_report(library):
     assert report["database"] == str(db_path)
     assert report["daemon"] is None
     assert report["images"] == 2
-    assert report["queue"] == {"pending": 1, "running": 1, "done": 2, "failed": 2}
+    assert report["queue"] == {"pending": 1, "running": 1, "done": 2, "failed": 2, "skipped": 1}
     assert sorted((f["path"], f["reason"], f["attempts"]) for f in report["failures"]) == [
         (str(root / "bad1.jpg"), "not an image (truncated)", 1),
         (str(root / "bad2.jpg"), "too big", 1),
