@@ -162,7 +162,8 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_bar_on_a_terminal_with_log_lines_above_it(tmp_path):
+def test_progress_bar_on_a_terminal_with_log_lines_above_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")  # plain `key=value` log lines
     screen = FakeTerminal()
     cfg = Config(log=LogConfig(level="info", format="console"))
     progress = Progress(screen, screen, cfg)
