@@ -209,6 +209,9 @@ def forget_outputs(db: sqlite_utils.Database, paths: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class Pruned:
+    """What `prune` found (and removed unless a dry run): index rows and jobs of images
+    that no longer exist."""
+
     images: tuple[str, ...]
     jobs: tuple[str, ...]
 
@@ -550,3 +553,453 @@ def with_overrides(cfg: Config, dirs: Sequence[Path], **overrides: Any) -> Confi
             for f in folders
         )
     return dataclasses.replace(cfg, folders=folders)
+
+
+# -- the library's caption run: what `watcher caption` and `watcher recaption` do -------------
+
+
+class CaptionError(Exception):
+    """A caption run that cannot start as asked (a path that is not a folder or not an image,
+    the database held by another `watcher caption`, settings given while the daemon
+    captions): the message says why. Nothing was changed."""
+
+
+class NoMatches(LookupError):
+    """`recaption(query=...)` found no image whose caption matches."""
+
+
+# on_start(total, daemon): the number of images the run waits for and, when they were handed
+# to the running daemon, its pid (None: this process captions them).
+StartCallback = Callable[[int, "int | None"], None]
+# on_progress(outcome, done, total): one call per image that is finished (captioned, failed,
+# skipped or gone), in the writer's thread (or the caller's, when following the daemon).
+ProgressCallback = Callable[["Outcome", int, int], None]
+
+
+@dataclass(frozen=True)
+class CaptionReport:
+    """What a caption run found and did: what `watcher caption` prints, as data.
+
+    The plan (found by the scan, before any model work): `queued` images to caption (new,
+    changed, written with other settings or `force`, failed before), of which `new`,
+    `changed`, `retried` (failed before) counts and `outdated` (other settings) lists;
+    `up_to_date`; `missing_sidecars` (sidecars of ours that are gone: written again from the
+    index, no model work); `forgotten` (deleted images dropped from the index); `skipped`
+    (names never opened, with why); `passed_over` (files that are not images, per reason).
+
+    The run: `captioned` (one Outcome per image done: its sidecar written, kept or pending),
+    `failed` (each with its `error`), `restored` (missing sidecars written again) and
+    `restore_pending` (those that could not be, with why). `ran` is False when there was no
+    model work to do; `daemon` is the pid of the running `watcher run` the work was handed
+    to; `unfinished` says the daemon stopped before finishing (the images stay queued).
+    `dry_run`: only the plan, nothing changed. `ok` / `exit_code`: as `watcher caption`."""
+
+    folders: tuple[Path, ...]
+    dry_run: bool = False
+    queued: tuple[str, ...] = ()
+    new: int = 0
+    changed: int = 0
+    outdated: tuple[str, ...] = ()
+    retried: int = 0
+    up_to_date: int = 0
+    missing_sidecars: tuple[str, ...] = ()
+    forgotten: tuple[str, ...] = ()
+    skipped: tuple[tuple[Path, str], ...] = ()
+    passed_over: PassedOver = field(default_factory=PassedOver)
+    ran: bool = False
+    captioned: tuple[Outcome, ...] = ()
+    failed: tuple[Any, ...] = ()  # jobs.Failure: path, error, attempts, updated
+    restored: tuple[str, ...] = ()
+    restore_pending: tuple[tuple[str, str], ...] = ()  # (image path, reason)
+    daemon: int | None = None
+    unfinished: bool = False
+
+    @property
+    def captioned_again(self) -> list[Outcome]:
+        """Images captioned that had a sidecar written with other settings (or `force`)."""
+        outdated = set(self.outdated)
+        return [o for o in self.captioned if o.path in outdated]
+
+    @property
+    def kept(self) -> list[Outcome]:
+        """Captioned images whose existing sidecar was left alone (not ours, or edited)."""
+        return [o for o in self.captioned if o.sidecar_state == "kept"]
+
+    @property
+    def sidecars_pending(self) -> list[Outcome]:
+        """Captioned images whose sidecar could not be written (`watcher retry` tries again)."""
+        return [o for o in self.captioned if o.sidecar_state == "pending"]
+
+    @property
+    def reused(self) -> int:
+        """Captions copied from an identical image already captioned (no model work)."""
+        return sum(1 for o in self.captioned if o.reused)
+
+    @property
+    def ok(self) -> bool:
+        """No image failed, every missing sidecar was written, and the run finished."""
+        return not (self.failed or self.restore_pending or self.unfinished)
+
+    @property
+    def exit_code(self) -> int:
+        """`watcher caption`'s exit code for this report: 0 ok, 1 some images failed."""
+        return 0 if self.ok else 1
+
+
+def _planned(plan: Plan, **run: Any) -> CaptionReport:
+    summary: Summary | None = run.pop("summary", None)
+    restored: Restored = run.pop("restored", Restored())
+    skipped = list(plan.skipped) + list(summary.skipped if summary else ())
+    return CaptionReport(
+        folders=plan.roots,
+        queued=tuple(str(p) for p, _ in plan.queued),
+        new=plan.new,
+        changed=plan.changed,
+        outdated=tuple(plan.outdated),
+        retried=plan.retried,
+        up_to_date=plan.up_to_date,
+        missing_sidecars=tuple(plan.restore),
+        forgotten=tuple(plan.removed),
+        skipped=tuple(skipped),
+        passed_over=plan.passed_over,
+        captioned=summary.done if summary else (),
+        failed=summary.failed if summary else (),
+        ran=summary is not None,
+        restored=restored.written,
+        restore_pending=restored.pending,
+        **run,
+    )
+
+
+def _default_logging(cfg: Config) -> None:
+    """A program that has not configured structlog gets the config's log on stderr, as the
+    CLI sets it up; structlog's own default would print every event on stdout."""
+    if not structlog.is_configured():
+        from watcher.log import configure_logging
+
+        configure_logging(cfg.log)
+
+
+def _folders(folders: Iterable[Path | str]) -> list[Path]:
+    dirs = []
+    for d in folders:
+        p = Path(os.path.abspath(Path(d).expanduser()))
+        if not p.is_dir():
+            raise CaptionError(f"{shown(str(d))}: not a folder")
+        dirs.append(p)
+    return dirs
+
+
+def caption_folders(
+    config: Config,
+    folders: Iterable[Path | str],
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    task: str | None = None,
+    question: str | None = None,
+    overwrite: str | None = None,
+    on_start: StartCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> CaptionReport:
+    """Caption every image under `folders` once, as `watcher caption FOLDER...` does: new and
+    changed images, images whose sidecar was written with other settings (or every image,
+    `force`), images that failed before; missing sidecars of ours are written again from the
+    index; deleted images are forgotten. The model loads only for the first batch that
+    needs it. While `watcher run` uses the same database the work is handed to it and
+    followed (`task`, `question` and `overwrite` are refused then: it captions with its
+    own settings).
+
+    `task`, `question`, `overwrite` override the config for the folders given. `dry_run`:
+    only scan and report the plan. `on_start(total, daemon_pid)` is called once before
+    the work, `on_progress(outcome, done, total)` once per image finished.
+
+    Raises CaptionError (a folder that is not one, the database in use), ConfigError
+    (`task="query"` without a question), backends.ModelUnavailable (no model), and
+    index.DatabaseError (a database that cannot be used). Logs go where structlog is
+    configured to send them; if it is not, to stderr as the config's `log:` says."""
+    _default_logging(config)
+    dirs = _folders(folders)
+    return _caption_run(
+        config,
+        dirs,
+        force=force,
+        dry_run=dry_run,
+        overrides={"task": task, "question": question, "overwrite": overwrite},
+        on_start=on_start,
+        on_progress=on_progress,
+    )
+
+
+def recaption(
+    config: Config,
+    images: Iterable[Path | str] = (),
+    *,
+    folders: Iterable[Path | str] = (),
+    query: str | None = None,
+    dry_run: bool = False,
+    task: str | None = None,
+    question: str | None = None,
+    overwrite: str | None = None,
+    on_start: StartCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> CaptionReport:
+    """Run the model again on chosen images, as `watcher recaption` does: the `images`
+    given, every image under `folders`, and every indexed image whose caption matches
+    `query`; their sidecars are replaced under the overwrite policy. Raises as
+    caption_folders does, plus index.NoDatabase (a query without an index) and NoMatches
+    (a query that matches nothing)."""
+    from watcher.index import NoDatabase, connect
+
+    _default_logging(config)
+    wanted: set[str] = set()
+    dirs: list[Path] = []
+    for p in images:
+        path = Path(os.path.abspath(Path(p).expanduser()))
+        if not path.is_file():
+            raise CaptionError(f"{shown(str(p))}: not an image file")
+        wanted.add(str(path))
+        dirs.append(path.parent)
+    chosen = _folders(folders)
+    dirs += chosen
+    if query:
+        if not config.database.exists():
+            raise NoDatabase(f"no index yet at {config.database}")
+        db = connect(config.database)
+        hits = Index(db).search(query, limit=1_000_000)
+        db.conn.close()
+        if not hits:
+            raise NoMatches(query)
+        for row, _ in hits:
+            if os.path.isfile(row.path):
+                wanted.add(row.path)
+                dirs.append(Path(row.path).parent)
+    if not dirs:
+        raise CaptionError("recaption needs images, --folder DIR or --query TEXT")
+    # Only the deepest distinct folders, so nothing is scanned twice.
+    unique = sorted(set(dirs))
+    dirs = [d for d in unique if not any(o != d and o in d.parents for o in unique)]
+
+    def only(path: str) -> bool:
+        return path in wanted or any(path.startswith(str(f) + "/") for f in chosen)
+
+    return _caption_run(
+        config,
+        dirs,
+        force=True,
+        dry_run=dry_run,
+        only=only,
+        overrides={"task": task, "question": question, "overwrite": overwrite},
+        on_start=on_start,
+        on_progress=on_progress,
+    )
+
+
+class _Counter:
+    """Passes finished images to on_progress with how many are done (retries and jobs put
+    back are not finished images)."""
+
+    def __init__(self, total: int, on_progress: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self._on_progress = on_progress
+        self._lock = threading.Lock()
+
+    def __call__(self, outcome: Outcome) -> None:
+        if outcome.state in ("retry", "requeued"):
+            return
+        with self._lock:
+            self.done += 1
+            if self._on_progress is not None:
+                self._on_progress(outcome, self.done, self.total)
+
+
+def _caption_run(
+    cfg: Config,
+    dirs: list[Path],
+    *,
+    force: bool,
+    dry_run: bool,
+    overrides: dict[str, str | None],
+    on_start: StartCallback | None,
+    on_progress: ProgressCallback | None,
+    only: Callable[[str], bool] | None = None,
+) -> CaptionReport:
+    from watcher.config import ConfigError
+    from watcher.index import connect
+    from watcher.service.lock import AlreadyRunning, DatabaseLock
+    from watcher.service.status import daemon_pid
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("task") == "query" and not (given.get("question") or cfg.defaults.get("question")):
+        raise ConfigError("--task query needs --question")
+    cfg = with_overrides(cfg, dirs, **given)
+    lock = DatabaseLock(cfg.database)
+    daemon: int | None = None
+    if not dry_run:
+        try:
+            lock.acquire("caption")
+        except AlreadyRunning as e:
+            daemon = daemon_pid(cfg.database)
+            if daemon is None:
+                raise CaptionError(str(e)) from None
+            if given:
+                raise CaptionError(
+                    f"watcher run (pid {daemon}) is using {cfg.database} and "
+                    f"captions with its own settings; stop it to caption with "
+                    f"{', '.join('--' + k for k in given)}"
+                ) from None
+    try:
+        db = connect(cfg.database)
+        jobs = JobQueue(db)
+        if daemon is None and not dry_run:
+            jobs.recover()
+        plan = plan_caption(db, cfg, dirs, force=force, only=only)
+        if dry_run:
+            return _planned(plan, dry_run=True)
+        _, restored = apply_plan(db, cfg, plan, force=force)
+        if daemon is not None and plan.queued:
+            return _by_daemon(cfg, plan, restored, daemon, db, on_start, on_progress)
+        pending = 0 if daemon is not None else open_jobs(jobs, plan.roots)
+        if pending == 0:
+            return _planned(plan, restored=restored)
+        return _here(cfg, plan, restored, pending, jobs, on_start, on_progress)
+    finally:
+        lock.release()
+
+
+def _here(
+    cfg: Config,
+    plan: Plan,
+    restored: Restored,
+    pending: int,
+    jobs: JobQueue,
+    on_start: StartCallback | None,
+    on_progress: ProgressCallback | None,
+) -> CaptionReport:
+    """The queued jobs under the plan's folders, captioned in this process."""
+    from watcher.backends import ModelUnavailable, open_backend
+    from watcher.backends.registry import get_backend
+
+    if get_backend(cfg.model.backend).checks_weights:
+        # A quick check of the disk now, so a missing model fails before any work; the
+        # model itself loads only for the first batch that needs it.
+        from watcher.backends.weights import ensure_available
+
+        ensure_available(cfg.model)
+    load_error: list[ModelUnavailable] = []
+
+    def opener() -> Backend:
+        try:
+            return open_backend(cfg.model, cfg.log)
+        except ModelUnavailable as e:
+            load_error.append(e)
+            raise
+
+    backend = LazyBackend(cfg.model, opener)
+    if on_start is not None:
+        on_start(pending, None)
+    # cast: LazyBackend's name and revision are read-only properties where the Backend
+    # protocol declares plain attributes; the pipeline only reads them.
+    summary = run_pipeline(cfg, plan.roots, backend, jobs, _Counter(pending, on_progress))
+    if load_error:
+        raise load_error[0]
+    return _planned(plan, restored=restored, summary=summary)
+
+
+def _by_daemon(
+    cfg: Config,
+    plan: Plan,
+    restored: Restored,
+    pid: int,
+    db: sqlite_utils.Database,
+    on_start: StartCallback | None,
+    on_progress: ProgressCallback | None,
+) -> CaptionReport:
+    """The queued jobs, captioned by the running daemon and followed here."""
+    from watcher.service.status import daemon_pid
+
+    paths = [str(p) for p, _ in plan.queued]
+    if on_start is not None:
+        on_start(len(paths), pid)
+    summary = follow_daemon(
+        db,
+        plan.roots,
+        paths,
+        _Counter(len(paths), on_progress),
+        alive=lambda: daemon_pid(cfg.database) == pid,
+    )
+    if summary is None:
+        return _planned(plan, restored=restored, daemon=pid, unfinished=True)
+    return _planned(plan, restored=restored, summary=summary, daemon=pid)
+
+
+# -- retry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryReport:
+    """What `retry` found and did: failed images queued again (`failed`, `requeued` of them),
+    failures of deleted images forgotten (`forgotten`), sidecars that were pending
+    (`pending`: `written` of them written) or missing (`missing`: `restored` of them written
+    again), and those still pending with why (`still_pending`). `dry_run`: nothing changed."""
+
+    dry_run: bool
+    failed: tuple[str, ...] = ()
+    forgotten: tuple[str, ...] = ()
+    pending: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    requeued: int = 0
+    written: int = 0
+    restored: tuple[str, ...] = ()
+    still_pending: tuple[tuple[str, str], ...] = ()  # (image path, reason)
+
+    @property
+    def ok(self) -> bool:
+        """Every sidecar that was tried is written."""
+        return not self.still_pending
+
+    @property
+    def exit_code(self) -> int:
+        """`watcher retry`'s exit code: 0 ok, 1 sidecars still pending."""
+        return 0 if self.ok else 1
+
+
+def retry(
+    config: Config, paths: Iterable[Path | str] | None = None, *, dry_run: bool = False
+) -> RetryReport:
+    """Re-queue failed images (all, or these `paths`) whose files still exist, forget the
+    failures of deleted ones, and write sidecars that were pending or have gone missing,
+    from the index (no model work), as `watcher retry` does. The queued images are
+    captioned by the next caption run or the daemon."""
+    from watcher.index import connect
+    from watcher.outputs.pending import write_pending_sidecars
+
+    _default_logging(config)
+    db = connect(config.database)
+    jobs = JobQueue(db)
+    wanted = None if paths is None else [os.path.abspath(p) for p in paths]
+    failed, gone = jobs.failed_existing(wanted)
+    pending = [
+        p
+        for p in (
+            decode(r)
+            for (r,) in db.conn.execute("SELECT path FROM images WHERE sidecar_state = 'pending'")
+        )
+        if wanted is None or p in wanted
+    ]
+    missing = missing_sidecars(db, wanted)
+    found = RetryReport(dry_run, tuple(failed), tuple(gone), tuple(pending), tuple(missing))
+    if dry_run:
+        return found
+    jobs.forget_failed(gone)
+    requeued = jobs.retry(failed)
+    written, still = write_pending_sidecars(db, config, wanted)
+    restored = restore_sidecars(db, config, missing)
+    return dataclasses.replace(
+        found,
+        requeued=requeued,
+        written=written,
+        restored=restored.written,
+        still_pending=(*still, *restored.pending),
+    )

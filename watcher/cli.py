@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from watcher import __version__
 from watcher.config import Config, ConfigError, ModelConfig, default_config_path, load_config
 from watcher.paths import shown
+
+if TYPE_CHECKING:
+    from watcher.captioning import CaptionReport
+    from watcher.messages import Outcome
+
+# A subcommand: its parsed arguments and the config in, the exit code out.
+Handler = Callable[[argparse.Namespace, Config, TextIO, TextIO], int]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # What a process killed by SIGPIPE reports to its shell (128 + 13): `watcher search x |
@@ -348,10 +356,8 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return int(e.code or 0)
-    if args.command == "completion":
-        return cmd_completion(args, out, err)
-    if args.command == "init":
-        return cmd_init(args, out, err)
+    if args.command in WITHOUT_CONFIG:
+        return WITHOUT_CONFIG[args.command](args, out, err)
     try:
         cfg = load_config(args.config)
         if args.db:
@@ -364,7 +370,7 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
     from watcher.log import configure_logging
 
     configure_logging(cfg.log, stream=err)
-    handler = globals()["cmd_" + args.command]
+    handler = COMMANDS[args.command]
     try:
         return _with_database_errors(handler, args, cfg, out, err)
     except ConfigError as e:
@@ -375,7 +381,9 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
         return 130
 
 
-def _with_database_errors(handler, args, cfg: Config, out: TextIO, err: TextIO) -> int:
+def _with_database_errors(
+    handler: Handler, args: argparse.Namespace, cfg: Config, out: TextIO, err: TextIO
+) -> int:
     """Run `handler`; a database that cannot be used (a folder or another program's file given
     as the database, a read-only folder for a command that writes, a newer schema, a lock
     file that is a link) is one line on stderr and exit 2, never a traceback."""
@@ -400,17 +408,25 @@ def _with_database_errors(handler, args, cfg: Config, out: TextIO, err: TextIO) 
 
 
 class Progress:
-    """On a terminal: a tqdm bar (count, rate, ETA) with log lines written above it. Else
-    one plain line per image."""
+    """The progress of a caption run (the library's on_start and on_progress). On a
+    terminal: a tqdm bar (count, rate, ETA) with log lines written above it. Else one plain
+    line per image."""
 
-    def __init__(self, total: int, out: TextIO, err: TextIO, cfg: Config) -> None:
-        self.total = total
-        self.done = 0
+    def __init__(self, out: TextIO, err: TextIO, cfg: Config) -> None:
         self.out = out
-        self.lock = threading.Lock()
+        self.err = err
+        self.cfg = cfg
         self.broken = False
         self.bar: Any = None
-        if _isatty(out):
+
+    def start(self, total: int, daemon: int | None) -> None:
+        if daemon is not None:
+            print(
+                f"watcher run (pid {daemon}) is using {self.cfg.database}: handing it "
+                f"{plural(total, 'image')} and following its progress",
+                file=self.err,
+            )
+        if _isatty(self.out):
             from tqdm import tqdm
 
             from watcher.log import configure_logging
@@ -418,7 +434,7 @@ class Progress:
             # rate_noinv: always "N images/s", never tqdm's inverse "s/ images".
             self.bar = tqdm(
                 total=total,
-                file=out,
+                file=self.out,
                 unit=" images",
                 dynamic_ncols=True,
                 desc="captioning",
@@ -427,44 +443,39 @@ class Progress:
                 "[{elapsed}<{remaining}, {rate_noinv_fmt}]",
             )
             # Log lines go through tqdm.write: they appear above the bar, never inside it.
-            configure_logging(cfg.log, stream=_AboveBar(err))
-            self._err, self._cfg = err, cfg
+            configure_logging(self.cfg.log, stream=cast("TextIO", _AboveBar(self.err)))
 
-    def __call__(self, outcome) -> None:
-        if outcome.state in ("retry", "requeued"):
+    def __call__(self, outcome: Outcome, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
             return
-        with self.lock:
-            self.done += 1
-            if self.bar is not None:
-                self.bar.update(1)
-                return
-            state, detail = outcome.state, outcome.reason
-            if state == "done":
-                state = {"kept": "kept", "pending": "sidecar pending"}.get(
-                    outcome.sidecar_state or "", "done"
-                )
-                if state == "kept":
-                    detail = f"existing sidecar left alone: {shown(outcome.sidecar or '')}"
-                elif state == "done":
-                    detail = shown(outcome.sidecar or "")
-            if self.broken:
-                return
-            try:
-                self.out.write(
-                    f"[{self.done}/{self.total}] {state}: {shown(outcome.path)} ({detail})\n"
-                )
-                self.out.flush()
-            except BrokenPipeError:
-                # `watcher caption DIR | head`: the reader left. The work goes on (this runs
-                # in the writer's thread); the summary's print ends the command quietly.
-                self.broken = True
+        state: str = outcome.state
+        detail = outcome.reason
+        if state == "done":
+            state = {"kept": "kept", "pending": "sidecar pending"}.get(
+                outcome.sidecar_state or "", "done"
+            )
+            if state == "kept":
+                detail = f"existing sidecar left alone: {shown(outcome.sidecar or '')}"
+            elif state == "done":
+                detail = shown(outcome.sidecar or "")
+        if self.broken:
+            return
+        try:
+            self.out.write(f"[{done}/{total}] {state}: {shown(outcome.path)} ({detail})\n")
+            self.out.flush()
+        except BrokenPipeError:
+            # `watcher caption DIR | head`: the reader left. The work goes on (this runs
+            # in the writer's thread); the summary's print ends the command quietly.
+            self.broken = True
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
             from watcher.log import configure_logging
 
-            configure_logging(self._cfg.log, stream=self._err)
+            configure_logging(self.cfg.log, stream=self.err)
 
 
 class _AboveBar:
@@ -500,261 +511,149 @@ def _isatty(stream: Any) -> bool:
 # -- caption / recaption ---------------------------------------------------------------------
 
 
-def _dirs(paths: list[Path], err: TextIO) -> list[Path] | None:
-    dirs = []
-    for d in paths:
-        p = Path(os.path.abspath(d.expanduser()))
-        if not p.is_dir():
-            print(f"watcher: {shown(str(d))}: not a folder", file=err)
-            return None
-        dirs.append(p)
-    return dirs
+def _run_caption(run: Callable[..., CaptionReport], out: TextIO, err: TextIO, cfg: Config) -> int:
+    """Run a caption call of the library with the terminal's progress, then print its
+    report; a run that cannot start is one line on stderr and exit 2."""
+    from watcher.backends import ModelUnavailable
+    from watcher.captioning import CaptionError, NoMatches
 
-
-def _overrides(args, cfg: Config) -> dict[str, Any]:
-    o = {
-        "task": getattr(args, "task", None),
-        "question": getattr(args, "question", None),
-        "overwrite": getattr(args, "overwrite", None),
-    }
-    if o["task"] == "query" and not (o["question"] or cfg.defaults.get("question")):
-        raise ConfigError("--task query needs --question")
-    return {k: v for k, v in o.items() if v is not None}
+    progress = Progress(out, err, cfg)
+    try:
+        try:
+            report = run(on_start=progress.start, on_progress=progress)
+        finally:
+            progress.close()  # the bar ends before any message below it
+    except (CaptionError, ModelUnavailable) as e:
+        print(f"watcher: {e}", file=err)
+        return EXIT_USAGE
+    except NoMatches:
+        print("no matches", file=err)
+        return EXIT_FAILED
+    return print_caption_report(report, out, err)
 
 
 def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    dirs = _dirs(args.folders, err)
-    if dirs is None:
-        return EXIT_USAGE
-    return _caption(args, cfg, dirs, out, err, force=args.force)
+    from watcher.captioning import caption_folders
+
+    return _run_caption(
+        functools.partial(
+            caption_folders,
+            cfg,
+            args.folders,
+            force=args.force,
+            dry_run=args.dry_run,
+            **_overrides(args),
+        ),
+        out,
+        err,
+        cfg,
+    )
 
 
 def cmd_recaption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.index import Index, connect
+    from watcher.captioning import recaption
 
-    wanted: set[str] = set()
-    dirs: list[Path] = []
-    for p in args.paths:
-        path = Path(os.path.abspath(p.expanduser()))
-        if not path.is_file():
-            print(f"watcher: {shown(str(p))}: not an image file", file=err)
-            return EXIT_USAGE
-        wanted.add(str(path))
-        dirs.append(path.parent)
-    folders = _dirs(args.folder, err)
-    if folders is None:
-        return EXIT_USAGE
-    dirs += folders
-    if args.query:
-        if not cfg.database.exists():
-            print(f"watcher: no index yet at {cfg.database}", file=err)
-            return EXIT_FAILED
-        db = connect(cfg.database)
-        hits = Index(db).search(args.query, limit=1_000_000)
-        db.conn.close()
-        for row, _ in hits:
-            if os.path.isfile(row.path):
-                wanted.add(row.path)
-                dirs.append(Path(row.path).parent)
-        if not hits:
-            print("no matches", file=err)
-            return EXIT_FAILED
-    if not dirs:
-        print("watcher: recaption needs images, --folder DIR or --query TEXT", file=err)
-        return EXIT_USAGE
-    # Only the deepest distinct folders, so nothing is scanned twice.
-    unique = sorted(set(dirs))
-    dirs = [d for d in unique if not any(o != d and o in d.parents for o in unique)]
-
-    def only(path: str) -> bool:
-        return path in wanted or any(path.startswith(str(f) + "/") for f in folders)
-
-    return _caption(args, cfg, dirs, out, err, force=True, only=only)
-
-
-def _caption(
-    args, cfg: Config, dirs: list[Path], out: TextIO, err: TextIO, *, force: bool, only=None
-) -> int:
-    from watcher.captioning import apply_plan, plan_caption, with_overrides
-    from watcher.index import connect
-    from watcher.jobs import JobQueue
-    from watcher.service.lock import AlreadyRunning, DatabaseLock
-    from watcher.service.status import daemon_pid
-
-    overrides = _overrides(args, cfg)
-    cfg = with_overrides(cfg, dirs, **overrides)
-    lock = DatabaseLock(cfg.database)
-    daemon: int | None = None
-    if not args.dry_run:
-        try:
-            lock.acquire("caption")
-        except AlreadyRunning as e:
-            daemon = daemon_pid(cfg.database)
-            if daemon is None:
-                print(f"watcher: {e}", file=err)
-                return EXIT_USAGE
-            if overrides:
-                print(
-                    f"watcher: watcher run (pid {daemon}) is using {cfg.database} and "
-                    f"captions with its own settings; stop it to caption with "
-                    f"{', '.join('--' + k for k in overrides)}",
-                    file=err,
-                )
-                return EXIT_USAGE
-    try:
-        db = connect(cfg.database)
-        jobs = JobQueue(db)
-        if daemon is None and not args.dry_run:
-            jobs.recover()
-        plan = plan_caption(db, cfg, dirs, force=force, only=only)
-        if args.dry_run:
-            return _print_plan(plan, out)
-        queued, restored = apply_plan(db, cfg, plan, force=force)
-        from watcher.captioning import open_jobs
-
-        if daemon is not None and plan.queued:
-            return _caption_by_daemon(cfg, plan, daemon, db, jobs, out, err)
-        pending = 0 if daemon is not None else open_jobs(jobs, plan.roots)
-        if pending == 0:
-            line = f"0 new, {plan.up_to_date} up to date" + _restored_clause(restored)
-            print(line + _skipped_count(plan.skipped), file=out)
-            _print_restored(restored, out)
-            _print_skipped(plan.skipped, out)
-            _print_passed_over(plan.passed_over, dirs, out)
-            return EXIT_FAILED if restored.pending else EXIT_OK
-        return _run_here(cfg, plan, restored, pending, jobs, out, err)
-    finally:
-        lock.release()
-
-
-def _run_here(cfg: Config, plan, restored, pending: int, jobs, out: TextIO, err: TextIO) -> int:
-    from watcher.backends import ModelUnavailable, open_backend
-    from watcher.backends.registry import get_backend
-    from watcher.captioning import LazyBackend, run_pipeline
-
-    if get_backend(cfg.model.backend).checks_weights:
-        # A quick check of the disk now, so a missing model fails before any work; the
-        # model itself loads only for the first batch that needs it.
-        from watcher.backends.weights import ensure_available
-
-        try:
-            ensure_available(cfg.model)
-        except ModelUnavailable as e:
-            print(f"watcher: {e}", file=err)
-            return EXIT_USAGE
-    load_error: list[BaseException] = []
-
-    def opener():
-        try:
-            return open_backend(cfg.model, cfg.log)
-        except ModelUnavailable as e:
-            load_error.append(e)
-            raise
-
-    backend = LazyBackend(cfg.model, opener)
-    progress = Progress(pending, out, err, cfg)
-    try:
-        summary = run_pipeline(cfg, plan.roots, backend, jobs, progress)
-    finally:
-        progress.close()
-    if load_error:
-        print(f"watcher: {load_error[0]}", file=err)
-        return EXIT_USAGE
-    return _print_summary(plan, restored, summary, out)
-
-
-def _caption_by_daemon(cfg: Config, plan, pid: int, db, jobs, out: TextIO, err: TextIO) -> int:
-    from watcher.captioning import Restored, follow_daemon
-    from watcher.service.status import daemon_pid
-
-    paths = [str(p) for p, _ in plan.queued]
-    print(
-        f"watcher run (pid {pid}) is using {cfg.database}: handing it "
-        f"{plural(len(paths), 'image')} and following its progress",
-        file=err,
+    return _run_caption(
+        functools.partial(
+            recaption,
+            cfg,
+            args.paths,
+            folders=args.folder,
+            query=args.query,
+            dry_run=args.dry_run,
+            **_overrides(args),
+        ),
+        out,
+        err,
+        cfg,
     )
-    progress = Progress(len(paths), out, err, cfg)
-    try:
-        summary = follow_daemon(
-            db, plan.roots, paths, progress, alive=lambda: daemon_pid(cfg.database) == pid
-        )
-    finally:
-        progress.close()
-    if summary is None:
+
+
+def _overrides(args) -> dict[str, Any]:
+    return {"task": args.task, "question": args.question, "overwrite": args.overwrite}
+
+
+def print_caption_report(report: CaptionReport, out: TextIO, err: TextIO) -> int:
+    """What `watcher caption` prints for a report; returns the exit code."""
+    if report.dry_run:
+        return _print_plan(report, out)
+    if report.unfinished:
         print(
             "watcher: the daemon stopped before finishing; the images stay queued for its "
             "next start",
             file=err,
         )
         return EXIT_FAILED
-    return _print_summary(plan, Restored(), summary, out)
+    if not report.ran:
+        line = f"0 new, {report.up_to_date} up to date" + _restored_clause(report)
+        print(line + _skipped_count(report.skipped), file=out)
+        _print_restored(report, out)
+        _print_skipped(report.skipped, out)
+        _print_passed_over(report.passed_over, list(report.folders), out)
+        return report.exit_code
+    again = len(report.captioned_again)
+    line = f"{len(report.captioned) - again} new"
+    if again:
+        line += f", {again} captioned again (other settings or --force)"
+    line += f", {report.up_to_date} up to date"
+    if report.reused:
+        copies = plural(report.reused, "copy of an identical image", "copies of identical images")
+        line += f" ({copies}, no model work)"
+    if report.kept:
+        line += f", {plural(len(report.kept), 'existing sidecar')} left alone"
+    line += _restored_clause(report)
+    line += f", {len(report.failed)} failed" + _skipped_count(report.skipped)
+    print(line, file=out)
+    for o in report.sidecars_pending:
+        print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
+    _print_kept(report.kept, out)
+    _print_restored(report, out)
+    for f in report.failed:
+        print(f"failed: {shown(f.path)}: {f.error}", file=out)
+    # Images whose folder became a link while the model ran: skipped, like the scan's.
+    _print_skipped(report.skipped, out)
+    _print_passed_over(report.passed_over, list(report.folders), out)
+    return report.exit_code
 
 
-def _restored_clause(restored) -> str:
-    if not restored.written:
+def _restored_clause(report: CaptionReport) -> str:
+    if not report.restored:
         return ""
-    return f", {plural(len(restored.written), 'missing sidecar')} written again from the index"
+    return f", {plural(len(report.restored), 'missing sidecar')} written again from the index"
 
 
-def _print_restored(restored, out: TextIO) -> None:
-    for path, reason in restored.pending:
+def _print_restored(report: CaptionReport, out: TextIO) -> None:
+    for path, reason in report.restore_pending:
         print(f"sidecar pending: {shown(path)}: {reason}", file=out)
 
 
-def _print_summary(plan, restored, summary, out: TextIO) -> int:
-    outdated = set(plan.outdated)
-    again = sum(1 for o in summary.done if o.path in outdated)
-    line = f"{len(summary.done) - again} new"
-    if again:
-        line += f", {again} captioned again (other settings or --force)"
-    line += f", {plan.up_to_date} up to date"
-    if summary.reused:
-        copies = plural(summary.reused, "copy of an identical image", "copies of identical images")
-        line += f" ({copies}, no model work)"
-    if summary.kept:
-        line += f", {plural(len(summary.kept), 'existing sidecar')} left alone"
-    line += _restored_clause(restored)
-    line += f", {len(summary.failed)} failed" + _skipped_count(plan.skipped + list(summary.skipped))
-    print(line, file=out)
-    for o in summary.pending:
-        print(f"sidecar pending: {shown(o.path)}: {o.reason or 'not writable'}", file=out)
-    _print_kept(summary.kept, out)
-    _print_restored(restored, out)
-    for f in summary.failed:
-        print(f"failed: {shown(f.path)}: {f.error}", file=out)
-    # Images whose folder became a link while the model ran: skipped, like the scan's.
-    _print_skipped(plan.skipped + list(summary.skipped), out)
-    _print_passed_over(plan.passed_over, list(plan.roots), out)
-    return EXIT_FAILED if summary.failed or restored.pending else EXIT_OK
-
-
-def _print_plan(plan, out: TextIO) -> int:
+def _print_plan(report: CaptionReport, out: TextIO) -> int:
     """--dry-run: what a caption run would do."""
-    outdated = set(plan.outdated)
     print(
-        f"would caption {plural(len(plan.queued), 'image')} ({plan.new} new, "
-        f"{plan.changed} changed, {len(outdated)} with other settings, "
-        f"{plan.retried} failed before), write {plural(len(plan.restore), 'missing sidecar')}"
-        f" from the index, forget {plural(len(plan.removed), 'deleted image')}; "
-        f"{plan.up_to_date} up to date" + _skipped_count(plan.skipped),
+        f"would caption {plural(len(report.queued), 'image')} ({report.new} new, "
+        f"{report.changed} changed, {len(set(report.outdated))} with other settings, "
+        f"{report.retried} failed before), write "
+        f"{plural(len(report.missing_sidecars), 'missing sidecar')}"
+        f" from the index, forget {plural(len(report.forgotten), 'deleted image')}; "
+        f"{report.up_to_date} up to date" + _skipped_count(report.skipped),
         file=out,
     )
-    for p, _ in plan.queued:
-        print(f"would caption: {shown(str(p))}", file=out)
-    for p in plan.restore:
+    for p in report.queued:
+        print(f"would caption: {shown(p)}", file=out)
+    for p in report.missing_sidecars:
         print(f"would write the missing sidecar of: {shown(p)}", file=out)
-    for p in plan.removed:
+    for p in report.forgotten:
         print(f"would forget (deleted): {shown(p)}", file=out)
-    _print_skipped(plan.skipped, out)
-    _print_passed_over(plan.passed_over, list(plan.roots), out)
+    _print_skipped(report.skipped, out)
+    _print_passed_over(report.passed_over, list(report.folders), out)
     return EXIT_OK
 
 
-def _skipped_count(skipped: list[tuple[Path, str]]) -> str:
+def _skipped_count(skipped: Sequence[tuple[Path, str]]) -> str:
     return f", {len(skipped)} skipped" if skipped else ""
 
 
-def _print_skipped(skipped: list[tuple[Path, str]], out: TextIO) -> None:
+def _print_skipped(skipped: Sequence[tuple[Path, str]], out: TextIO) -> None:
     # Not failures (the exit code ignores them): names we will not open, and why.
     for path, reason in sorted(skipped):
         print(f"skipped: {shown(str(path))}: {reason}", file=out)
@@ -785,7 +684,7 @@ def _print_kept(kept: list, out: TextIO) -> None:
 
 
 def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.index import Index, connect
+    from watcher.index import open_index
 
     try:
         args.query.encode("utf-8")
@@ -793,7 +692,7 @@ def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
         print("watcher: the search text is not valid UTF-8; captions are UTF-8 text", file=err)
         return EXIT_USAGE
     # No database yet: NoDatabase, "no index yet" and exit 1 (_with_database_errors).
-    hits = Index(connect(cfg.database, readonly=True)).search(args.query, limit=args.limit)
+    hits = open_index(cfg.database).search(args.query, limit=args.limit)
     if args.json:
         # bm25 is lower-is-better (negative); users read a score as higher-is-better.
         json.dump(
@@ -827,58 +726,41 @@ def cmd_status(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_retry(args, cfg: Config, out: TextIO, err: TextIO) -> int:
-    from watcher.captioning import missing_sidecars, restore_sidecars
-    from watcher.index import connect
-    from watcher.jobs import JobQueue
-    from watcher.outputs.pending import write_pending_sidecars
-    from watcher.paths import decode
+    from watcher.captioning import retry
 
     if not args.all and not args.paths:
         print("watcher: retry needs --all or one or more paths", file=err)
         return EXIT_USAGE
-    db = connect(cfg.database)
-    jobs = JobQueue(db)
-    paths = None if args.all else [os.path.abspath(p) for p in args.paths]
-    failed, gone = jobs.failed_existing(paths)
-    pending = [
-        p
-        for p in (
-            decode(r)
-            for (r,) in db.conn.execute("SELECT path FROM images WHERE sidecar_state = 'pending'")
-        )
-        if paths is None or p in paths
-    ]
-    missing = missing_sidecars(db, paths)
-    if args.dry_run:
+    report = retry(cfg, None if args.all else args.paths, dry_run=args.dry_run)
+    if report.dry_run:
         print(
-            f"would queue {plural(len(failed), 'failed image')} again, try "
-            f"{plural(len(pending), 'pending sidecar')}, write "
-            f"{plural(len(missing), 'missing sidecar')} from the index, forget "
-            f"{plural(len(gone), 'failure')} of deleted images",
+            f"would queue {plural(len(report.failed), 'failed image')} again, try "
+            f"{plural(len(report.pending), 'pending sidecar')}, write "
+            f"{plural(len(report.missing), 'missing sidecar')} from the index, forget "
+            f"{plural(len(report.forgotten), 'failure')} of deleted images",
             file=out,
         )
-        for p in failed:
+        for p in report.failed:
             print(f"would retry: {shown(p)}", file=out)
-        for p in pending:
+        for p in report.pending:
             print(f"would write the pending sidecar of: {shown(p)}", file=out)
-        for p in missing:
+        for p in report.missing:
             print(f"would write the missing sidecar of: {shown(p)}", file=out)
-        for p in gone:
+        for p in report.forgotten:
             print(f"would forget (deleted): {shown(p)}", file=out)
         return EXIT_OK
-    jobs.forget_failed(gone)
-    n = jobs.retry(failed)
-    written, still = write_pending_sidecars(db, cfg, paths)
-    restored = restore_sidecars(db, cfg, missing)
-    line = f"{plural(n, 'failed image')} queued again; {plural(written, 'pending sidecar')} written"
-    if restored.written:
-        line += f"; {plural(len(restored.written), 'missing sidecar')} written again"
-    if gone:
-        line += f"; {plural(len(gone), 'failure')} of deleted images forgotten"
+    line = (
+        f"{plural(report.requeued, 'failed image')} queued again; "
+        f"{plural(report.written, 'pending sidecar')} written"
+    )
+    if report.restored:
+        line += f"; {plural(len(report.restored), 'missing sidecar')} written again"
+    if report.forgotten:
+        line += f"; {plural(len(report.forgotten), 'failure')} of deleted images forgotten"
     print(line, file=out)
-    for path, reason in [*still, *restored.pending]:
+    for path, reason in report.still_pending:
         print(f"sidecar still pending: {shown(path)}: {reason}", file=out)
-    return EXIT_OK if not (still or restored.pending) else EXIT_FAILED
+    return report.exit_code
 
 
 def cmd_show(args, cfg: Config, out: TextIO, err: TextIO) -> int:
@@ -1166,3 +1048,26 @@ def cmd_service(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     if args.service_command == "uninstall":
         return service.uninstall(out=out)
     return service.status(out=out)
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+# Each subcommand's handler, by the name the parser gives it (build_parser). These two need
+# no config: init writes one, completion prints a script.
+WITHOUT_CONFIG: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+    "completion": cmd_completion,
+    "init": cmd_init,
+}
+COMMANDS: dict[str, Handler] = {
+    "caption": cmd_caption,
+    "recaption": cmd_recaption,
+    "run": cmd_run,
+    "search": cmd_search,
+    "status": cmd_status,
+    "retry": cmd_retry,
+    "show": cmd_show,
+    "prune": cmd_prune,
+    "reload": cmd_reload,
+    "model": cmd_model,
+    "service": cmd_service,
+}

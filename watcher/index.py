@@ -470,3 +470,11 @@ def _fts_query(query: str) -> str:
     """User words as quoted FTS5 terms, AND-ed: punctuation cannot break the syntax."""
     terms = ['"' + t.replace('"', '""') + '"' for t in query.split() if t]
     return " ".join(terms) if terms else '""'
+
+
+def open_index(path: Path | str, *, readonly: bool = True) -> Index:
+    """The index at `path`, to search (`.search(text)`: rows and bm25 scores, best first)
+    and read (`.get(image_path)`). Read-only by default, as `watcher search` opens it:
+    nothing is created or changed, and NoDatabase is raised when there is nothing to read
+    yet; DatabaseError when the file is not a watcher database."""
+    return Index(connect(Path(path).expanduser(), readonly=readonly))

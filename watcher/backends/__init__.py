@@ -25,9 +25,15 @@ class Backend(Protocol):
     between tasks (Moondream's encode_image) do so inside `describe`.
     """
 
-    name: str  # model id or path, for provenance in the index
-    revision: str | None
-    max_batch: int  # the largest batch worth sending at once
+    # Read-only in the protocol: a plain attribute or a property (LazyBackend) both do.
+    @property
+    def name(self) -> str: ...  # model id or path, for provenance in the index
+
+    @property
+    def revision(self) -> str | None: ...
+
+    @property
+    def max_batch(self) -> int: ...  # the largest batch worth sending at once
 
     def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]: ...
 

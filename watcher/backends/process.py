@@ -55,7 +55,11 @@ class ModelError(RuntimeError):
         self.type_name = type_name
         self.out_of_memory = out_of_memory
         if remote_traceback:
-            self.add_note("in the model process:\n" + remote_traceback.rstrip())
+            note = "in the model process:\n" + remote_traceback.rstrip()
+            if sys.version_info >= (3, 11):
+                self.add_note(note)
+            else:  # 3.10 has no add_note; keep the note where 3.11's traceback looks for it
+                self.__notes__ = [note]
 
 
 class ModelCrashed(RuntimeError):

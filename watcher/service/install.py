@@ -54,7 +54,7 @@ def template_text(name: str) -> str:
     source = Path(__file__).resolve().parents[2] / kind / name
     if source.is_file():
         return source.read_text(encoding="utf-8")
-    packaged = importlib.resources.files("watcher.service").joinpath("templates", name)
+    packaged = importlib.resources.files("watcher.service").joinpath("templates").joinpath(name)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
     raise ServiceError(
