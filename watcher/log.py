@@ -11,9 +11,6 @@
   libraries cannot flood the log. Transformers and huggingface_hub install their own
   stderr handlers; those are removed (now or when the library is imported later) so their
   messages are not printed twice or as plain text between JSON lines.
-
-`log_failure` logs a failure once: an expected one (a `reason`, an OSError, an
-`ExpectedError`) as one line without traceback, a bug with its full traceback.
 """
 
 from __future__ import annotations
@@ -42,11 +39,6 @@ LIBRARY_LEVEL = logging.WARNING
 # Keys that lead every JSON line, in this order; the rest follow as logged.
 _FIRST = ("timestamp", "level", "logger", "event")
 _HANDLER_MARK = "_watcher_handler"
-_LOGGED_MARK = "__watcher_logged__"
-
-
-class ExpectedError(Exception):
-    """Base for failures that are part of normal operation: logged without traceback."""
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -271,64 +263,3 @@ class _AdoptOnImport(importlib.abc.MetaPathFinder):
         loader.exec_module = exec_module  # this spec's own loader instance only
         return spec
 
-
-# --- failures -------------------------------------------------------------------------------
-
-
-def is_expected(exc: BaseException) -> bool:
-    """Whether `exc` is an operational failure rather than a bug.
-
-    OSError covers vanished files, permissions, full disks and undecodable images (PIL's
-    UnidentifiedImageError is an OSError); `ExpectedError` subclasses and exceptions with a
-    true `expected` attribute opt in explicitly.
-    """
-    return isinstance(exc, (OSError, ExpectedError)) or bool(getattr(exc, "expected", False))
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for a user: 'No such file or directory: /x/y.jpg'."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = exc.filename if exc.filename is not None else None
-        return f"{exc.strerror}: {where}" if where is not None else exc.strerror
-    text = str(exc)
-    return text if text else type(exc).__name__
-
-
-def log_failure(
-    logger: Any,
-    event: str,
-    exc: BaseException | None = None,
-    *,
-    reason: str | None = None,
-    expected: bool | None = None,
-    level: str = "error",
-    **fields: Any,
-) -> bool:
-    """Log a failure exactly once; return False when `exc` was already logged.
-
-    Expected failures (a `reason` given, or `is_expected(exc)`, or `expected=True`) are
-    logged at `level` with `reason` (and `error`, the exception type) and no traceback.
-    Anything else is a bug: logged at error level with the full traceback. The exception
-    is marked, so a caller further up that calls `log_failure` again stays silent.
-    """
-    if exc is not None:
-        if getattr(exc, _LOGGED_MARK, False):
-            return False
-        try:
-            setattr(exc, _LOGGED_MARK, True)
-        except AttributeError:  # exceptions with __slots__; logging twice is the lesser evil
-            pass
-    if expected is None:
-        expected = reason is not None or (exc is not None and is_expected(exc))
-    if exc is not None:
-        fields.setdefault("error", type(exc).__name__)
-    if expected:
-        fields["reason"] = (
-            reason if reason is not None else (describe(exc) if exc is not None else "unknown")
-        )
-        getattr(logger, level)(event, **fields)
-    elif exc is not None:
-        logger.error(event, exc_info=exc, **fields)
-    else:
-        logger.exception(event, **fields)  # inside an except block: the active exception
-    return True
