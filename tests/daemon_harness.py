@@ -79,6 +79,9 @@ def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra)
             "path": str(model_path),
             "batch_size": 8,
             "max_tokens": 6,
+            # In the daemon's process: a model process costs seconds per start, and only
+            # the tests about that process (test_process.py) need one; they ask for it.
+            "isolate": False,
         },
         "database": str(tmp_path / "index.db"),
         "log": {"level": "info", "format": "json"},
@@ -152,6 +155,12 @@ class Daemon:
             for e in self.events()
             if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
         ]
+
+    def wait_scanned(self, folders: int = 1, timeout: float = 60.0) -> None:
+        """Until the start-up catch-up scan of `folders` folders is done. A file written
+        before a scan lists its folder is queued by the scan, not through settle: a test
+        about how new files settle writes them after this."""
+        wait_for(lambda: len(self.logged("scan done")) >= folders, timeout, "the catch-up scan")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None

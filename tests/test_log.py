@@ -141,6 +141,7 @@ def test_stdlib_libraries_only_from_warning_and_as_json():
     assert any("deprecated thing" in r["event"] for r in recs if r.get("logger") == "py.warnings")
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers: 5-45 s on 2 busy cores
 def test_transformers_logging_routed_when_imported_later(tmp_path):
     """transformers installs its own stderr handler on import; ours replaces it."""
     pytest.importorskip("transformers")

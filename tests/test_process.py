@@ -142,7 +142,12 @@ def test_a_crash_in_model_code_fails_only_that_image(tmp_path, tiny_moondream) -
 def test_killing_the_daemon_takes_its_model_process_along(tmp_path, tiny_llava) -> None:
     pics = tmp_path / "pics"
     pics.mkdir()
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics), "settle_seconds": 0.1}])
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(pics), "settle_seconds": 0.1}],
+        model={"backend": "transformers", "path": str(tiny_llava), "isolate": True},
+    )
     d = Daemon(cfg, tmp_path).start()
     try:
         distinct_image(0, pics / "a.jpg")

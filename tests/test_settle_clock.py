@@ -12,7 +12,6 @@ from images import distinct_pil
 
 from watcher.intake.settle import UNREADABLE_GRACE, Ready, Settler
 
-
 # A tick that binary floating point adds exactly, so "just before" and "at" are exact.
 TICK = 2.0**-10
 
@@ -213,7 +212,9 @@ def test_an_event_during_hand_on_keeps_the_file_for_another_round(tmp_path):
 # -- the close-write fast path -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt,ext", [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp")])
+@pytest.mark.parametrize(
+    "fmt,ext", [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp")]
+)
 def test_a_closed_file_with_its_end_marker_goes_at_once(tmp_path, rig, fmt, ext):
     s, clock, handed = rig
     p = _write(tmp_path / f"a.{ext}", _bytes(fmt))

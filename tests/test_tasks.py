@@ -201,7 +201,9 @@ def test_tasks_with_equal_fields_are_equal_and_hashable():
 def test_an_unknown_kind_is_refused_with_the_choices():
     with pytest.raises(ValueError) as e:
         Task("summary")
-    assert str(e.value) == "unknown task 'summary'; expected one of prompt, short, normal, long, query"
+    assert (
+        str(e.value) == "unknown task 'summary'; expected one of prompt, short, normal, long, query"
+    )
 
 
 @pytest.mark.parametrize("question", [None, ""])

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict
 
 from watcher.config import LogConfig
 
@@ -140,7 +141,7 @@ def _dumps(obj: Any, **kw: Any) -> str:
     return json.dumps(obj, **kw)
 
 
-def _escape_names(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _escape_names(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
     """File names (and errors quoting them) as watcher.paths.shown writes them: an
     undecodable byte as `\\xe9`, a newline as `\\x0a`, so a hostile name can neither
     break a log line nor fail to be written."""
@@ -158,13 +159,13 @@ def _escape_names(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[
     return event_dict
 
 
-def _lead_keys(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _lead_keys(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
     ordered = {k: event_dict.pop(k) for k in _FIRST if k in event_dict}
     ordered.update(event_dict)
     return ordered
 
 
-def _add_logger_name(logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_logger_name(logger: Any, _name: str, event_dict: EventDict) -> EventDict:
     name = getattr(logger, "name", None)
     if name:
         event_dict.setdefault("logger", name)
@@ -252,14 +253,14 @@ class _AdoptOnImport(importlib.abc.MetaPathFinder):
         else:
             return None
         loader = spec.loader
-        original = getattr(loader, "exec_module", None)
-        if original is None:
+        if loader is None or not hasattr(loader, "exec_module"):
             return spec
+        original = loader.exec_module
 
         def exec_module(module: Any) -> None:
             original(module)
             _safely(adopt, module, fullname)
 
-        loader.exec_module = exec_module  # this spec's own loader instance only
+        # This spec's own loader instance only.
+        loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
-

@@ -209,13 +209,14 @@ class Settler(threading.Thread):
                 later.append((w, seen, identity, now + min(1.0, w.settle)))
         with self._cond:
             for p, seen in gone:
-                if (w := self._pending.get(p)) is not None and w.stable_since == seen.stable_since:
+                current = self._pending.get(p)
+                if current is not None and current.stable_since == seen.stable_since:
                     del self._pending[p]
-            for w, seen, identity, check_at in later:
+            for w, seen, looked, check_at in later:
                 if w.stable_since != seen.stable_since:  # an event since: it decides
                     continue
-                if identity != w.identity:
-                    w.identity, w.stable_since = identity, now
+                if looked != w.identity:
+                    w.identity, w.stable_since = looked, now
                 w.check_at, w.closed = check_at, False
             # A file with an event since it was looked at is not handed on: its new timer
             # (or close check) decides, from what it holds now.
