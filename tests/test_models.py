@@ -287,7 +287,9 @@ def test_fetch_then_load_by_id_without_the_hub(tmp_path, silent_hub):
     assert f"fetching tokenizer {MOONDREAM_TOKENIZER}" in out
     assert "ok: the model loads from the cache" in out
     assert str(tmp_path / "hf-home" / "hub") in out
-    assert float(out.split("SECONDS ")[1].split()[0]) < 5, out
+    # A second load (the stack is imported by then): under huggingface_hub's own 10 s
+    # request timeout, so nothing waited on the Hub that never answers.
+    assert float(out.split("SECONDS ")[1].split()[0]) < 9.5, out
     assert "LOADED vikhyatk/moondream2 2025-06-21 4" in out  # 4: the tiny tokenizer's vocab
     assert "OUT [['" in out
     assert "ready to run offline" in out
