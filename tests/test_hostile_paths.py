@@ -278,6 +278,7 @@ def test_caption_says_which_files_it_passed_over_and_captions_avif(tmp_path, tin
     assert "passed over: 2 files (not an image extension)" in again
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_avif_where_pillow_cannot_read_it_is_passed_over_with_the_fix(
     tmp_path, tiny_llava, monkeypatch
 ):
@@ -298,6 +299,7 @@ def test_avif_where_pillow_cannot_read_it_is_passed_over_with_the_fix(
     ) in out.splitlines()
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_daemon_status_lists_files_passed_over(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     distinct_image(0, watched / "a.jpg")
@@ -335,6 +337,7 @@ def test_daemon_status_lists_files_passed_over(tmp_path, tiny_llava):
         assert "    passed over: 1 file (no extension): IMG_0002" in status
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_avif_listed_where_pillow_cannot_read_it_fails_with_the_fix(
     tmp_path, tiny_llava, monkeypatch
 ):

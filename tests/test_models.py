@@ -264,6 +264,7 @@ models.cmd_info(ModelConfig(), sys.stdout)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter that loads the model twice: 30-50 s on 2 busy cores
 def test_fetch_then_load_by_id_without_the_hub(tmp_path, silent_hub):
     """Fetch into an empty HF_HOME (the download faked), test-load, load again by id.
 

@@ -69,6 +69,7 @@ def test_caption_with_moondream_encodes_each_image_once(tmp_path, tiny_moondream
         assert caption.strip()
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_daemon_with_moondream(tmp_path, tiny_moondream):
     watched = tmp_path / "watched"
     watched.mkdir()

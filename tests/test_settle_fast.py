@@ -363,6 +363,7 @@ def test_without_close_events_a_complete_file_waits_for_settle(tmp_path, tiny_ll
     assert d.proc.returncode == 0
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 @pytest.mark.parametrize("polling", [False, True], ids=["native", "polling"])
 def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_llava, polling):
     watched = tmp_path / "watched"
