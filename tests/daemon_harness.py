@@ -79,9 +79,6 @@ def write_config(tmp_path: Path, model_path: Path, folders: list[dict], **extra)
             "path": str(model_path),
             "batch_size": 8,
             "max_tokens": 6,
-            # In the daemon's process: a model process costs seconds per start, and only
-            # the tests about that process (test_process.py) need one; they ask for it.
-            "isolate": False,
         },
         "database": str(tmp_path / "index.db"),
         "log": {"level": "info", "format": "json"},

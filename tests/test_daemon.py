@@ -167,7 +167,6 @@ def test_thousand_images_added_while_stopped(tmp_path, tiny_llava):
             "path": str(tiny_llava),
             "batch_size": 16,
             "max_tokens": 4,
-            "isolate": False,
         },
     )
     for i in range(1000):
@@ -194,7 +193,6 @@ def test_kill_9_mid_burst_then_restart(tmp_path, tiny_llava):
             "path": str(tiny_llava),
             "batch_size": 8,
             "max_tokens": 4,
-            "isolate": False,
         },
     )
     d = Daemon(cfg, tmp_path).start()
