@@ -159,6 +159,12 @@ class Daemon:
             if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
         ]
 
+    def wait_scanned(self, folders: int = 1, timeout: float = 60.0) -> None:
+        """Until the start-up catch-up scan of `folders` folders is done. A file written
+        before a scan lists its folder is queued by the scan, not through settle: a test
+        about how new files settle writes them after this."""
+        wait_for(lambda: len(self.logged("scan done")) >= folders, timeout, "the catch-up scan")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

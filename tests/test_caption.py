@@ -15,7 +15,13 @@ from images import distinct_image, write_empty, write_text_as_png
 
 def _config(tmp_path: Path, model: Path, **extra) -> Path:
     data = {
-        "model": {"backend": "transformers", "path": str(model), "batch_size": 4, "max_tokens": 8},
+        "model": {
+            "backend": "transformers",
+            "path": str(model),
+            "batch_size": 4,
+            "max_tokens": 8,
+            "isolate": False,  # these tests are about the command, not the model process
+        },
         "database": str(tmp_path / "index.db"),
         "log": {"level": "warning"},
     }

@@ -9,7 +9,6 @@ import hashlib
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 
 import images
@@ -191,14 +190,11 @@ def test_big_jpeg_is_decoded_reduced_and_downscaled(tmp_path: Path, monkeypatch)
         return original_load(self)
 
     monkeypatch.setattr(JpegImageFile, "load", spy)
-    start = time.perf_counter()
     p = run(path, max_side=2048)
-    elapsed = time.perf_counter() - start
     assert (p.width, p.height) == (8000, 6000)
     assert p.image.size == (2048, 1536) and p.image.mode == "RGB"
     # JPEG draft mode: libjpeg decoded at 1/2 scale (4000x3000), never the full 48 Mpx.
     assert decoded_at and max(decoded_at[0]) <= 4000
-    assert elapsed < 3, elapsed
     # The gradient survived, the right way up: red rises top to bottom, green falls.
     top, bottom = p.image.getpixel((1024, 10)), p.image.getpixel((1024, 1525))
     assert top[0] < 30 and top[1] > 225 and bottom[0] > 225 and bottom[1] < 30
@@ -236,9 +232,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypat
     loads = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self))
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     e = fails(path)
-    assert time.perf_counter() - start < 1
     assert e.reason == ("image too large: 30000x30000 = 900.0 Mpx exceeds max_pixels (100.0 Mpx)")
     assert not e.transient and not e.vanished
     assert loads == []  # no pixel data was ever decoded

@@ -59,6 +59,7 @@ def _config(tmp_path: Path, model: Path, *, batch_size: int = 4, **extra) -> Pat
                 "path": str(model),
                 "batch_size": batch_size,
                 "max_tokens": 4,
+                "isolate": False,
             },
             "max_pixels": MAX_PIXELS,
             "retry_backoff": 0.05,

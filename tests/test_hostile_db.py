@@ -448,6 +448,7 @@ def _unprivileged_wrapper():
     return wrapper()
 
 
+@pytest.mark.slow  # six interpreters per case, one of them captioning
 @pytest.mark.parametrize("read_only", ["folder", "folder and file", "file"])
 def test_a_read_only_database_is_read_and_not_written(tmp_path, tiny_llava, read_only):
     """status and search work; caption, retry and run say they cannot write, exit 2."""
@@ -511,6 +512,7 @@ def test_a_read_only_database_is_read_and_not_written(tmp_path, tiny_llava, read
 # --- 9. the database deleted or replaced under the daemon ---------------------------------------
 
 
+@pytest.mark.slow  # two daemon starts
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_database_deleted_under_the_daemon_stops_it_loudly(tmp_path, tiny_llava, how):
     watched = tmp_path / "watched"
@@ -553,6 +555,7 @@ def test_database_deleted_under_the_daemon_stops_it_loudly(tmp_path, tiny_llava,
 # --- 10. status that is true --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out HEARTBEAT_STALE (30 s) on purpose
 def test_a_stopped_daemon_is_shown_as_not_responding(tmp_path, tiny_llava):
     """SIGSTOP leaves the pid alive: the heartbeat's age tells it is not running."""
     from watcher.service.status import HEARTBEAT_STALE

@@ -32,8 +32,24 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-def _config(tmp_path: Path, model: Path, folders: list[dict] | None = None) -> Path:
-    return write_config(tmp_path, model, folders or [], retry_backoff=0.05)
+def _model(model: Path, *, isolate: bool = False) -> dict:
+    """In-process `watcher caption` runs the model here (a model process would import torch
+    afresh for each command); the daemon tests keep the model process, as in production."""
+    return {
+        "backend": "transformers",
+        "path": str(model),
+        "batch_size": 8,
+        "max_tokens": 6,
+        "isolate": isolate,
+    }
+
+
+def _config(
+    tmp_path: Path, model: Path, folders: list[dict] | None = None, *, isolate: bool = False
+) -> Path:
+    return write_config(
+        tmp_path, model, folders or [], retry_backoff=0.05, model=_model(model, isolate=isolate)
+    )
 
 
 def _rows(db: Path) -> dict[str, dict]:
@@ -193,7 +209,9 @@ def test_daemon_captions_non_utf8_names_at_start_and_while_running(tmp_path, tin
     watched = tmp_path / _name(b"inbox\xe9")
     distinct_image(0, watched / _name(LATIN1))
     distinct_image(1, watched / "before.jpg")
-    cfg = _config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}])
+    cfg = _config(
+        tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}], isolate=True
+    )
     with Daemon(cfg, tmp_path) as d:
         # The start-up scan got past the bad name: both files present at start captioned.
         wait_for(lambda: d.captioned(watched / _name(LATIN1)), 60, "the Latin-1 name")
@@ -287,7 +305,13 @@ def test_avif_where_pillow_cannot_read_it_is_passed_over_with_the_fix(
     pics = tmp_path / "pics"
     distinct_image(0, pics / "a.jpg")
     (pics / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")
-    cfg = write_config(tmp_path, tiny_llava, [], defaults={"extensions": [".jpg", ".png"]})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [],
+        defaults={"extensions": [".jpg", ".png"]},
+        model=_model(tiny_llava),
+    )
 
     code, out, err = run_cli("--config", str(cfg), "caption", str(pics))
 
@@ -298,11 +322,14 @@ def test_avif_where_pillow_cannot_read_it_is_passed_over_with_the_fix(
     ) in out.splitlines()
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_daemon_status_lists_files_passed_over(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     distinct_image(0, watched / "a.jpg")
     (watched / "notes.pdf").write_bytes(b"%PDF-1.4\n")
-    cfg = _config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}])
+    cfg = _config(
+        tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.2}], isolate=True
+    )
     with Daemon(cfg, tmp_path) as d:
         wait_for(lambda: d.captioned(watched / "a.jpg"), 60, "a.jpg")
 
@@ -351,7 +378,13 @@ def test_avif_listed_where_pillow_cannot_read_it_fails_with_the_fix(
     distinct_image(0, pics / "a.jpg")
     _avif(pics / "photo.avif")
     os.utime(pics / "photo.avif", (1_000_000_000, 1_000_000_000))
-    cfg = write_config(tmp_path, tiny_llava, [], defaults={"extensions": [".jpg", ".avif"]})
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [],
+        defaults={"extensions": [".jpg", ".avif"]},
+        model=_model(tiny_llava),
+    )
 
     code, out, err = run_cli("--config", str(cfg), "caption", str(pics))
 

@@ -257,6 +257,7 @@ def test_the_writer_refuses_any_image_name(tmp_path, name):
 # --- 2. a folder swapped for a symbolic link while the model works ---------------------------
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_folder_swapped_for_a_link_while_captioning_gets_no_sidecar_daemon(tmp_path, tiny_llava):
     watched, outside = tmp_path / "watched", tmp_path / "outside"
     watched.mkdir()
@@ -445,6 +446,7 @@ def test_only_our_own_old_temp_files_are_removed_by_caption(tmp_path, tiny_llava
     assert sorted(e["path"] for e in removed) == sorted(str(p) for p in leftovers)
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_the_daemon_leaves_temp_lookalikes_alone(tmp_path, tiny_llava):
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -473,6 +475,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_a_sparse_2gb_sidecar_is_left_alone_without_being_read(tmp_path, tiny_llava):
     pics = tmp_path / "pics"
     distinct_image(0, pics / "big.jpg")

@@ -54,8 +54,24 @@ def test_search_survives_fts_syntax_in_the_query(tmp_path: Path) -> None:
     ix = Index(connect(tmp_path / "i.db"))
     with transaction(ix.db):
         ix.upsert(_row("/r/a.jpg", "a cat"))
-    for q in ['"unbalanced', "AND OR NOT", "cat*", "(", "col:cat", ""]:
-        ix.search(q)  # no sqlite3.OperationalError
+        ix.upsert(_row("/r/b.jpg", "cats and dogs, or not"))
+        ix.upsert(_row("/r/c.jpg", "a category error"))
+    # Operators and punctuation are the user's words, never FTS5 syntax: no
+    # sqlite3.OperationalError, "*" is no prefix search, "-" excludes nothing, AND/OR/NOT
+    # are looked for as words.
+    for q, found in [
+        ('"unbalanced', []),
+        ('"cat', ["/r/a.jpg", "/r/b.jpg"]),
+        ("AND OR NOT", ["/r/b.jpg"]),
+        ("cat*", ["/r/a.jpg", "/r/b.jpg"]),
+        ("cat -dog", ["/r/b.jpg"]),
+        ("^cat", ["/r/a.jpg", "/r/b.jpg"]),
+        ("(", []),
+        ("NEAR(cat dog)", []),
+        ("col:cat", []),
+        ("", []),
+    ]:
+        assert sorted(r.path for r, _ in ix.search(q)) == found, q
 
 
 def test_fts_follows_updates_and_deletes(tmp_path: Path) -> None:

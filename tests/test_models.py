@@ -97,15 +97,14 @@ def test_offline_failure_is_fast_and_says_how_to_fix(tmp_path, silent_hub, hub):
     # client's retries. "silent" is the worst case: a Hub that never answers.
     extra = {"HF_ENDPOINT": silent_hub} if hub == "silent" else {"HF_HUB_OFFLINE": "1"}
     env = _env(tmp_path / "empty-hf-home", **extra)
-    started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c", _ENSURE], env=env, capture_output=True, text=True, timeout=60
     )
-    elapsed = time.monotonic() - started
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert elapsed < 10, elapsed
     first, message = proc.stdout.split("\n", 1)
-    assert float(first) < 8
+    # The check itself (not interpreter start-up): bounded by the 3 s probe, well under
+    # huggingface_hub's own 10 s request timeout, so its retries were not waited for.
+    assert float(first) < 9.5
     assert "vikhyatk/moondream2" in message
     assert DEFAULT_MOONDREAM_REVISION in message
     assert "watcher model fetch" in message and "model.path" in message
@@ -126,7 +125,7 @@ def test_hub_probe(silent_hub, answering_hub, monkeypatch):
     started = time.monotonic()
     reason = hub_unreachable(timeout=0.5)
     assert reason is not None and silent_hub in reason
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 3  # its timeout, not the default HUB_PROBE_TIMEOUT
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert "offline" in hub_unreachable()
 
@@ -265,6 +264,7 @@ model_info(ModelConfig(), sys.stdout)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter that loads the model twice: 30-50 s on 2 busy cores
 def test_fetch_then_load_by_id_without_the_hub(tmp_path, silent_hub):
     """Fetch into an empty HF_HOME (the download faked), test-load, load again by id.
 
@@ -288,7 +288,9 @@ def test_fetch_then_load_by_id_without_the_hub(tmp_path, silent_hub):
     assert f"fetching tokenizer {MOONDREAM_TOKENIZER}" in out
     assert "ok: the model loads from the cache" in out
     assert str(tmp_path / "hf-home" / "hub") in out
-    assert float(out.split("SECONDS ")[1].split()[0]) < 5, out
+    # A second load (the stack is imported by then): under huggingface_hub's own 10 s
+    # request timeout, so nothing waited on the Hub that never answers.
+    assert float(out.split("SECONDS ")[1].split()[0]) < 9.5, out
     assert "LOADED vikhyatk/moondream2 2025-06-21 4" in out  # 4: the tiny tokenizer's vocab
     assert "OUT [['" in out
     assert "ready to run offline" in out

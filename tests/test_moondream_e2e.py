@@ -69,6 +69,7 @@ def test_caption_with_moondream_encodes_each_image_once(tmp_path, tiny_moondream
         assert caption.strip()
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 def test_daemon_with_moondream(tmp_path, tiny_moondream):
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -113,7 +114,9 @@ def test_missing_weights_fail_fast_with_the_fix(tmp_path, silent_hub, command):
     )
     elapsed = time.monotonic() - t0
     assert r.returncode == 2
-    assert elapsed < 10, f"took {elapsed:.1f}s"
+    # Generous (interpreter start-up on a loaded machine), yet far below the Hub client's
+    # retries against a Hub that never answers.
+    assert elapsed < 30, f"took {elapsed:.1f}s"
     message = [line for line in r.stderr.splitlines() if line.startswith("watcher: ")]
     assert len(message) == 1, r.stderr
     for needed in ("vikhyatk/moondream2", "2025-06-21", "watcher model fetch", "model.path"):

@@ -62,10 +62,14 @@ def test_child_gives_the_same_outputs_as_in_process(tmp_path, tiny_llava) -> Non
     assert not _alive(backend.pid), "close() leaves no model process behind"
 
 
-def test_isolate_false_runs_in_this_process(tiny_llava) -> None:
+def test_isolate_false_runs_in_this_process(tmp_path, tiny_llava) -> None:
+    before = set(children(os.getpid()))
     backend = open_backend(_model(tiny_llava, isolate=False))
     try:
         assert not isinstance(backend, ModelProcess)
+        [[caption]] = backend.describe(_images(tmp_path, 1), [Task("short", max_tokens=6)])
+        assert len(caption.split()) == 6  # the tiny model's words, made here
+        assert set(children(os.getpid())) <= before, "a model process was started"
     finally:
         backend.close()
 
@@ -95,10 +99,13 @@ def _crashing_moondream(tiny_moondream: Path, dest: Path, size: tuple[int, int])
     return dest
 
 
+@pytest.mark.slow  # the model process restarts for each crash while the batch is split
 def test_a_crash_in_model_code_fails_only_that_image(tmp_path, tiny_moondream) -> None:
     model = _crashing_moondream(tiny_moondream, tmp_path / "crashing-moondream", (13, 17))
     pics = tmp_path / "pics"
-    for i in range(5):
+    # Two good images are enough to share the crashing batch; each more costs a restart.
+    good = 2
+    for i in range(good):
         distinct_image(i, pics / f"{i}.jpg")
     Image.new("RGB", (13, 17), (200, 10, 10)).save(pics / "bad.png")
     cfg = tmp_path / "config.yaml"
@@ -122,16 +129,16 @@ def test_a_crash_in_model_code_fails_only_that_image(tmp_path, tiny_moondream) -
 
     assert code == 1, err.getvalue()
     lines = out.getvalue().splitlines()
-    assert "5 new, 0 up to date, 1 failed" in lines
+    assert f"{good} new, 0 up to date, 1 failed" in lines
     assert (
         f"failed: {pics / 'bad.png'}: model error: ModelCrashed: the model process died "
         "(killed by SIGSEGV) running a batch of 1"
     ) in lines
-    for i in range(5):
+    for i in range(good):
         assert (pics / f"{i}.txt").read_text().strip()
     assert not (pics / "bad.txt").exists()
     assert sorted(p.name for p in pics.iterdir()) == sorted(
-        [f"{i}.jpg" for i in range(5)] + [f"{i}.txt" for i in range(5)] + ["bad.png"]
+        [f"{i}.jpg" for i in range(good)] + [f"{i}.txt" for i in range(good)] + ["bad.png"]
     )
 
     out = io.StringIO()
@@ -142,7 +149,12 @@ def test_a_crash_in_model_code_fails_only_that_image(tmp_path, tiny_moondream) -
 def test_killing_the_daemon_takes_its_model_process_along(tmp_path, tiny_llava) -> None:
     pics = tmp_path / "pics"
     pics.mkdir()
-    cfg = write_config(tmp_path, tiny_llava, [{"path": str(pics), "settle_seconds": 0.1}])
+    cfg = write_config(
+        tmp_path,
+        tiny_llava,
+        [{"path": str(pics), "settle_seconds": 0.1}],
+        model={"backend": "transformers", "path": str(tiny_llava), "isolate": True},
+    )
     d = Daemon(cfg, tmp_path).start()
     try:
         distinct_image(0, pics / "a.jpg")

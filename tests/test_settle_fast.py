@@ -300,6 +300,7 @@ def test_closed_complete_jpeg_and_png_are_captioned_without_the_settle_wait(tmp_
         },
     )
     with Daemon(cfg, tmp_path, env=_recording_env(tmp_path)) as d:
+        d.wait_scanned()
         half = _jpeg(7)
         (watched / "half.jpg").write_bytes(half[: len(half) // 2])  # closed, but partial
         done = {"a.jpg": _jpeg(1), "b.png": _png(2)}
@@ -348,6 +349,7 @@ def test_without_close_events_a_complete_file_waits_for_settle(tmp_path, tiny_ll
         },
     )
     with Daemon(cfg, tmp_path) as d:
+        d.wait_scanned()
         written = time.time()  # every event for the file comes after this
         with open(watched / "a.jpg", "wb") as f:
             f.write(_jpeg(3))
@@ -361,6 +363,7 @@ def test_without_close_events_a_complete_file_waits_for_settle(tmp_path, tiny_ll
     assert d.proc.returncode == 0
 
 
+@pytest.mark.slow  # 30-50 s on 2 busy cores (daemon start-ups)
 @pytest.mark.parametrize("polling", [False, True], ids=["native", "polling"])
 def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_llava, polling):
     watched = tmp_path / "watched"
@@ -390,6 +393,7 @@ def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_l
     jpeg, png = _jpeg(4, (320, 240)), _png(5, (320, 240))
     files = {"slow.gif": gif, "append.jpg": jpeg, "append.png": png}
     with Daemon(cfg, tmp_path, env=_recording_env(tmp_path)) as d:
+        d.wait_scanned()
         # Pauses longer than settle_seconds (and than a poll), each part closed: before
         # the end marker, every part is a file that stopped changing and opens as an image.
         writers = [

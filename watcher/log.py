@@ -11,9 +11,6 @@
   libraries cannot flood the log. Transformers and huggingface_hub install their own
   stderr handlers; those are removed (now or when the library is imported later) so their
   messages are not printed twice or as plain text between JSON lines.
-
-`log_failure` logs a failure once: an expected one (a `reason`, an OSError, an
-`ExpectedError`) as one line without traceback, a bug with its full traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict
 
 from watcher.config import LogConfig
 
@@ -42,11 +40,6 @@ LIBRARY_LEVEL = logging.WARNING
 # Keys that lead every JSON line, in this order; the rest follow as logged.
 _FIRST = ("timestamp", "level", "logger", "event")
 _HANDLER_MARK = "_watcher_handler"
-_LOGGED_MARK = "__watcher_logged__"
-
-
-class ExpectedError(Exception):
-    """Base for failures that are part of normal operation: logged without traceback."""
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -148,7 +141,7 @@ def _dumps(obj: Any, **kw: Any) -> str:
     return json.dumps(obj, **kw)
 
 
-def _escape_names(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _escape_names(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
     """File names (and errors quoting them) as watcher.paths.shown writes them: an
     undecodable byte as `\\xe9`, a newline as `\\x0a`, so a hostile name can neither
     break a log line nor fail to be written."""
@@ -166,13 +159,13 @@ def _escape_names(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[
     return event_dict
 
 
-def _lead_keys(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _lead_keys(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
     ordered = {k: event_dict.pop(k) for k in _FIRST if k in event_dict}
     ordered.update(event_dict)
     return ordered
 
 
-def _add_logger_name(logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_logger_name(logger: Any, _name: str, event_dict: EventDict) -> EventDict:
     name = getattr(logger, "name", None)
     if name:
         event_dict.setdefault("logger", name)
@@ -260,75 +253,14 @@ class _AdoptOnImport(importlib.abc.MetaPathFinder):
         else:
             return None
         loader = spec.loader
-        original = getattr(loader, "exec_module", None)
-        if original is None:
+        if loader is None or not hasattr(loader, "exec_module"):
             return spec
+        original = loader.exec_module
 
         def exec_module(module: Any) -> None:
             original(module)
             _safely(adopt, module, fullname)
 
-        loader.exec_module = exec_module  # this spec's own loader instance only
+        # This spec's own loader instance only.
+        loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
-
-
-# --- failures -------------------------------------------------------------------------------
-
-
-def is_expected(exc: BaseException) -> bool:
-    """Whether `exc` is an operational failure rather than a bug.
-
-    OSError covers vanished files, permissions, full disks and undecodable images (PIL's
-    UnidentifiedImageError is an OSError); `ExpectedError` subclasses and exceptions with a
-    true `expected` attribute opt in explicitly.
-    """
-    return isinstance(exc, (OSError, ExpectedError)) or bool(getattr(exc, "expected", False))
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for a user: 'No such file or directory: /x/y.jpg'."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = exc.filename if exc.filename is not None else None
-        return f"{exc.strerror}: {where}" if where is not None else exc.strerror
-    text = str(exc)
-    return text if text else type(exc).__name__
-
-
-def log_failure(
-    logger: Any,
-    event: str,
-    exc: BaseException | None = None,
-    *,
-    reason: str | None = None,
-    expected: bool | None = None,
-    level: str = "error",
-    **fields: Any,
-) -> bool:
-    """Log a failure exactly once; return False when `exc` was already logged.
-
-    Expected failures (a `reason` given, or `is_expected(exc)`, or `expected=True`) are
-    logged at `level` with `reason` (and `error`, the exception type) and no traceback.
-    Anything else is a bug: logged at error level with the full traceback. The exception
-    is marked, so a caller further up that calls `log_failure` again stays silent.
-    """
-    if exc is not None:
-        if getattr(exc, _LOGGED_MARK, False):
-            return False
-        try:
-            setattr(exc, _LOGGED_MARK, True)
-        except AttributeError:  # exceptions with __slots__; logging twice is the lesser evil
-            pass
-    if expected is None:
-        expected = reason is not None or (exc is not None and is_expected(exc))
-    if exc is not None:
-        fields.setdefault("error", type(exc).__name__)
-    if expected:
-        fields["reason"] = (
-            reason if reason is not None else (describe(exc) if exc is not None else "unknown")
-        )
-        getattr(logger, level)(event, **fields)
-    elif exc is not None:
-        logger.error(event, exc_info=exc, **fields)
-    else:
-        logger.exception(event, **fields)  # inside an except block: the active exception
-    return True

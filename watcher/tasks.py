@@ -25,7 +25,7 @@ INSTRUCTIONS = {
 _BOILERPLATE = re.compile(
     r"^\s*(?:answer\s*:|caption\s*:|prompt\s*:|assistant\s*:|"
     r"(?:the|this)\s+(?:image|picture|photo(?:graph)?)\s+(?:shows|depicts|features|"
-    r"displays|contains|is\s+of|captures)\s*:?)\s*",
+    r"displays|contains|is\s+of|captures)\b\s*:?)\s*",
     re.IGNORECASE,
 )
 
@@ -59,8 +59,13 @@ class Task:
 
 
 def clean_caption(text: str, prefix: str = "", suffix: str = "") -> str:
-    """Strip boilerplate openings, collapse whitespace, add trigger words."""
-    text = " ".join(text.split())
+    """Strip boilerplate openings, collapse whitespace, add trigger words.
+
+    Never turns an answer into nothing: one that is all boilerplate ("The image shows.")
+    is kept as the model gave it (whitespace collapsed), since an empty sidecar says less.
+    """
+    given = " ".join(text.split())
+    text = given
     stripped_any = False
     # Strip repeatedly: "Answer: The image shows ..." has two layers.
     for _ in range(3):
@@ -68,6 +73,8 @@ def clean_caption(text: str, prefix: str = "", suffix: str = "") -> str:
         if stripped == text:
             break
         text, stripped_any = stripped, True
+    if not any(c.isalnum() for c in text):  # nothing but the lead-in (and punctuation)
+        text, stripped_any = given, False
     if stripped_any and text[:1].islower():
         text = text[0].upper() + text[1:]
     parts = [p for p in (prefix.strip(), text.strip(), suffix.strip()) if p]

@@ -50,11 +50,20 @@ class Settler(threading.Thread):
     then, for a format with an end marker (JPEG, PNG, GIF, WebP), with that marker present,
     for any other format opening as an image. A file that stays stable without either is
     handed on after UNREADABLE_GRACE anyway (and fails with a clear reason if it is broken).
+
+    `clock` (seconds, monotonic) is what every timer is measured on; tests pass a fake one
+    and call `run_once` instead of starting the thread, so no test waits for real time.
     """
 
-    def __init__(self, on_ready: Callable[[list[Ready]], None]) -> None:
+    def __init__(
+        self,
+        on_ready: Callable[[list[Ready]], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(name="settle", daemon=True)
         self.on_ready = on_ready
+        self._clock = clock
         self._pending: dict[Path, _Watch] = {}
         self._cond = threading.Condition()
         self._stopping = False  # (not _stop: Thread has a method of that name, join() calls it)
@@ -69,7 +78,7 @@ class Settler(threading.Thread):
         it is checked at once, and goes without the wait if its end marker is there."""
         identity = _identity(path)
         with self._cond:
-            now = time.monotonic()
+            now = self._clock()
             w = self._pending.get(path)
             if w is None:
                 w = self._pending[path] = _Watch(root, settle_seconds, identity, now, 0.0)
@@ -97,7 +106,7 @@ class Settler(threading.Thread):
         """Whether a file's settle time ends within `seconds` (or has ended): soon queued.
         (A yes/no that stops at the first: the worker asks every few ms while it waits.)"""
         with self._cond:
-            limit = time.monotonic() + seconds
+            limit = self._clock() + seconds
             return any(w.check_at <= limit for w in self._pending.values())
 
     def stop(self) -> None:
@@ -110,48 +119,60 @@ class Settler(threading.Thread):
             with self._cond:
                 if self._stopping:
                     return
-                now = time.monotonic()
-                # What each due file looked like now: an event after this is judged later.
-                due = [
-                    (p, w, _Seen(w.identity, w.stable_since, w.closed))
-                    for p, w in self._pending.items()
-                    if w.check_at <= now
-                ]
-                if not due:
-                    self._wake_at = min(
-                        (w.check_at for w in self._pending.values()), default=now + 3600.0
-                    )
-                    self._cond.wait(max(self._wake_at - now, 0.0))
+                now = self._clock()
+                next_at = min((w.check_at for w in self._pending.values()), default=now + 3600.0)
+                if next_at > now:
+                    self._wake_at = next_at
+                    self._cond.wait(next_at - now)
                     self._wake_at = float("inf")
                     continue
-            ready = self._check(due)
-            if ready:
-                try:
-                    self.on_ready(ready)
-                except Exception as e:  # e.g. disk full under the database
-                    log.warning(
-                        "could not queue settled files; will try again",
-                        error=f"{type(e).__name__}: {e}",
-                    )
-                    with self._cond:
-                        for r in ready:
-                            if (w := self._pending.get(r.path)) is not None:
-                                w.check_at = time.monotonic() + 1.0
-                    continue
-                with self._cond:
-                    for r in ready:
-                        # Only drop it if no new event arrived meanwhile.
-                        w = self._pending.get(r.path)
-                        if w is not None and w.stable_since <= self._checked_at:
-                            del self._pending[r.path]
+            if not self.run_once():
+                continue  # could not queue them: they are due again in a second
             # Look again in a little while rather than at once: due files arriving over a
             # burst are then handled in groups.
             with self._cond:
                 self._cond.wait(0.01)
 
+    def run_once(self) -> bool:
+        """Look at the files due now and hand the finished ones to `on_ready`, without
+        waiting. False if `on_ready` failed (they are looked at again a second later).
+        The thread's loop calls this; tests call it directly, with a fake clock."""
+        with self._cond:
+            now = self._clock()
+            # What each due file looked like now: an event after this is judged later.
+            due = [
+                (p, w, _Seen(w.identity, w.stable_since, w.closed))
+                for p, w in self._pending.items()
+                if w.check_at <= now
+            ]
+        if not due:
+            return True
+        ready = self._check(due)
+        if not ready:
+            return True
+        try:
+            self.on_ready(ready)
+        except Exception as e:  # e.g. disk full under the database
+            log.warning(
+                "could not queue settled files; will try again",
+                error=f"{type(e).__name__}: {e}",
+            )
+            with self._cond:
+                for r in ready:
+                    if (w := self._pending.get(r.path)) is not None:
+                        w.check_at = self._clock() + 1.0
+            return False
+        with self._cond:
+            for r in ready:
+                # Only drop it if no new event arrived meanwhile.
+                w = self._pending.get(r.path)
+                if w is not None and w.stable_since <= self._checked_at:
+                    del self._pending[r.path]
+        return True
+
     def _check(self, items: list[tuple[Path, _Watch, _Seen]]) -> list[Ready]:
         """Stat the due files: ready, changed (wait again), or gone."""
-        now = time.monotonic()
+        now = self._clock()
         self._checked_at = now
         ready: list[tuple[Ready, _Watch, _Seen]] = []
         gone: list[tuple[Path, _Seen]] = []
@@ -188,13 +209,14 @@ class Settler(threading.Thread):
                 later.append((w, seen, identity, now + min(1.0, w.settle)))
         with self._cond:
             for p, seen in gone:
-                if (w := self._pending.get(p)) is not None and w.stable_since == seen.stable_since:
+                current = self._pending.get(p)
+                if current is not None and current.stable_since == seen.stable_since:
                     del self._pending[p]
-            for w, seen, identity, check_at in later:
+            for w, seen, looked, check_at in later:
                 if w.stable_since != seen.stable_since:  # an event since: it decides
                     continue
-                if identity != w.identity:
-                    w.identity, w.stable_since = identity, now
+                if looked != w.identity:
+                    w.identity, w.stable_since = looked, now
                 w.check_at, w.closed = check_at, False
             # A file with an event since it was looked at is not handed on: its new timer
             # (or close check) decides, from what it holds now.
