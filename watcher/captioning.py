@@ -441,24 +441,12 @@ class LazyBackend:
 
 @dataclass(frozen=True)
 class Summary:
-    """The end of a caption run, for the summary line and the exit code."""
+    """What one pipeline run did (caption_folders turns it into the CaptionReport)."""
 
     done: tuple[Outcome, ...]
     failed: tuple[Any, ...]  # queue.Failure rows under the run's folders
     # Images skipped while the run went on (their folder became a link): (path, reason).
     skipped: tuple[tuple[Path, str], ...] = ()
-
-    @property
-    def kept(self) -> list[Outcome]:
-        return [o for o in self.done if o.sidecar_state == "kept"]
-
-    @property
-    def reused(self) -> int:
-        return sum(1 for o in self.done if o.reused)
-
-    @property
-    def pending(self) -> list[Outcome]:
-        return [o for o in self.done if o.sidecar_state == "pending"]
 
 
 def run_pipeline(
