@@ -389,6 +389,12 @@ class Index:
     def get(self, path: str) -> ImageRow | None:
         return self._one("SELECT * FROM images WHERE path = ?", (encode(path),))
 
+    def count_under(self, root: str | Path) -> int:
+        """How many images are indexed under the folder `root` (at any depth)."""
+        return self.db.conn.execute(
+            "SELECT count(*) FROM images WHERE path >= ? AND path < ?", prefix_range(root)
+        ).fetchone()[0]
+
     def by_hash(self, sha256: str) -> ImageRow | None:
         return self._one(
             "SELECT * FROM images WHERE sha256 = ? ORDER BY updated DESC LIMIT 1", (sha256,)

@@ -13,7 +13,7 @@ import structlog
 
 from watcher.captioning import restore_sidecars
 from watcher.config import Config, FolderConfig
-from watcher.index import ImageRow, Index, connect, prefix_range, transaction
+from watcher.index import ImageRow, Index, connect, transaction
 from watcher.intake.filter import PassedOver
 from watcher.intake.observer import Sink
 from watcher.intake.scan import scan_folder
@@ -246,9 +246,7 @@ class FileEvents(Sink):
 
     def indexed_under(self, root: Path) -> int:
         with self.lock:
-            return self.db.conn.execute(
-                "SELECT count(*) FROM images WHERE path >= ? AND path < ?", prefix_range(root)
-            ).fetchone()[0]
+            return Index(self.db).count_under(root)
 
     def close(self) -> None:
         with self.lock:

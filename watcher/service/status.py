@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from watcher.index import NoDatabase, connect, prefix_range
+from watcher.index import Index, NoDatabase, connect
 from watcher.jobs import JobQueue
 from watcher.paths import decode, shown
 from watcher.service import lifecycle
@@ -58,10 +58,7 @@ def collect(db_path: Path) -> dict:
             }
             for f in daemon["folders"]:
                 if f.get("state") == "missing":  # rows kept, pointing at a missing folder
-                    f["indexed_images"] = db.conn.execute(
-                        "SELECT count(*) FROM images WHERE path >= ? AND path < ?",
-                        prefix_range(f["path"]),
-                    ).fetchone()[0]
+                    f["indexed_images"] = Index(db).count_under(f["path"])
         images = db.conn.execute("SELECT count(*) FROM images").fetchone()[0]
         pending_sidecars = db.conn.execute(
             "SELECT path, sidecar_error FROM images WHERE sidecar_state = 'pending' "
