@@ -146,7 +146,7 @@ def test_root_renamed_away_is_missing_and_a_new_folder_at_its_name_is_watched(tm
         assert state["indexed_images"] == 1  # the rows are kept: it may be a disk unmounted
         text, _ = _status(cfg)
         line = next(ln for ln in text.splitlines() if ln.startswith(f"  {watched}"))
-        assert "missing since" in line and "1 indexed image point into it" in line
+        assert "missing since" in line and "1 indexed image points into it" in line
         [said] = d.logged("watched folder missing")
         assert said["indexed_images"] == 1
         # A file written into the renamed folder is not ours any more.

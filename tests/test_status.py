@@ -183,7 +183,7 @@ def test_status_of_a_running_daemon_and_its_folders(library, tmp_path, monkeypat
     assert lines[3] == f"    passed over: 1 file ({NOT_IMAGE_EXTENSION}): notes.pdf"
     assert lines[4].startswith(f"  {tmp_path / 'unplugged'}  [missing since ")
     assert lines[4].endswith(
-        " (does not exist): waiting for it to appear; 1 indexed image point into it, "
+        " (does not exist): waiting for it to appear; 1 indexed image points into it, "
         "kept until it is back]"
     )
     assert lines[5].startswith(f"  {tmp_path / 'full'}  [the OS refused more file watches")

@@ -140,7 +140,8 @@ def _folder_state(f: dict) -> str:
     )
     n = f.get("indexed_images")
     if n:
-        text += f"; {n} indexed image{'s' if n != 1 else ''} point into it, kept until it is back"
+        images = "1 indexed image points" if n == 1 else f"{n} indexed images point"
+        text += f"; {images} into it, kept until it is back"
     return text + "]"
 
 
