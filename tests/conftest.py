@@ -17,6 +17,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def require(what: str, available: bool, how: str) -> None:
+    """A real part a test needs (a browser, exiftool, a client library): skipped on a
+    developer's machine without it, a failure in CI, where `.ci/run` installs it."""
+    if available:
+        return
+    message = f"{what} is missing: {how}"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI must have it: see the README's test command)")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import build_tiny_llava
