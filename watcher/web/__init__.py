@@ -1,0 +1,1 @@
+"""The web page and the HTTP API that `watcher run` serves on the daemon's one model."""
