@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale
+from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale, web
 from bench.checks import BenchFailure
 from bench.report import (
     OUT_DIR,
@@ -30,7 +30,7 @@ from bench.report import (
 DESCRIPTION = "moondream-watcher benchmarks (issue 7): is the model kept busy, does it scale?"
 EPILOG = """\
     .venv/bin/python bench/run.py                 # every CPU benchmark at the issue's sizes
-    .venv/bin/python bench/run.py pipeline        # one benchmark (pipeline latency scale burst gpu)
+    .venv/bin/python bench/run.py pipeline        # one benchmark (pipeline, latency, ..., web)
     .venv/bin/python bench/run.py --quick         # everything, small sizes (a minute or two)
     .venv/bin/python bench/run.py gpu             # on a CUDA machine: a Moondream2-sized model
 
@@ -48,8 +48,9 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "scale": scale.run,
     "burst": burst.run,
     "gpu": gpu.run,
+    "web": web.run,
 }
-CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst")
+CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst", "web")
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 
 
@@ -154,6 +155,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--burst-batch", type=int, default=32)
     g.add_argument("--burst-tokens", type=int, default=20)
     g.add_argument("--burst-timeout", type=float, default=1800)
+    g = p.add_argument_group("web")
+    g.add_argument(
+        "--web-burst", type=int, default=2000, help="images drained while the API is asked"
+    )
+    g.add_argument("--web-requests", type=int, default=40, help="interactive requests (at most)")
+    g.add_argument("--web-gap", type=float, default=0.2, help="seconds between requests")
     g = p.add_argument_group("scale")
     g.add_argument("--scale-files", type=int, default=100_000)
     g = p.add_argument_group("gpu")
@@ -179,6 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "burst": 1000,
             "gpu_images": 16,
             "gpu_queue": 32,
+            "web_burst": 500,
         }
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -212,8 +213,8 @@ def _handler(fn: Callable[[WebContext, Request], Any], ctx: WebContext):
             return await fn(ctx, request)
         except ApiError as e:
             return error_response(e.status, e.message)
-        except TooLarge:
-            raise  # the security middleware answers 413
+        except (TooLarge, HTTPException):
+            raise  # the security middleware answers 413; the app's handler the others
         except Exception as e:  # never a traceback to the client
             import structlog
 

@@ -121,9 +121,15 @@ class WebServer:
         assert self._sock is not None, "bind() first"
         self._server = self._make(ctx)
         server, sock = self._server, self._sock
-        self._thread = threading.Thread(
-            target=lambda: server.run(sockets=[sock]), name="web", daemon=True
-        )
+
+        def run() -> None:
+            try:
+                server.run(sockets=[sock])
+            except BaseException as e:  # said, not silent: the daemon keeps captioning
+                log.error("the web server stopped", error=f"{type(e).__name__}: {e}")
+                raise
+
+        self._thread = threading.Thread(target=run, name="web", daemon=True)
         self._thread.start()
         log.info("web page and API", url=self.url)
 
