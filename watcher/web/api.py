@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -118,6 +119,11 @@ def _image(ctx: WebContext, data: dict[str, Any]) -> Image.Image:
     except DecodeError as e:
         status = 413 if e.reason.startswith("image too large") else 400
         raise ApiError(status, f"bad image: {e.reason}") from None
+
+
+async def _decoded(ctx: WebContext, data: dict[str, Any]) -> Image.Image:
+    """_image off the event loop: a large upload's decode must not stall other requests."""
+    return await run_in_threadpool(_image, ctx, data)
 
 
 def _max_tokens(ctx: WebContext, data: dict[str, Any]) -> int:
@@ -234,7 +240,7 @@ async def caption(ctx: WebContext, request: Request) -> Response:
     stream = _flag(data, "stream")
     task = Task(length, max_tokens=_max_tokens(ctx, data))
     _lane(ctx)
-    image = _image(ctx, data)
+    image = await _decoded(ctx, data)
     if stream:
         return await _moondream_stream(ctx, image, task)
     return JSONResponse({"caption": await _answer(ctx, image, task), "request_id": _id()})
@@ -252,7 +258,7 @@ async def query(ctx: WebContext, request: Request) -> Response:
     _lane(ctx)
     if "image_url" not in data and "image_bytes" not in data:
         raise ApiError(400, "image_url is required: this server answers questions about images")
-    image = _image(ctx, data)
+    image = await _decoded(ctx, data)
     if stream:
         return await _moondream_stream(ctx, image, task)
     return JSONResponse({"answer": await _answer(ctx, image, task), "request_id": _id()})
@@ -286,7 +292,8 @@ async def health(ctx: WebContext, request: Request) -> Response:
 # -- OpenAI-compatible chat completions --------------------------------------------------------
 
 
-def _chat_task_and_image(ctx: WebContext, data: dict[str, Any]) -> tuple[Task, Image.Image]:
+def _chat_task_and_image(ctx: WebContext, data: dict[str, Any]) -> tuple[Task, str]:
+    """The task the messages ask for, and the image's data URI."""
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: expected a non-empty list")
@@ -318,7 +325,7 @@ def _chat_task_and_image(ctx: WebContext, data: dict[str, Any]) -> tuple[Task, I
         raise ApiError(400, f"the question: at most {MAX_QUESTION} characters")
     task = Task("query", text, max_tokens) if text else Task("normal", max_tokens=max_tokens)
     _lane(ctx)
-    return task, _image(ctx, {"image_url": url})
+    return task, url
 
 
 def _openai_error(status: int, message: str) -> JSONResponse:
@@ -330,7 +337,8 @@ async def chat_completions(ctx: WebContext, request: Request) -> Response:
     try:
         data = await _payload(request)
         stream = _flag(data, "stream")
-        task, image = _chat_task_and_image(ctx, data)
+        task, url = _chat_task_and_image(ctx, data)
+        image = await _decoded(ctx, {"image_url": url})
         model = getattr(ctx.lane, "model", "moondream-watcher")
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not stream:
