@@ -258,3 +258,17 @@ def test_interactive_request_goes_ahead_of_a_burst(tmp_path: Path, tiny_moondrea
         first_gate.touch()
         second_gate.touch()
         daemon.stop()
+
+
+def test_a_flood_of_asks_is_refused_not_queued_without_end(tmp_path: Path) -> None:
+    import asyncio
+
+    from watcher.web.lane import MAX_WAITING, LaneBusy, WorkerLane
+
+    worker = ModelWorker(GatedBackend(), queue.Queue(), queue.Queue(), tmp_path / "index.db")
+    lane = WorkerLane(worker)  # the worker is not started: every ask waits
+    for i in range(MAX_WAITING):
+        worker.ask(Ask(_image(f"a{i}"), Task("short"), False, Recorder()))
+    with pytest.raises(LaneBusy, match="already waiting"):
+        asyncio.run(lane.describe(_image("one too many"), Task("short")))
+    assert worker.asks_waiting() == MAX_WAITING

@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "the daemon: watch folders and caption what arrives",
         "Watch folders (from the config, and/or given here) and caption every image "
-        "that arrives or changes. Stops on SIGTERM/Ctrl-C; SIGHUP re-reads the config.",
+        "that arrives or changes, and serve the web page and API on web.listen "
+        "(http://127.0.0.1:2020/ by default; web.enabled: false turns it off). Stops on "
+        "SIGTERM/Ctrl-C; SIGHUP re-reads the config.",
         "watcher run ~/Pictures/inbox",
         "watcher --config ~/watcher.yaml run",
     )

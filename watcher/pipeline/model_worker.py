@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("watcher.pipeline.model_worker")
 
+# Interactive requests answered before the next queued batch gets its turn.
+ASKS_PER_TURN = 8
 # The longest wait for a batch to fill before the first model call (later: one call's time).
 FILL_WAIT = 0.5
 # The longest wait for images already being decoded (they are certain to come; this only
@@ -174,8 +176,9 @@ class ModelWorker(threading.Thread):
 
     # -- interactive requests -----------------------------------------------------------
     def _serve_asks(self) -> None:
-        """Answer every interactive request waiting, on this thread's model."""
-        while True:
+        """Answer the interactive requests waiting (up to ASKS_PER_TURN), on this thread's
+        model: a flood of requests slows the queue down but cannot stop it."""
+        for _ in range(ASKS_PER_TURN):
             try:
                 request = self.asks.get_nowait()
             except queue.Empty:

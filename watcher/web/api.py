@@ -158,7 +158,10 @@ def _model_failure(exc: BaseException) -> ApiError:
     """A model-side failure as the status a client can act on."""
     from watcher.backends.process import ModelCrashed
     from watcher.pipeline.model_worker import WorkerStopped
+    from watcher.web.lane import LaneBusy
 
+    if isinstance(exc, LaneBusy):
+        return ApiError(503, str(exc))
     if isinstance(exc, (WorkerStopped, ModelCrashed)):
         return ApiError(503, f"the model is not available: {exc}")
     text = " ".join(str(exc).split())[:300]

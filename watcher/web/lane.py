@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from watcher.tasks import Task
 
 
+# Interactive requests allowed to wait for the model at once; more are refused (503), so a
+# flood queues no unbounded work (each waits its turn with ASKS_PER_TURN others).
+MAX_WAITING = 32
+
+
+class LaneBusy(RuntimeError):
+    """Too many interactive requests are waiting already (answered 503)."""
+
+
 class _Sink:
     """Carries the worker thread's answer into the asking request's event loop."""
 
@@ -61,9 +70,16 @@ class WorkerLane:
     def waiting(self) -> int:
         return self.worker.asks_waiting()
 
+    def _check_room(self) -> None:
+        if self.worker.asks_waiting() >= MAX_WAITING:
+            raise LaneBusy(
+                f"{MAX_WAITING} requests are already waiting for the model; try again shortly"
+            )
+
     async def _pieces(
         self, image: Image.Image, task: Task, stream: bool
     ) -> AsyncGenerator[str, None]:
+        self._check_room()
         sink = _Sink(asyncio.get_running_loop())
         self.worker.ask(Ask(image, task, stream, sink))
         try:
