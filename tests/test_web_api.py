@@ -262,3 +262,23 @@ def test_a_stream_the_client_leaves_does_not_block_the_next(served) -> None:
     again = post(client, "/v1/caption", image_url=data_uri(images[0]), length="short")
     assert again.status_code == 200
     assert again.json()["caption"] == images[0].with_suffix(".txt").read_text().strip()
+
+
+def test_a_reload_keeps_the_server_and_says_web_changes_need_a_restart(served) -> None:
+    import signal
+
+    import yaml
+
+    client, daemon, _, _ = served
+    original = daemon.config.read_text()
+    changed = yaml.safe_load(original)
+    changed["web"]["listen"] = "127.0.0.1:1"
+    daemon.config.write_text(yaml.safe_dump(changed))
+    try:
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: daemon.logged("config reloaded"), 60, "the reload")
+        assert daemon.logged("web changes need a restart; keeping the running web server")
+        assert client.get("/health").json()["status"] == "ok"
+    finally:
+        daemon.config.write_text(original)
