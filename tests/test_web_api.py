@@ -155,6 +155,22 @@ def test_chat_completions_json_and_stream(served) -> None:
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_detect_and_point_where_the_model_has_them(served) -> None:
+    client, _, _, images = served
+    uri = data_uri(images[0])
+    boxes = post(client, "/v1/detect", image_url=uri, object="cat")
+    assert boxes.status_code == 200, boxes.text
+    objects = boxes.json()["objects"]
+    assert objects and all(
+        0 <= b["x_min"] <= b["x_max"] <= 1 and 0 <= b["y_min"] <= b["y_max"] <= 1 for b in objects
+    )
+    assert post(client, "/v1/detect", image_url=uri, object="cat").json()["objects"] == objects
+    other = post(client, "/v1/detect", image_url=data_uri(images[1]), object="cat")
+    assert other.json()["objects"] != objects  # the image steers the boxes
+    points = post(client, "/v1/point", image_url=uri, object="dog").json()["points"]
+    assert points and all(0 <= p["x"] <= 1 and 0 <= p["y"] <= 1 for p in points)
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that announces width x height (a decompression bomb's header) and holds one row."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
@@ -215,9 +231,10 @@ def test_other_errors(served) -> None:
     assert no_question.status_code == 400 and "question" in no_question.json()["error"]
     text = client.post("/v1/caption", content=b"hi", headers={"content-type": "text/plain"})
     assert text.status_code == 415 and "content type" in text.json()["error"]
-    for skill in ("detect", "point"):
-        r = post(client, f"/v1/{skill}", image_url=uri, object="cat")
-        assert r.status_code == 501 and skill in r.json()["error"]
+    segment = post(client, "/v1/segment", image_url=uri, object="cat")
+    assert segment.status_code == 501 and "segment" in segment.json()["error"]
+    no_object = post(client, "/v1/detect", image_url=uri)
+    assert no_object.status_code == 400 and "object" in no_object.json()["error"]
     missing = client.get("/v1/nothing-here")
     assert missing.status_code == 404 and "error" in missing.json()
     wrong_method = client.get("/v1/caption")

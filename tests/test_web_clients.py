@@ -75,6 +75,11 @@ def test_moondream_client_caption_stream_and_query(served) -> None:
     assert answer == raw["answer"] and answer
     assert "".join(model.query(image, question, stream=True)["answer"]) == answer
 
+    objects = model.detect(image, "face")["objects"]
+    raw_objects = http.post("/v1/detect", json={"image_url": jpeg, "object": "face"}).json()
+    assert objects == raw_objects["objects"] and objects
+    assert model.point(image, "face")["points"]
+
 
 def test_moondream_client_without_the_token_is_refused(served) -> None:
     md = _moondream()
@@ -111,6 +116,9 @@ def test_openai_client_chat_completion_with_an_image(served) -> None:
         == http.post("/v1/query", json={"image_url": uri, "question": question}).json()["answer"]
     )
     assert done.choices[0].finish_reason == "stop"
+
+    listed = [m.id for m in client.models.list()]
+    assert listed == [http.get("/health").json()["model"]]
 
     stream = client.chat.completions.create(model="m", messages=messages, stream=True)
     deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]

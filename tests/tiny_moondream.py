@@ -11,7 +11,10 @@ The model implements Moondream2's public API (revision 2025-06-21):
 - `caption(image, length="normal", stream=False, settings=None) -> {"caption": str}`
 - `query(image=None, question=None, reasoning=False, spatial_refs=None, stream=False,
   settings=None) -> {"answer": str}`
-- `encode_image(image) -> EncodedImage`, accepted by both in place of the image.
+- `detect(image, object, settings=None) -> {"objects": [{x_min, y_min, x_max, y_max}]}` and
+  `point(image, object, settings=None) -> {"points": [{x, y}]}`: 1-3 items, coordinates in
+  [0, 1] steered by the image and the object's name.
+- `encode_image(image) -> EncodedImage`, accepted by all of them in place of the image.
 - `settings`: None means the defaults (temperature 0.5, i.e. sampling); a dict without
   "variant" raises KeyError; a non-None variant raises ValueError (the real model would
   download LoRA weights from a remote API). Temperature 0 is greedy and deterministic.
@@ -136,7 +139,37 @@ class TinyMoondream(PreTrainedModel):
         words = self._generate(encoded, f"query {question}", QUERY_WORDS, s)
         return {"answer": self._output(words, stream)}
 
+    def detect(self, image, object, settings=None):
+        """Boxes {x_min, y_min, x_max, y_max} (fractions of the image), steered by the image
+        and the object's name, as Moondream2's detect returns them."""
+        self.calls.append(("detect", object, None if settings is None else dict(settings)))
+        self._settings(settings)
+        coords = self._coordinates(self.encode_image(image), f"detect {object}", 4)
+        boxes = []
+        for x0, y0, x1, y1 in coords:
+            boxes.append({"x_min": min(x0, x1), "y_min": min(y0, y1),
+                          "x_max": max(x0, x1), "y_max": max(y0, y1)})
+        return {"objects": boxes}
+
+    def point(self, image, object, settings=None):
+        """Points {x, y} (fractions of the image), as Moondream2's point returns them."""
+        self.calls.append(("point", object, None if settings is None else dict(settings)))
+        self._settings(settings)
+        coords = self._coordinates(self.encode_image(image), f"point {object}", 2)
+        return {"points": [{"x": x, "y": y} for x, y in coords]}
+
     # --- internals --------------------------------------------------------------------
+
+    def _coordinates(self, encoded, prompt, per_item):
+        """1-3 items of `per_item` numbers in [0, 1], from the image and the prompt."""
+        buckets = [zlib.crc32(t.encode()) % self.config.prompt_buckets
+                   for t in prompt.lower().split()]
+        with torch.no_grad():
+            ids = torch.tensor(buckets, device=self.head.weight.device)
+            h = torch.sigmoid(self.mix(encoded.features + self.prompt(ids).sum(0))).float()
+        count = 1 + zlib.crc32(prompt.encode()) % 3
+        values = [round(float(v), 4) for v in h[: count * per_item]]
+        return [tuple(values[i * per_item:(i + 1) * per_item]) for i in range(count)]
 
     @staticmethod
     def _settings(settings):

@@ -52,6 +52,27 @@ def stream_text(backend: Backend, image: Image.Image, task: Task) -> Generator[s
     yield backend.describe([image], [task])[0][0]
 
 
+class Unsupported(RuntimeError):
+    """The backend cannot do what was asked (detect/point on a captioning-only model)."""
+
+
+SKILLS = ("detect", "point")  # Moondream's: boxes around / points on a named object
+
+
+def can_locate(backend: Backend) -> bool:
+    """Whether `backend` answers `locate` (Moondream's detect/point)."""
+    return bool(getattr(backend, "can_locate", False))
+
+
+def locate(backend: Backend, image: Image.Image, skill: str, target: str) -> list[dict]:
+    """Moondream's detect (`{x_min, y_min, x_max, y_max}` per object) or point (`{x, y}`),
+    coordinates as fractions of the image's size; Unsupported where the backend cannot."""
+    fn = getattr(backend, "locate", None)
+    if fn is None or not can_locate(backend):
+        raise Unsupported(f"{skill} is not supported by this model ({backend.name})")
+    return fn(image, skill, target)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` means the model ran out of memory (then a smaller batch may fit)."""
     if isinstance(exc, MemoryError) or getattr(exc, "out_of_memory", False):

@@ -240,6 +240,23 @@ class MoondreamBackend:
             encoded = self.model.encode_image(image)
             yield from stream_task(self.model, encoded, task, settings_for(task), reasoning=False)
 
+    @property
+    def can_locate(self) -> bool:
+        return all(hasattr(self.model, m) for m in ("detect", "point"))
+
+    def locate(self, image: Image.Image, skill: str, target: str) -> list[dict]:
+        """Moondream's detect/point on one image (greedy; `variant` pinned to None)."""
+        import torch
+
+        settings: dict[str, Any] = {"variant": None, "max_objects": 50}
+        with torch.inference_mode():
+            encoded = self.model.encode_image(image)
+            if skill == "detect":
+                found = self.model.detect(encoded, target, settings=settings)["objects"]
+            else:
+                found = self.model.point(encoded, target, settings=settings)["points"]
+        return [{k: float(v) for k, v in dict(item).items()} for item in found]
+
     def close(self) -> None:
         model, self.model = self.model, None
         if model is None:

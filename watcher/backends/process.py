@@ -150,6 +150,7 @@ class ModelProcess:
         self.revision = cfg.revision
         self.max_batch = cfg.batch_size
         self.pid: int | None = None
+        self.can_locate = False  # the child's backend does detect/point (said when ready)
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -174,6 +175,22 @@ class ModelProcess:
             except (EOFError, OSError) as e:
                 raise ModelCrashed(
                     f"the model process died ({self._reap()}) running a batch of {len(images)}"
+                ) from e
+        if reply[0] == "ok":
+            return reply[1]
+        raise _model_error(reply)
+
+    def locate(self, image: Image.Image, skill: str, target: str) -> list[dict]:
+        """detect/point in the child (watcher.backends.locate there)."""
+        with self._lock:
+            conn = self._connected()
+            layout = self._pixels.put([image])
+            try:
+                conn.send(("locate", layout, self._pixels.size, (skill, target)))
+                reply = conn.recv()
+            except (EOFError, OSError) as e:
+                raise ModelCrashed(
+                    f"the model process died ({self._reap()}) running {skill}"
                 ) from e
         if reply[0] == "ok":
             return reply[1]
@@ -278,7 +295,7 @@ class ModelProcess:
         if reply[0] == "unavailable":
             self._reap(CLOSE_TIMEOUT)
             raise ModelUnavailable(reply[1])
-        _, self.name, self.revision, self.max_batch = reply
+        _, self.name, self.revision, self.max_batch, self.can_locate = reply
         self.pid = proc.pid
 
     def _reap(self, timeout: float = 5.0) -> str:
@@ -345,7 +362,9 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
         log.error("the model could not be loaded", exc_info=e)
         conn.send(("unavailable", f"the model could not be loaded: {type(e).__name__}: {e}"))
         return 2
-    conn.send(("ready", backend.name, backend.revision, backend.max_batch))
+    from watcher.backends import can_locate, locate
+
+    conn.send(("ready", backend.name, backend.revision, backend.max_batch, can_locate(backend)))
     try:
         while True:
             try:
@@ -361,6 +380,10 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
                 if kind == "stream":
                     _stream(conn, backend, pixels.get(layout, size)[0], tasks)
                     conn.send(("ok", None))
+                    continue
+                if kind == "locate":
+                    skill, target = tasks
+                    conn.send(("ok", locate(backend, pixels.get(layout, size)[0], skill, target)))
                     continue
                 outputs = backend.describe(pixels.get(layout, size), tasks)
             except Exception as e:  # the parent decides: split, retry one by one, or fail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from watcher import faults
-from watcher.backends import Backend, is_out_of_memory, stream_text
+from watcher.backends import Backend, is_out_of_memory, locate, stream_text
 from watcher.index import Index, connect
 from watcher.messages import STOP, Captioned, Failed, Job, Work
 from watcher.pipeline import MODEL
@@ -56,6 +57,8 @@ class Ask:
     task: Task
     stream: bool
     sink: AskSink
+    # (skill, object): Moondream's detect/point instead of the task; one JSON chunk.
+    locate: tuple[str, str] | None = None
 
 
 class WorkerStopped(RuntimeError):
@@ -212,6 +215,10 @@ class ModelWorker(threading.Thread):
 
     def _answer(self, request: Ask) -> None:
         sink = request.sink
+        if request.locate is not None:
+            skill, target = request.locate
+            sink.chunk(json.dumps(locate(self.backend, request.image, skill, target)))
+            return
         if not request.stream:
             sink.chunk(self.backend.describe([request.image], [request.task])[0][0])
             return

@@ -156,10 +156,13 @@ def _lane(ctx: WebContext):
 
 def _model_failure(exc: BaseException) -> ApiError:
     """A model-side failure as the status a client can act on."""
+    from watcher.backends import Unsupported
     from watcher.backends.process import ModelCrashed
     from watcher.pipeline.model_worker import WorkerStopped
     from watcher.web.lane import LaneBusy
 
+    if isinstance(exc, Unsupported):
+        return ApiError(501, str(exc))
     if isinstance(exc, LaneBusy):
         return ApiError(503, str(exc))
     if isinstance(exc, (WorkerStopped, ModelCrashed)):
@@ -265,6 +268,34 @@ async def query(ctx: WebContext, request: Request) -> Response:
     if stream:
         return await _moondream_stream(ctx, image, task)
     return JSONResponse({"answer": await _answer(ctx, image, task), "request_id": _id()})
+
+
+def _locating(skill: str):
+    """POST /v1/detect and /v1/point: Moondream's, where the model has them (501 if not)."""
+    key = "objects" if skill == "detect" else "points"
+
+    async def endpoint(ctx: WebContext, request: Request) -> Response:
+        data = await _payload(request)
+        target = data.get("object")
+        if not isinstance(target, str) or not target.strip():
+            raise ApiError(400, "object is required: what to find in the image")
+        if len(target) > 200:
+            raise ApiError(400, "object: at most 200 characters")
+        lane = _lane(ctx)
+        if not getattr(lane, "can_locate", False):
+            raise ApiError(
+                501,
+                f"{skill} is not supported by this server's model (Moondream's own models "
+                "have it); /v1/caption and /v1/query are",
+            )
+        image = await _decoded(ctx, data)
+        try:
+            found = await lane.locate(image, skill, target.strip())
+        except Exception as exc:
+            raise _model_failure(exc) from exc
+        return JSONResponse({key: found, "request_id": _id()})
+
+    return endpoint
 
 
 def _not_supported(skill: str):
@@ -399,6 +430,21 @@ async def _close(pieces: Any) -> None:
         await close()
 
 
+async def models(ctx: WebContext, request: Request) -> Response:
+    """GET /v1/models (OpenAI): the one model this server answers with."""
+    lane = ctx.lane
+    ids = [getattr(lane, "model", "moondream-watcher")] if lane is not None else []
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": i, "object": "model", "created": 0, "owned_by": "moondream-watcher"}
+                for i in ids
+            ],
+        }
+    )
+
+
 def _id() -> str:
     return uuid.uuid4().hex
 
@@ -410,8 +456,9 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         Route("/v1/health", _handler(health, ctx), methods=["GET"]),
         Route("/v1/caption", _handler(caption, ctx), methods=["POST"]),
         Route("/v1/query", _handler(query, ctx), methods=["POST"]),
-        Route("/v1/detect", _handler(_not_supported("detect"), ctx), methods=["POST"]),
-        Route("/v1/point", _handler(_not_supported("point"), ctx), methods=["POST"]),
+        Route("/v1/detect", _handler(_locating("detect"), ctx), methods=["POST"]),
+        Route("/v1/point", _handler(_locating("point"), ctx), methods=["POST"]),
         Route("/v1/segment", _handler(_not_supported("segment"), ctx), methods=["POST"]),
         Route("/v1/chat/completions", _handler(chat_completions, ctx), methods=["POST"]),
+        Route("/v1/models", _handler(models, ctx), methods=["GET"]),
     ]

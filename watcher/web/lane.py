@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
+from watcher.backends import can_locate
 from watcher.pipeline.model_worker import Ask, ModelWorker
-from watcher.tasks import clean_caption
+from watcher.tasks import Task, clean_caption
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from watcher.tasks import Task
 
 
 # Interactive requests allowed to wait for the model at once; more are refused (503), so a
@@ -76,12 +76,27 @@ class WorkerLane:
                 f"{MAX_WAITING} requests are already waiting for the model; try again shortly"
             )
 
+    @property
+    def can_locate(self) -> bool:
+        """Whether the model does Moondream's detect/point."""
+        return can_locate(self.worker.backend)
+
+    async def locate(self, image: Image.Image, skill: str, target: str) -> list[dict]:
+        """detect/point on the model worker, ahead of the queue, as the other requests."""
+        task = Task("query", f"{skill}: {target}")  # names the request in the worker's log
+        parts = [p async for p in self._pieces(image, task, False, (skill, target))]
+        return json.loads("".join(parts))
+
     async def _pieces(
-        self, image: Image.Image, task: Task, stream: bool
+        self,
+        image: Image.Image,
+        task: Task,
+        stream: bool,
+        locate: tuple[str, str] | None = None,
     ) -> AsyncGenerator[str, None]:
         self._check_room()
         sink = _Sink(asyncio.get_running_loop())
-        self.worker.ask(Ask(image, task, stream, sink))
+        self.worker.ask(Ask(image, task, stream, sink, locate))
         try:
             while True:
                 kind, value = await sink.queue.get()
