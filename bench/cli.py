@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale
+from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale, webpages
 from bench.checks import BenchFailure
 from bench.report import (
     OUT_DIR,
@@ -30,7 +30,8 @@ from bench.report import (
 DESCRIPTION = "moondream-watcher benchmarks (issue 7): is the model kept busy, does it scale?"
 EPILOG = """\
     .venv/bin/python bench/run.py                 # every CPU benchmark at the issue's sizes
-    .venv/bin/python bench/run.py pipeline        # one benchmark (pipeline latency scale burst gpu)
+    .venv/bin/python bench/run.py pipeline        # one benchmark (pipeline latency scale burst gpu
+                                                  # webpages)
     .venv/bin/python bench/run.py --quick         # everything, small sizes (a minute or two)
     .venv/bin/python bench/run.py gpu             # on a CUDA machine: a Moondream2-sized model
 
@@ -48,8 +49,9 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "scale": scale.run,
     "burst": burst.run,
     "gpu": gpu.run,
+    "webpages": webpages.run,
 }
-CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst")
+CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst", "webpages")
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 
 
@@ -156,6 +158,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--burst-timeout", type=float, default=1800)
     g = p.add_argument_group("scale")
     g.add_argument("--scale-files", type=int, default=100_000)
+    g = p.add_argument_group("webpages")
+    g.add_argument("--web-images", type=int, default=100_000, help="rows in the synthetic index")
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-batches", type=ints, default=[1, 4, 8, 16])
     g.add_argument("--gpu-tokens", type=int, default=32)
@@ -176,6 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "rounds": 1,
             "drops": 10,
             "scale_files": 10_000,
+            "web_images": 10_000,
             "burst": 1000,
             "gpu_images": 16,
             "gpu_queue": 32,

@@ -172,7 +172,11 @@ def _search(db: sqlite_utils.Database, query: Query, root: str | None, after: di
     if not isinstance(offset, int) or not 0 <= offset <= SEARCH_MAX:
         raise BadRequest("bad cursor")
     index = Index(db)
-    hits = [row for row, _ in index.search(query.q, limit=SEARCH_MAX)]
+    # Without a filter the page needs only the best offset+limit (+1: is there more?); a
+    # filter may drop any number of them, so it takes the best SEARCH_MAX.
+    filtered = root is not None or bool(query.state)
+    want = SEARCH_MAX if filtered else min(SEARCH_MAX, offset + query.limit + 1)
+    hits = [row for row, _ in index.search(query.q, limit=want)]
     if root is not None:
         hits = [r for r in hits if r.root == root]
     if query.state in _SIDECAR_STATES:
@@ -183,7 +187,7 @@ def _search(db: sqlite_utils.Database, query: Query, root: str | None, after: di
     chunk = hits[offset : offset + query.limit]
     ids = index.ids_of([r.path for r in chunk])
     items = [_item(ids[r.path], r) for r in chunk if r.path in ids]
-    more = offset + query.limit < len(hits)
+    more = offset + query.limit < min(len(hits), SEARCH_MAX)
     return Page(items, _cursor({"o": offset + query.limit}) if more else None)
 
 
