@@ -13,6 +13,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every daemon a test starts serves its web page on a free port, not on 2020 (many run at
+# once, and a developer's own daemon may hold 2020). A config's web.listen still wins.
+os.environ["WATCHER_WEB_LISTEN"] = "127.0.0.1:0"
 
 sys.path.insert(0, str(Path(__file__).parent))
 

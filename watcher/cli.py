@@ -155,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="folders to watch besides the configured ones",
     )
 
+    sv = command(
+        "serve",
+        "the web page and API on the index, without watching folders",
+        "Serve the web page (library, image, try, status pages) and the Moondream-compatible "
+        "API on the index, with the configured model for the try page and the API, without "
+        "watching any folder (`watcher run` serves them too, while it watches). Stops on "
+        "SIGTERM/Ctrl-C.",
+        "watcher serve",
+        "watcher serve --listen 127.0.0.1:8080",
+        "watcher serve --no-model",
+    )
+    sv.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where to listen (default: web.listen in the config, 127.0.0.1:2020)",
+    )
+    sv.add_argument(
+        "--no-model",
+        action="store_true",
+        help="load no model: browse and edit the library; the API answers 503",
+    )
+
     s = command(
         "search",
         "full-text search of the captions, best first",
@@ -936,6 +958,27 @@ def cmd_run(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     return run_daemon(cfg, args.config, err, dirs)
 
 
+def cmd_serve(args, cfg: Config, out: TextIO, err: TextIO) -> int:
+    import dataclasses
+
+    from watcher.config import split_listen
+
+    if args.listen:
+        listen = args.listen if not args.listen.isdigit() else f"127.0.0.1:{args.listen}"
+        try:
+            split_listen(listen)
+        except ValueError as e:
+            print(f"watcher: --listen {args.listen!r}: {e}", file=err)
+            return EXIT_USAGE
+        cfg = dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, listen=listen))
+    from watcher.index import verify
+
+    verify(cfg.database)
+    from watcher.web.app import serve
+
+    return serve(cfg, with_model=not args.no_model, err=err)
+
+
 def cmd_model(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     if args.model_command == "fetch":
         return model_fetch(cfg.model, args.revision, out, err=err)
@@ -1062,6 +1105,7 @@ COMMANDS: dict[str, Handler] = {
     "caption": cmd_caption,
     "recaption": cmd_recaption,
     "run": cmd_run,
+    "serve": cmd_serve,
     "search": cmd_search,
     "status": cmd_status,
     "retry": cmd_retry,

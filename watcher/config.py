@@ -107,6 +107,47 @@ class LogConfig:
     level: str = "info"
 
 
+# The web page and API (watcher.web): where `watcher run` serves them.
+DEFAULT_LISTEN = "127.0.0.1:2020"
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    enabled: bool = True
+    # host:port; port 0 picks a free one (logged at start). $WATCHER_WEB_LISTEN replaces the
+    # default (as $WATCHER_DB does the database's): tests run many daemons at once.
+    listen: str = field(
+        default_factory=lambda: os.environ.get("WATCHER_WEB_LISTEN") or DEFAULT_LISTEN
+    )
+    # Required to listen anywhere but loopback; then every request needs it (or the login).
+    token: str | None = None
+    max_body_bytes: int = 32 * 2**20  # any request body (an upload as a data URI: 4/3)
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides localhost and the listen host
+    thumb_cache: Path | None = None  # None: the user cache dir / "thumbs" (watcher.web.pages)
+    thumb_cache_mb: int = 256
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 2020) from "127.0.0.1:2020", ("::1", 80) from "[::1]:80"; ValueError
+    when it is not host:port."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ValueError(f"expected host:port such as {DEFAULT_LISTEN}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address goes in brackets: [::1]:2020")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,6 +159,7 @@ class Config:
     max_attempts: int = 5
     retry_backoff: float = 2.0  # seconds, doubled per attempt
     log: LogConfig = field(default_factory=LogConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     defaults: dict[str, Any] = field(default_factory=dict)  # folder defaults as written
     source: Path | None = None  # the file it came from
 
@@ -336,8 +378,44 @@ _TOP = {
     "max_attempts",
     "retry_backoff",
     "log",
+    "web",
     "defaults",
 }
+
+
+def _web(data: Any, where: str, base_dir: Path | None) -> WebConfig:
+    if not isinstance(data, dict):
+        raise _fail(where, "web", "a mapping", data)
+    _check_keys(data, {f.name for f in dataclasses.fields(WebConfig)}, "web.", where)
+    kw: dict[str, Any] = {}
+    for name, value in data.items():
+        k = f"web.{name}"
+        if name == "enabled":
+            kw[name] = _typed(value, bool, k, where, "true or false")
+        elif name == "listen":
+            v = str(_typed(value, (str, int), k, where, f"host:port such as {DEFAULT_LISTEN}"))
+            if v.isdigit():  # a bare port: on loopback
+                v = f"127.0.0.1:{v}"
+            try:
+                split_listen(v)
+            except ValueError as e:
+                raise _fail(where, k, str(e).removeprefix("expected "), value) from None
+            kw[name] = v
+        elif name == "token":
+            if value is not None:
+                token = _typed(value, str, k, where, "a string (at least 16 characters)")
+                if len(token) < 16 or token != token.strip():
+                    raise _fail(where, k, "a string of at least 16 characters", "(hidden)")
+                kw[name] = token
+        elif name in ("max_body_bytes", "thumb_cache_mb"):
+            kw[name] = _number(value, k, where, minimum=1, integer=True)
+        elif name == "allowed_hosts":
+            kw[name] = tuple(h.lower() for h in _strings(value, k, where))
+        elif name == "thumb_cache":
+            if value is not None:
+                p = Path(os.path.expandvars(_typed(value, str, k, where, "a path"))).expanduser()
+                kw[name] = p if p.is_absolute() or base_dir is None else base_dir / p
+    return WebConfig(**kw)
 
 
 def parse_config(
@@ -386,6 +464,8 @@ def parse_config(
         kw["retry_backoff"] = float(
             _number(data["retry_backoff"], "retry_backoff", where, minimum=0)
         )
+    if "web" in data:
+        kw["web"] = _web(data["web"] or {}, where, base_dir)
     if "log" in data:
         log = data["log"]
         if not isinstance(log, dict):

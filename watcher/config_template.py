@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from watcher.backends.registry import backend_names
-from watcher.config import Config, FolderConfig, ModelConfig
+from watcher.config import DEFAULT_LISTEN, Config, FolderConfig, ModelConfig, WebConfig
 
 
 def _y(value: object) -> str:
@@ -23,7 +23,7 @@ def _y(value: object) -> str:
 def render_config(folders: list[Path], database: Path | None = None) -> str:
     """The config text: defaults filled in from the code (so it cannot drift), comments
     saying what each key does, and `folders` watched."""
-    m, c, f = ModelConfig(), Config(), FolderConfig(path=Path("."))
+    m, c, f, w = ModelConfig(), Config(), FolderConfig(path=Path(".")), WebConfig()
     db = database or c.database
     folder_lines = "\n".join(f"  - path: {_y(str(p))}" for p in folders) or "  []"
     if not folders:
@@ -58,6 +58,16 @@ retry_backoff: {c.retry_backoff}                 # seconds before the first retr
 log:
   format: {c.log.format}                     # auto (JSON unless on a terminal) | json | console
   level: {c.log.level}                      # debug | info | warning | error
+
+# The web page and the Moondream-compatible HTTP API that `watcher run` serves.
+web:
+  enabled: {_y(w.enabled)}                    # serve them while the daemon runs
+  listen: {_y(DEFAULT_LISTEN)}         # host:port; anything but loopback needs a token
+  token: null                      # a secret (16+ characters) every request must carry
+  max_body_bytes: {w.max_body_bytes}          # largest request body (uploads)
+  allowed_hosts: {_y(w.allowed_hosts)}                # other Host names (a reverse proxy)
+  thumb_cache: null                # thumbnails; null: the user cache folder
+  thumb_cache_mb: {w.thumb_cache_mb}               # size cap of the thumbnail cache
 
 # Settings every folder gets unless it sets its own.
 defaults:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -38,6 +38,18 @@ class Backend(Protocol):
     def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]: ...
 
     def close(self) -> None: ...
+
+
+def stream_text(backend: Backend, image: Image.Image, task: Task) -> Generator[str, None, None]:
+    """One image's raw text for one task, in chunks as the model generates it: through the
+    backend's optional `stream(image, task)` (Moondream, transformers, the model process),
+    else the whole text from `describe` as one chunk. Joined, the chunks are what
+    `describe([image], [task])` gives (greedy decoding)."""
+    stream = getattr(backend, "stream", None)
+    if stream is not None:
+        yield from stream(image, task)
+        return
+    yield backend.describe([image], [task])[0][0]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -85,6 +85,29 @@ def run_task(model: Any, image: Any, task: Task, settings: dict[str, Any], **que
     return str(out["answer"]).strip()
 
 
+def stream_task(
+    model: Any, image: Any, task: Task, settings: dict[str, Any], **query: Any
+) -> Iterator[str]:
+    """`run_task` with `stream=True`: Moondream's caption/query return a generator of text
+    pieces under "caption"/"answer" (a plain string from an API that does not stream is one
+    piece). Leading whitespace of the first piece is dropped, as run_task strips it."""
+    if task.kind in CAPTION_LENGTHS:
+        out = model.caption(image, length=task.kind, stream=True, settings=settings)["caption"]
+    else:
+        out = model.query(image, task.instruction, stream=True, settings=settings, **query)[
+            "answer"
+        ]
+    pieces: Iterator[Any] = iter([out]) if isinstance(out, str) else iter(out)
+    started = False
+    for piece in pieces:
+        text = str(piece)
+        if not started:
+            text = text.lstrip()
+            started = bool(text)
+        if text:
+            yield text
+
+
 @contextlib.contextmanager
 def _cached_tokenizer() -> Iterator[None]:
     """While loading, serve Moondream's tokenizer from the cache without asking the Hub.
@@ -208,6 +231,14 @@ class MoondreamBackend:
                 encoded = self.model.encode_image(image)
                 results.append([self._run(encoded, task) for task in tasks])
         return results
+
+    def stream(self, image: Image.Image, task: Task) -> Iterator[str]:
+        """One image's text for one task, piece by piece as Moondream generates it."""
+        import torch
+
+        with torch.inference_mode():  # held while the generator runs the model
+            encoded = self.model.encode_image(image)
+            yield from stream_task(self.model, encoded, task, settings_for(task), reasoning=False)
 
     def close(self) -> None:
         model, self.model = self.model, None

@@ -22,7 +22,7 @@ expected to retry the images one by one, so each failure lands on its own image.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from watcher.backends import ModelUnavailable
-from watcher.backends.moondream import run_task, settings_for
+from watcher.backends.moondream import run_task, settings_for, stream_task
 from watcher.backends.registry import BackendSpec
 from watcher.backends.weights import MOONDREAM_TOKENIZER, uses_moondream_tokenizer
 
@@ -209,6 +209,12 @@ class PhotonBackend:
         return run_task(
             self.engine, image, task, settings_for(task, pin_variant=False), stream=False
         )
+
+    def stream(self, image: Image.Image, task: Task) -> Iterator[str]:
+        """One image's text for one task, as Photon streams it (in the caller's thread)."""
+        if self._closed:
+            raise RuntimeError("photon backend is closed")
+        yield from stream_task(self.engine, image, task, settings_for(task, pin_variant=False))
 
     def _submit_all(
         self, calls: list[tuple[Callable[..., Any], tuple]], *, started: bool

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from watcher.isolated import python_command, safe_sys_path
 if TYPE_CHECKING:
     from PIL import Image
 
+    from watcher.backends import Backend
     from watcher.config import LogConfig, ModelConfig
     from watcher.tasks import Task
 
@@ -165,26 +166,67 @@ class ModelProcess:
     # -- Backend ------------------------------------------------------------------------
     def describe(self, images: Sequence[Image.Image], tasks: Sequence[Task]) -> list[list[str]]:
         with self._lock:
-            if self._conn is None:
-                self.restarts += 1
-                log.warning("restarting the model process", restarts=self.restarts)
-                try:
-                    self._spawn()
-                except ModelUnavailable as e:
-                    raise ModelCrashed(f"the model process could not be restarted: {e}") from e
-            assert self._conn is not None
+            conn = self._connected()
             layout = self._pixels.put(images)  # MemoryError/OSError here: the worker decides
             try:
-                self._conn.send(("describe", layout, self._pixels.size, tuple(tasks)))
-                reply = self._conn.recv()
+                conn.send(("describe", layout, self._pixels.size, tuple(tasks)))
+                reply = conn.recv()
             except (EOFError, OSError) as e:
                 raise ModelCrashed(
                     f"the model process died ({self._reap()}) running a batch of {len(images)}"
                 ) from e
         if reply[0] == "ok":
             return reply[1]
-        _, type_name, message, oom, tb = reply
-        raise ModelError(type_name, message, out_of_memory=oom, remote_traceback=tb)
+        raise _model_error(reply)
+
+    def stream(self, image: Image.Image, task: Task) -> Iterator[str]:
+        """One image's text for one task, piece by piece as the child's backend generates
+        it (`stream_text` there). A reader that stops early cancels the generation: the
+        child stops at its next piece and the rest of the reply is read and dropped, so the
+        socket stays in step for the next request."""
+        with self._lock:
+            conn = self._connected()
+            layout = self._pixels.put([image])
+            finished = False
+            try:
+                conn.send(("stream", layout, self._pixels.size, task))
+                while True:
+                    reply = conn.recv()
+                    if reply[0] == "chunk":
+                        yield reply[1]
+                        continue
+                    finished = True
+                    if reply[0] == "ok":
+                        return
+                    raise _model_error(reply)
+            except (EOFError, OSError) as e:
+                finished = True
+                raise ModelCrashed(
+                    f"the model process died ({self._reap()}) streaming one image"
+                ) from e
+            finally:
+                if not finished:
+                    self._cancel_stream(conn)
+
+    def _cancel_stream(self, conn: Connection) -> None:
+        try:
+            conn.send(("cancel",))
+            while conn.recv()[0] == "chunk":
+                pass
+        except (EOFError, OSError):
+            self._reap()
+
+    def _connected(self) -> Connection:
+        """The socket to a running child (started again if it died); under self._lock."""
+        if self._conn is None:
+            self.restarts += 1
+            log.warning("restarting the model process", restarts=self.restarts)
+            try:
+                self._spawn()
+            except ModelUnavailable as e:
+                raise ModelCrashed(f"the model process could not be restarted: {e}") from e
+        assert self._conn is not None
+        return self._conn
 
     def close(self) -> None:
         with self._lock:
@@ -260,6 +302,11 @@ class ModelProcess:
         return f"exit status {code}"
 
 
+def _model_error(reply: tuple) -> ModelError:
+    _, type_name, message, oom, tb = reply
+    return ModelError(type_name, message, out_of_memory=oom, remote_traceback=tb)
+
+
 # -- the child ------------------------------------------------------------------------------
 def _die_with_parent() -> None:
     """Linux: the kernel kills this process when its parent dies, even mid-model-call."""
@@ -307,8 +354,14 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
                 break
             if request[0] == "close":
                 break
-            _, layout, size, tasks = request
+            if request[0] == "cancel":  # came after its stream had already finished
+                continue
+            kind, layout, size, tasks = request
             try:
+                if kind == "stream":
+                    _stream(conn, backend, pixels.get(layout, size)[0], tasks)
+                    conn.send(("ok", None))
+                    continue
                 outputs = backend.describe(pixels.get(layout, size), tasks)
             except Exception as e:  # the parent decides: split, retry one by one, or fail
                 conn.send(
@@ -325,6 +378,22 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
     finally:
         backend.close()
     return 0
+
+
+def _stream(conn: Connection, backend: Backend, image: Image.Image, task: Task) -> None:
+    """Send the pieces of one image's text as they come; stop early on the parent's cancel."""
+    from watcher.backends import stream_text
+
+    pieces = stream_text(backend, image, task)
+    try:
+        for piece in pieces:
+            conn.send(("chunk", piece))
+            if conn.poll() and conn.recv()[0] == "cancel":
+                break
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # runs the backend's own clean-up (joins its generate thread)
 
 
 if __name__ == "__main__":

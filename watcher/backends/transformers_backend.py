@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -253,6 +254,58 @@ class TransformersBackend:
                     for i, text in enumerate(texts):
                         results[start + i][t] = text
         return results
+
+    def stream(self, image: Image.Image, task: Task) -> Iterator[str]:
+        """One image's text for one task, as generate() produces it (TextIteratorStreamer):
+        the same greedy tokens as `describe`, decoded piece by piece."""
+        if self._model is None:
+            raise RuntimeError("the model was closed")
+        if self._tokenizer is None:  # nothing to decode pieces with: the whole text at once
+            yield self.describe([image], [task])[0][0]
+            return
+        import torch
+        from transformers import TextIteratorStreamer
+
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        inputs = self._inputs([image], task.instruction if self.chat else None)
+        if not self._token_type_ids:
+            inputs.pop("token_type_ids", None)
+        inputs = inputs.to(self.placement.device, dtype=self.placement.dtype)
+        # skip_prompt: generate() first hands the streamer the prompt (or the decoder's
+        # start tokens), which describe() strips too.
+        streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():  # thread-local: set in the thread that runs it
+                    self._model.generate(
+                        **inputs,
+                        do_sample=False,
+                        num_beams=1,
+                        max_new_tokens=task.max_tokens,
+                        temperature=None,
+                        top_p=None,
+                        top_k=None,
+                        streamer=streamer,
+                    )
+            except BaseException as e:  # handed to the reader, which re-raises it
+                failure.append(e)
+                streamer.end()  # else the reader waits for text that never comes
+
+        # generate() pushes text into the streamer from its own thread; this generator reads
+        # it. The thread is joined before returning, even when the reader stops early, so
+        # the model is never running when the caller's next model call starts.
+        thread = threading.Thread(target=generate, name="model-stream", daemon=True)
+        thread.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+        finally:
+            thread.join()
+        if failure:
+            raise failure[0]
 
     def _inputs(self, images: list[Image.Image], instruction: str | None) -> Any:
         if instruction is None:

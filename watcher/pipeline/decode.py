@@ -141,6 +141,15 @@ def prepare(job: Job, *, max_pixels: int, max_side: int, now: float | None = Non
     )
 
 
+def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> Image.Image:
+    """Bytes from elsewhere than a watched file (an upload to the web API) decoded exactly as
+    `prepare` decodes a file: the same formats, bomb guard and downscaling. Raises
+    DecodeError."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    return _decode(data, max_pixels=max_pixels, max_side=max_side, recent=False)[0]
+
+
 # --- reading ----------------------------------------------------------------------------
 
 

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from watcher import faults
-from watcher.backends import Backend, is_out_of_memory
+from watcher.backends import Backend, is_out_of_memory, stream_text
 from watcher.index import Index, connect
 from watcher.messages import STOP, Captioned, Failed, Job, Work
 from watcher.pipeline import MODEL
 from watcher.tasks import Task
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = structlog.get_logger("watcher.pipeline.model_worker")
 
@@ -27,6 +33,43 @@ FILL_WAIT = 0.5
 MAX_FILL_WAIT = 10.0
 
 
+class AskSink(Protocol):
+    """Where the worker sends an interactive request's answer (called from its thread)."""
+
+    def chunk(self, text: str) -> None: ...  # raw text, in order (one piece unless streamed)
+
+    def done(self) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+    def cancelled(self) -> bool: ...  # the asker is gone: skip it, or stop streaming
+
+
+@dataclass(frozen=True, eq=False)
+class Ask:
+    """An interactive request (the web page, the HTTP API): one image, one task, served by
+    the worker ahead of the queued Work, on the same model."""
+
+    image: Image.Image  # RGB, at most max_side, as decoding prepares it
+    task: Task
+    stream: bool
+    sink: AskSink
+
+
+class WorkerStopped(RuntimeError):
+    """The model worker has stopped (the daemon is stopping): no more interactive answers."""
+
+
+class _Wake:
+    """Put into the inbox when an Ask arrives: wakes a worker waiting for Work."""
+
+    def __repr__(self) -> str:
+        return "WAKE"
+
+
+WAKE = _Wake()
+
+
 class ModelWorker(threading.Thread):
     """Takes Work from `inbox`, sends Captioned/Failed to `outbox`.
 
@@ -34,6 +77,9 @@ class ModelWorker(threading.Thread):
     a single dropped image is not delayed. On out-of-memory the batch is split and the batch
     size shrinks for good; on any other model error the batch is retried one image at a time
     so only the bad image fails.
+
+    Interactive requests (`ask`) go ahead of the Work: they are served before each batch
+    and between the model calls of a batch, so one waits at most for the model call in hand.
     """
 
     def __init__(
@@ -70,21 +116,42 @@ class ModelWorker(threading.Thread):
         # stalled_for(): an idle worker is never "not responding", however rarely it wakes.
         self.busy_since: float | None = None
         self.released: list[Job] = []  # work handed back at shutdown
+        self.asks: queue.Queue[Ask] = queue.Queue()
+        self.asks_served = 0
+        self._ask_lock = threading.Lock()  # ask() vs the end of run(): none is left unanswered
+        self._stopped = False
+
+    def ask(self, request: Ask) -> None:
+        """Queue an interactive request ahead of the background Work (any thread)."""
+        with self._ask_lock:
+            if self._stopped:
+                request.sink.fail(WorkerStopped("the model worker has stopped"))
+                return
+            self.asks.put(request)
+        self.inbox.put(WAKE)
+
+    def asks_waiting(self) -> int:
+        """Interactive requests queued and not yet started."""
+        return self.asks.qsize()
 
     # -- thread -------------------------------------------------------------------------
     def run(self) -> None:
         self.index = Index(connect(self.db_path))
         draining = False
         while True:
+            self._serve_asks()
             self.busy_since = None
             try:
                 first = self.inbox.get(timeout=1.0)
             except queue.Empty:
                 continue
+            if first is WAKE:
+                continue
             self.busy_since = time.monotonic()
             if first is STOP:
                 break
             batch, draining = self._gather(first)
+            self._serve_asks()  # those that came while the batch filled go first
             self._process(batch)
             if draining:
                 break
@@ -94,9 +161,62 @@ class ModelWorker(threading.Thread):
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            if item is not STOP:
+            if item is not STOP and item is not WAKE:
                 self.released.append(item.prepared.job)
+        with self._ask_lock:
+            self._stopped = True
+        while True:
+            try:
+                self.asks.get_nowait().sink.fail(WorkerStopped("the daemon is stopping"))
+            except queue.Empty:
+                break
         self.index.db.conn.close()
+
+    # -- interactive requests -----------------------------------------------------------
+    def _serve_asks(self) -> None:
+        """Answer every interactive request waiting, on this thread's model."""
+        while True:
+            try:
+                request = self.asks.get_nowait()
+            except queue.Empty:
+                return
+            if request.sink.cancelled():
+                continue
+            self.busy_since = time.monotonic()
+            t0 = time.perf_counter()
+            try:
+                self._answer(request)
+            except Exception as exc:  # the model call: anything can come out of it
+                log.warning(
+                    "interactive request failed",
+                    task=request.task.kind,
+                    error=_first_line(_described(exc)),
+                )
+                request.sink.fail(exc)
+                continue
+            finally:
+                self.busy_seconds += time.perf_counter() - t0
+                self.busy_since = time.monotonic()
+            self.asks_served += 1
+            request.sink.done()
+            log.info(
+                "interactive request answered",
+                task=request.task.kind,
+                stream=request.stream,
+                ms=round((time.perf_counter() - t0) * 1000, 1),
+                work_waiting=self.inbox.qsize(),
+            )
+
+    def _answer(self, request: Ask) -> None:
+        sink = request.sink
+        if not request.stream:
+            sink.chunk(self.backend.describe([request.image], [request.task])[0][0])
+            return
+        with contextlib.closing(stream_text(self.backend, request.image, request.task)) as pieces:
+            for piece in pieces:
+                sink.chunk(piece)
+                if sink.cancelled():  # the asker left: stop the model generating for nobody
+                    break
 
     def stalled_for(self) -> float:
         """Seconds the work in hand has gone without progress (a model call that does not
@@ -139,6 +259,10 @@ class ModelWorker(threading.Thread):
                     continue
             if item is STOP:
                 return batch, True
+            if item is WAKE:
+                if self.asks.qsize():  # an interactive request waits: run what is here
+                    break
+                continue
             batch.append(item)
         return batch, False
 
@@ -146,7 +270,9 @@ class ModelWorker(threading.Thread):
         groups: dict[tuple, list[Work]] = {}
         for w in batch:
             groups.setdefault(w.tasks, []).append(w)
-        for tasks, works in groups.items():
+        for i, (tasks, works) in enumerate(groups.items()):
+            if i:
+                self._serve_asks()
             self._process_group(tasks, works)
 
     def _cache_key(self, sha256: str, tasks: tuple[Task, ...]) -> tuple:
@@ -189,6 +315,8 @@ class ModelWorker(threading.Thread):
                 todo.setdefault(w.prepared.sha256, []).append(w)
         unique = [ws[0] for ws in todo.values()]
         for start in range(0, len(unique), self.batch_limit):
+            if start:
+                self._serve_asks()  # between the model calls of one batch too
             chunk = unique[start : start + self.batch_limit]
             for w, outputs, ms, size in self._run(tasks, chunk):
                 copies = todo[w.prepared.sha256]

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
@@ -24,6 +24,9 @@ from watcher.service import lifecycle
 from watcher.service.lock import AlreadyRunning, DatabaseLock
 from watcher.service.notify import Notifier
 from watcher.service.watches import Watch
+
+if TYPE_CHECKING:
+    from watcher.web.app import WebServer
 
 log = structlog.get_logger("watcher.service.daemon")
 
@@ -73,6 +76,7 @@ class Daemon:
         self.folder_check_seconds = max(0.05, folder_check_seconds)
         self._db_identity: tuple[int, int] | None = None  # (st_dev, st_ino) opened at start
         self.exit_code = 0
+        self.web: WebServer | None = None
 
     def run(self) -> int:
         from watcher.backends import ModelUnavailable, open_backend
@@ -93,6 +97,19 @@ class Daemon:
             if recovered:
                 log.info("re-queued jobs interrupted by the last run", jobs=recovered)
             db.conn.close()
+            # The web port before the model: one in use is an error now, not a daemon
+            # without its page after seconds of loading.
+            if cfg.web.enabled:
+                from watcher.web.app import WebServer, WebUnavailable
+
+                self.web = WebServer(cfg.web)
+                try:
+                    self.web.bind()
+                except WebUnavailable as e:
+                    self.web = None
+                    log.error("refusing to start", reason=str(e))
+                    print(f"watcher: {e}", file=self.err)
+                    return 2
             try:
                 backend = open_backend(cfg.model, cfg.log)
             except ModelUnavailable as e:
@@ -106,6 +123,7 @@ class Daemon:
             self.pipeline = Pipeline(cfg, backend, upstream=self._settling_within)
             self.events = FileEvents(cfg, Settler, on_enqueued=self.pipeline.wake)
             self.pipeline.start()
+            self._start_web()
             self.events.settler.start()
             self._install_signals()
             for folder in cfg.folders:
@@ -121,6 +139,8 @@ class Daemon:
             self.notifier.stopping()
             log.info("stopping")
             self.events.stopping.set()
+            if self.web is not None:  # no new interactive requests; open ones end
+                self.web.stop()
             for w in self.watches.values():
                 w.stop()
             self.events.settler.stop()
@@ -131,7 +151,19 @@ class Daemon:
             log.info("stopped", exit_code=self.exit_code)
             return self.exit_code
         finally:
+            if self.web is not None:
+                self.web.stop()  # closes the socket of a server that never started
             lock.release()
+
+    def _start_web(self) -> None:
+        if self.web is None:
+            return
+        from watcher.web.context import WebContext
+        from watcher.web.lane import WorkerLane
+
+        lane = WorkerLane(self.pipeline.worker)
+        self.web.start(WebContext(self.cfg, self.cfg.database, lane, daemon=True))
+        print(f"watcher: web page and API at {self.web.url}", file=self.err, flush=True)
 
     # -- folders ------------------------------------------------------------------------
     def _add_folder(self, folder: FolderConfig) -> None:
@@ -222,6 +254,9 @@ class Daemon:
             self.notifier.ready()
             return
         new = with_command_line(new, self.cli_dirs)
+        if new.web != self.cfg.web:
+            log.warning("web changes need a restart; keeping the running web server")
+            new = dataclasses.replace(new, web=self.cfg.web)
         if new.database != self.cfg.database or new.model != self.cfg.model:
             log.warning(
                 "database and model changes need a restart; applying folder changes",
