@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from watcher.index import ImageRow, Index, NoDatabase, connect
 from watcher.jobs import JobQueue
-from watcher.paths import shown
+from watcher.paths import decode, encode, shown
 from watcher.tasks import Task
 from watcher.web import thumbs
 from watcher.web.context import WebContext
@@ -243,7 +243,10 @@ class Pages:
             row = self.row(image_id)
             picture = await run_in_threadpool(self._picture, row)
             task = Task(kind, max_tokens=self.ctx.config.model.max_tokens)
-            text = await lane.describe(picture, task)
+            try:
+                text = await lane.describe(picture, task)
+            except Exception as e:  # the model stopped or crashed: said, nothing changed
+                raise _Error(503, f"the model could not answer: {e}") from None
             from watcher.captioning import model_name, model_revision
 
             def run() -> None:
@@ -299,15 +302,12 @@ class Pages:
 
     def _picture(self, row: ImageRow) -> Any:
         """The image decoded as the pipeline does (bomb guard, upright), for the model."""
-        from watcher.pipeline.decode import DecodeError, _decode
+        from watcher.pipeline.decode import DecodeError, decode_image
 
         data = self._bytes(row)
         try:
-            image, _, _ = _decode(
-                data,
-                max_pixels=self.ctx.config.max_pixels,
-                max_side=self.ctx.config.max_side,
-                recent=False,
+            image = decode_image(
+                data, max_pixels=self.ctx.config.max_pixels, max_side=self.ctx.config.max_side
             )
         except DecodeError as e:
             raise _Error(422, f"cannot decode the image: {e.reason}") from None
@@ -444,8 +444,6 @@ class Pages:
         db = self.reader()
         if db is not None:  # the failures' job ids, for the retry buttons
             for f in report.get("failures", []):
-                from watcher.paths import encode
-
                 r = db.conn.execute(
                     "SELECT id FROM jobs WHERE path = ? AND state = 'failed'", (encode(f["path"]),)
                 ).fetchone()
@@ -480,8 +478,6 @@ class Pages:
         def run() -> tuple[int, int] | None:
             db = self.writer()
             try:
-                from watcher.paths import decode
-
                 found = db.conn.execute(
                     "SELECT path FROM jobs WHERE id = ? AND state = 'failed'", (job,)
                 ).fetchone()

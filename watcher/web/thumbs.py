@@ -8,7 +8,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from watcher.pipeline.decode import DecodeError, _decode
+from watcher.pipeline.decode import DecodeError, decode_image
 
 # Sizes the pages ask for: the library grid, and the image page's view.
 SIDES = {"s": 384, "l": 1600}
@@ -33,7 +33,7 @@ def make_thumb(data: bytes, side: int, *, max_pixels: int) -> bytes:
     Decoded with the pipeline's code: the decompression-bomb check (`max_pixels`, from the
     header, before any pixel is decoded), JPEG draft decoding, the mode normalisation.
     Raises DecodeError."""
-    image, _, _ = _decode(data, max_pixels=max_pixels, max_side=side, recent=False)
+    image = decode_image(data, max_pixels=max_pixels, max_side=side)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=_QUALITY, optimize=True)
     return out.getvalue()
