@@ -4,6 +4,7 @@ file name, the status page's failure and its retry."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -50,7 +51,8 @@ class Site:
         self.daemon, self.url, self.root, self.tmp = daemon, url.rstrip("/"), root, tmp
 
     def row(self, name: str) -> dict:
-        return self.daemon.rows()[str(self.root / name)]
+        row = self.daemon.rows()[str(self.root / name)]
+        return {**row, "outputs": json.loads(row["outputs"])}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +142,19 @@ def test_edit_changes_the_sidecar_and_survives_a_recaption(browser, site: Site) 
     assert sidecar.read_text() == "a red square, by hand\n"
     assert page.locator("#caption").input_value() == "a red square, by hand"
     assert model_text  # the page showed the model's own text beside the user's
+    # A question about the image: answered through /v1/query, written nowhere until saved.
+    outputs = dict(site.row("red.jpg")["outputs"])
+    page.fill("#question", "What is in the picture?")
+    page.click("#ask button")
+    page.wait_for_selector("#save-answer:not([hidden])", timeout=UI_MS)
+    answer = page.locator("#answer").inner_text()
+    assert answer.strip() and not answer.startswith("Error")
+    assert site.row("red.jpg")["outputs"] == outputs
+    page.click("#save-answer button")
+    page.wait_for_selector("text=Answer saved in the index.", timeout=UI_MS)
+    saved = site.row("red.jpg")["outputs"]
+    assert saved["query:What is in the picture?"] == answer.strip()
+    assert sidecar.read_text() == "a red square, by hand\n"
     page.close()
 
 

@@ -126,6 +126,7 @@ class Pages:
             folders=folders,
             states=STATES,
             next_url=_with(request, cursor=page.next) if page.next else None,
+            first_url=_with(request, cursor=None),
         )
 
     def api_images(self, request: Request) -> Response:
