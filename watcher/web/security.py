@@ -144,7 +144,7 @@ class SecurityMiddleware:
     2. Origin: a POST/PUT/PATCH/DELETE whose Origin header is present must be our own
        origin (http://<Host>); `Sec-Fetch-Site: cross-site` is refused too -> else 403.
     3. Token (web.token set): `Authorization: Bearer T`, `X-Moondream-Auth: T` or the login
-       cookie; missing -> 401 (a browser asking for a page: redirect to /login), wrong -> 403.
+       cookie; missing or wrong -> 401 (a browser asking for a page without any: /login).
     4. CSRF: every browser gets a random `watcher_session` cookie (HttpOnly, SameSite=Strict),
        exposed to routes as `request.state.csrf_token`; a state-changing request outside
        /v1/ and /login needs header X-CSRF-Token or form field csrf_token equal to it -> 403.
@@ -252,8 +252,8 @@ class SecurityMiddleware:
         cookie = cookies.get(AUTH_COOKIE)
         if cookie is not None and _same(cookie, self.login_cookie):
             return None
-        if given or cookie is not None:
-            return 403, "wrong token"
+        if given or cookie is not None:  # RFC 6750: an invalid token is a 401 too
+            return 401, "wrong token (or an expired login: log in again at /login)"
         return (
             401,
             "authentication required: send the token as 'Authorization: Bearer <token>' "
