@@ -331,3 +331,30 @@ def test_pages_without_an_index_yet(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert c.get("/thumb/1").status_code == 404
     assert c.get("/status").status_code == 200
     assert c.get("/try").status_code == 200
+
+
+def test_page_posts_need_the_pages_csrf_token_in_the_real_app(lib: Library) -> None:
+    from watcher.web.app import create_app
+
+    lib.add("a.jpg", "words")
+    i = lib.id_of("a.jpg")
+    c = TestClient(
+        create_app(context(lib, FakeLane())),
+        base_url="http://127.0.0.1:2020",
+        follow_redirects=False,
+    )
+    page = c.get(f"/image/{i}", headers=HTML)
+    assert page.status_code == 200
+    token = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text)
+    assert token and token.group(1)
+    form = {"caption": "by hand", "sidecar_sha256": text_hash("words\n")}
+    refused = c.post(f"/image/{i}/caption", data=form, headers=HTML)
+    assert refused.status_code == 403 and "CSRF" in refused.json()["error"]
+    assert lib.images["a.jpg"].with_suffix(".txt").read_text() == "words\n"
+    ok = c.post(f"/image/{i}/caption", data={**form, "csrf_token": token.group(1)}, headers=HTML)
+    assert ok.status_code == 303
+    assert lib.images["a.jpg"].with_suffix(".txt").read_text() == "by hand\n"
+    assert c.post("/api/retry", data={"job": "1"}).status_code == 403
+    # The thumbnail and the page go through the app's static files and headers too.
+    assert c.get("/static/common.js").status_code == 200
+    assert c.get(f"/thumb/{i}").headers["content-type"] == "image/jpeg"

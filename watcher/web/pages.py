@@ -58,11 +58,10 @@ class Pages:
             autoescape=True,  # every {{ }} is escaped; nothing here is marked |safe
             undefined=jinja2.StrictUndefined,
         )
-        web = getattr(ctx.config, "web", None)
-        folder = getattr(web, "thumb_cache", None)
-        cap_mb = getattr(web, "thumb_cache_mb", thumbs.DEFAULT_CAP_MB)
+        web = ctx.config.web
         self.thumbs = thumbs.ThumbCache(
-            Path(folder).expanduser() if folder else thumbs.default_folder(), cap_mb << 20
+            Path(web.thumb_cache).expanduser() if web.thumb_cache else thumbs.default_folder(),
+            web.thumb_cache_mb << 20,
         )
         self._local = threading.local()
 

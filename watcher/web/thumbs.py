@@ -12,7 +12,6 @@ from watcher.pipeline.decode import DecodeError, decode_image
 
 # Sizes the pages ask for: the library grid, and the image page's view.
 SIDES = {"s": 384, "l": 1600}
-DEFAULT_CAP_MB = 256
 _QUALITY = 82
 
 
