@@ -358,3 +358,20 @@ def test_page_posts_need_the_pages_csrf_token_in_the_real_app(lib: Library) -> N
     # The thumbnail and the page go through the app's static files and headers too.
     assert c.get("/static/common.js").status_code == 200
     assert c.get(f"/thumb/{i}").headers["content-type"] == "image/jpeg"
+
+
+def test_undecodable_file_name_is_listed_served_and_editable(lib: Library) -> None:
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8
+    lib.add(name, "a cafe")
+    c = client(lib)
+    i = lib.id_of(name)
+    assert "caf\\xe9.jpg" in c.get("/").text
+    assert c.get(f"/thumb/{i}").status_code == 200
+    assert c.get(f"/file/{i}").status_code == 200
+    r = c.post(
+        f"/image/{i}/caption",
+        data={"caption": "un café", "sidecar_sha256": text_hash("a cafe\n")},
+        headers=JSON,
+    )
+    assert r.status_code == 200 and r.json()["caption"] == "un café"
+    assert (lib.root / os.fsdecode(b"caf\xe9.txt")).read_text() == "un café\n"
