@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale, web
+from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale, web, webpages
 from bench.checks import BenchFailure
 from bench.report import (
     OUT_DIR,
@@ -49,8 +49,9 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "burst": burst.run,
     "gpu": gpu.run,
     "web": web.run,
+    "webpages": webpages.run,
 }
-CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst", "web")
+CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst", "web", "webpages")
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 
 
@@ -163,6 +164,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--web-gap", type=float, default=0.2, help="seconds between requests")
     g = p.add_argument_group("scale")
     g.add_argument("--scale-files", type=int, default=100_000)
+    g = p.add_argument_group("webpages")
+    g.add_argument("--web-images", type=int, default=100_000, help="rows in the synthetic index")
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-batches", type=ints, default=[1, 4, 8, 16])
     g.add_argument("--gpu-tokens", type=int, default=32)
@@ -183,6 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "rounds": 1,
             "drops": 10,
             "scale_files": 10_000,
+            "web_images": 10_000,
             "burst": 1000,
             "gpu_images": 16,
             "gpu_queue": 32,

@@ -38,6 +38,9 @@ _EXPORTS = {
     "CaptionError": "watcher.captioning",
     "NoMatches": "watcher.captioning",
     "ModelUnavailable": "watcher.backends",
+    "edit_caption": "watcher.editing",
+    "EditError": "watcher.editing",
+    "EditConflict": "watcher.editing",
     # the index and search
     "open_index": "watcher.index",
     "connect": "watcher.index",
@@ -54,6 +57,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DatabaseError",
+    "EditConflict",
+    "EditError",
     "ImageRow",
     "Index",
     "ModelUnavailable",
@@ -63,6 +68,7 @@ __all__ = [
     "RetryReport",
     "caption_folders",
     "connect",
+    "edit_caption",
     "load_config",
     "open_index",
     "prune",
@@ -86,6 +92,7 @@ if TYPE_CHECKING:
         show,
     )
     from watcher.config import Config, ConfigError, load_config
+    from watcher.editing import EditConflict, EditError, edit_caption
     from watcher.index import DatabaseError, ImageRow, Index, NoDatabase, connect, open_index
 
 

@@ -19,7 +19,7 @@ import sqlite_utils
 
 from watcher.paths import decode, encode
 
-SCHEMA_VERSION = 2  # 2: model_caption
+SCHEMA_VERSION = 3  # 2: model_caption, 3: library order indexes (web pages)
 
 
 @dataclass(frozen=True)
@@ -343,6 +343,16 @@ def _migrate(db: sqlite_utils.Database) -> None:
             # own caption beside it. Until now they were the same.
             db.conn.execute("ALTER TABLE images ADD COLUMN model_caption TEXT")
             db.conn.execute("UPDATE images SET model_caption = caption")
+        if version < 3:
+            # The web library lists images newest first (file mtime, then rowid) a page at a
+            # time from a cursor: these make page 500 a range scan, like page 1, with or
+            # without a folder filter.
+            for sql in (
+                "CREATE INDEX IF NOT EXISTS images_mtime ON images (mtime_ns)",
+                "CREATE INDEX IF NOT EXISTS images_root_mtime ON images (root, mtime_ns)",
+                "CREATE INDEX IF NOT EXISTS images_state_mtime ON images (sidecar_state, mtime_ns)",
+            ):
+                db.conn.execute(sql)
         db.conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -452,6 +462,65 @@ class Index:
             row = dict(zip(names, values, strict=True))
             score = row.pop("score")
             out.append((ImageRow.from_row(row), score))
+        return out
+
+    # -- the web library: images by a stable id (the rowid), newest first, a page at a time --
+
+    def by_id(self, image_id: int) -> ImageRow | None:
+        """The row whose rowid is `image_id` (the id the web pages address images by)."""
+        return self._one("SELECT * FROM images WHERE rowid = ?", (image_id,))
+
+    def id_of(self, path: str) -> int | None:
+        row = self.db.conn.execute(
+            "SELECT rowid FROM images WHERE path = ?", (encode(path),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def newest(
+        self,
+        limit: int,
+        *,
+        after: tuple[int, int] | None = None,
+        root: str | None = None,
+        sidecar_state: str | None = None,
+    ) -> list[tuple[int, ImageRow]]:
+        """(id, row) newest first (file mtime, then id), `limit` of them, from just after the
+        key `after` (mtime_ns, id) of the last row of the previous page: keyset pagination,
+        so a deep page costs what the first does. Optionally only under the watched folder
+        `root` (exactly the row's root) or with this sidecar_state."""
+        where: list[str] = []
+        args: list[str | int] = []
+        if root is not None:
+            where.append("root = ?")
+            args.append(encode(root))
+        if sidecar_state is not None:
+            where.append("sidecar_state = ?")
+            args.append(sidecar_state)
+        if after is not None:
+            where.append("(mtime_ns, rowid) < (?, ?)")
+            args += [after[0], after[1]]
+        sql = "SELECT rowid AS _id, * FROM images"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY mtime_ns DESC, rowid DESC LIMIT ?"
+        cur = self.db.conn.execute(sql, (*args, limit))
+        names = [c[0] for c in cur.description]
+        out = []
+        for values in cur:
+            row = dict(zip(names, values, strict=True))
+            out.append((row.pop("_id"), ImageRow.from_row(row)))
+        return out
+
+    def ids_of(self, paths: list[str]) -> dict[str, int]:
+        """path -> id for those of `paths` that are indexed (one query per 500)."""
+        out: dict[str, int] = {}
+        for i in range(0, len(paths), 500):
+            chunk = [encode(p) for p in paths[i : i + 500]]
+            cur = self.db.conn.execute(
+                f"SELECT path, rowid FROM images WHERE path IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            out.update({decode(p): r for p, r in cur})
         return out
 
 
