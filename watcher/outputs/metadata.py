@@ -78,6 +78,22 @@ def _tool() -> Any:
     return _sessions.tool
 
 
+def close_session() -> None:
+    """Stop this thread's ExifTool process (a thread that ends calls this: the writer)."""
+    tool, _sessions.tool = _sessions.tool, None
+    if tool is None:
+        return
+    with _all_lock:
+        if tool in _all:
+            _all.remove(tool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tool.terminate()
+        except Exception:  # it ended already
+            pass
+
+
 @atexit.register
 def _stop_all() -> None:
     with _all_lock, warnings.catch_warnings():

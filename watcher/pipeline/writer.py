@@ -26,6 +26,7 @@ from watcher.messages import (
     OutcomeState,
     SidecarState,
 )
+from watcher.outputs import metadata
 from watcher.outputs.base import Content, Place, Record, Result, keywords_for, output_for
 from watcher.outputs.pending import error_reason
 from watcher.outputs.sidecar import (
@@ -105,6 +106,8 @@ class Writer(threading.Thread):
                     )
                     self._end(items)
         self.db.conn.close()
+        # The ExifTool process the xmp/embed outputs started for this thread, if any.
+        metadata.close_session()
 
     # -- one batch ----------------------------------------------------------------------
     def _write(self, items: list, *, last_chance: bool = False) -> None:
