@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale
+from bench import ROOT, burst, export, gpu, latency, log, pipeline, quiet_logging, scale
 from bench.checks import BenchFailure
 from bench.report import (
     OUT_DIR,
@@ -48,7 +48,9 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "scale": scale.run,
     "burst": burst.run,
     "gpu": gpu.run,
+    "export": export.run,
 }
+# export is run by name (`bench/run.py export`): it is about memory, not the model.
 CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst")
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 
@@ -156,6 +158,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--burst-timeout", type=float, default=1800)
     g = p.add_argument_group("scale")
     g.add_argument("--scale-files", type=int, default=100_000)
+    g = p.add_argument_group("export")
+    g.add_argument("--export-rows", type=int, default=1_000_000)
+    g.add_argument(
+        "--export-formats",
+        type=lambda t: [f for f in t.split(",") if f],
+        default=["csv", "jsonl", "hf", "kohya"],
+    )
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-batches", type=ints, default=[1, 4, 8, 16])
     g.add_argument("--gpu-tokens", type=int, default=32)
@@ -176,6 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "rounds": 1,
             "drops": 10,
             "scale_files": 10_000,
+            "export_rows": 100_000,
             "burst": 1000,
             "gpu_images": 16,
             "gpu_queue": 32,
