@@ -142,6 +142,9 @@ def test_xmp_that_could_not_be_written_is_written_by_retry(tmp_path, tiny_llava,
     state, error = _outputs(tmp_path / "index.db")["xmp"]
     assert state == "pending" and "exiftool is not installed" in error
     assert "apt install libimage-exiftool-perl" in error
+    code, out, _ = run_cli("--config", str(cfg), "status")
+    assert "outputs pending (xmp, embed; `watcher retry --all` once the reason is fixed): 1" in out
+    assert f"  xmp: {tmp_path / 'pics' / 'a.jpg'}: cannot write XMP sidecar: exiftool is" in out
 
     monkeypatch.undo()  # exiftool is back on PATH
     code, out, _ = run_cli("--config", str(cfg), "retry", "--all")
@@ -150,3 +153,22 @@ def test_xmp_that_could_not_be_written_is_written_by_retry(tmp_path, tiny_llava,
     assert _outputs(tmp_path / "index.db")["xmp"] == ("written", None)
     text = (tmp_path / "pics" / "a.txt").read_text(encoding="utf-8").strip()
     assert _description(tmp_path / "pics" / "a.jpg.xmp") == " ".join(text.split())
+
+
+def test_output_added_to_the_config_later_is_written_by_retry(tmp_path, tiny_llava):
+    require("exiftool", shutil.which("exiftool") is not None, "apt install libimage-exiftool-perl")
+    distinct_image(23, tmp_path / "pics" / "a.jpg")
+    cfg = _config(tmp_path, tiny_llava)  # outputs: [txt], the default
+    code, out, _ = run_cli("--config", str(cfg), "caption", str(tmp_path / "pics"))
+    assert code == 0, out
+    assert not (tmp_path / "pics" / "a.jpg.xmp").exists()
+
+    cfg = _config(tmp_path, tiny_llava, outputs=["txt", "xmp"])
+    code, out, _ = run_cli("--config", str(cfg), "retry", "--all")
+
+    assert code == 0, out
+    text = (tmp_path / "pics" / "a.txt").read_text(encoding="utf-8").strip()
+    assert _description(tmp_path / "pics" / "a.jpg.xmp") == " ".join(text.split())
+    assert _outputs(tmp_path / "index.db") == {"xmp": ("written", None)}
+    code, out, _ = run_cli("--config", str(cfg), "status")
+    assert "outputs pending" not in out

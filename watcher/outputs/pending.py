@@ -117,7 +117,10 @@ def _write_pending_outputs(
     index = Index(db)
     wanted = set(paths) if paths is not None else None
     written = 0
-    for path, previous in index.pending_outputs():
+    todo = index.pending_outputs()
+    if paths is None:  # `watcher retry --all`: also outputs a folder lists but never got
+        todo += _never_written(db, cfg)
+    for path, previous in todo:
         if wanted is not None and path not in wanted:
             continue
         row = index.get(path)
@@ -162,3 +165,26 @@ def _write_pending_outputs(
         else:
             written += 1
     return written
+
+
+def _never_written(db: sqlite_utils.Database, cfg: Config) -> list[tuple[str, Record]]:
+    """Indexed images whose folder lists an output (xmp, embed) they have no record of: an
+    output added to the config after they were captioned. Written from the index."""
+    from watcher.index import prefix_range
+
+    found = []
+    for folder in cfg.folders:
+        for name in folder.outputs:
+            if name == "txt":
+                continue
+            cur = db.conn.execute(
+                """SELECT i.path FROM images i LEFT JOIN image_outputs o
+                   ON o.image = i.rowid AND o.output = ?
+                   WHERE o.image IS NULL AND i.path >= ? AND i.path < ?""",
+                (name, *prefix_range(folder.path)),
+            )
+            for (stored,) in cur:
+                path = decode(stored)
+                if cfg.folder_for(Path(path)) == folder:  # not a deeper folder's image
+                    found.append((path, Record(name, None, None, SidecarState.PENDING.value)))
+    return found
