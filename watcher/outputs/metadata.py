@@ -211,8 +211,10 @@ def read_capped(dir_fd: int, name: str, cap: int) -> tuple[bytes, os.stat_result
 
 def workdir() -> Path:
     """A private folder for ExifTool's files (never inside a watched folder): removed by
-    the caller (shutil.rmtree) after each write."""
-    return Path(tempfile.mkdtemp(prefix="watcher-meta-"))
+    the caller (shutil.rmtree) after each write. Under the systemd unit /tmp may be
+    read-only (ProtectSystem=strict): its CacheDirectory ($CACHE_DIRECTORY) is writable."""
+    base = os.environ.get("CACHE_DIRECTORY", "").split(":")[0] or None
+    return Path(tempfile.mkdtemp(prefix="watcher-meta-", dir=base))
 
 
 __all__ = ["NOT_A_FILE", "available", "merge", "read_capped", "workdir"]

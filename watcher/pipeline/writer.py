@@ -460,16 +460,23 @@ class Writer(threading.Thread):
             previous = self.index.output(place.image, name) if existing else None
             try:
                 result = output_for(name).write(place, content, previous)
-            except OSError as e:
-                if e.errno in TRANSIENT_ERRNOS:
+            except Exception as e:
+                if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
                     raise
+                # One output's trouble (a read-only folder, ExifTool refusing a file) is
+                # its own pending record: the caption, the row and the other outputs stand.
+                why = (
+                    error_reason(f"cannot write {name}", e)
+                    if isinstance(e, OSError)
+                    else f"cannot write {name}: {type(e).__name__}: {e}"
+                )
                 result = Result(
                     Record(
                         name,
                         previous.target if previous else None,
                         previous.sha256 if previous else None,
                         SidecarState.PENDING.value,
-                        error_reason(f"cannot write {name}", e),
+                        why,
                     )
                 )
             if result.record.state == SidecarState.PENDING.value:
