@@ -13,7 +13,19 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale, web, webpages
+from bench import (
+    ROOT,
+    burst,
+    export,
+    gpu,
+    latency,
+    log,
+    pipeline,
+    quiet_logging,
+    scale,
+    web,
+    webpages,
+)
 from bench.checks import BenchFailure
 from bench.report import (
     OUT_DIR,
@@ -50,7 +62,9 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "gpu": gpu.run,
     "web": web.run,
     "webpages": webpages.run,
+    "export": export.run,
 }
+# export is run by name (`bench/run.py export`): it is about memory, not the model.
 CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst", "web", "webpages")
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 
@@ -166,6 +180,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--scale-files", type=int, default=100_000)
     g = p.add_argument_group("webpages")
     g.add_argument("--web-images", type=int, default=100_000, help="rows in the synthetic index")
+    g = p.add_argument_group("export")
+    g.add_argument("--export-rows", type=int, default=1_000_000)
+    g.add_argument(
+        "--export-formats",
+        type=lambda t: [f for f in t.split(",") if f],
+        default=["csv", "jsonl", "hf", "kohya"],
+    )
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-batches", type=ints, default=[1, 4, 8, 16])
     g.add_argument("--gpu-tokens", type=int, default=32)
@@ -187,6 +208,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "drops": 10,
             "scale_files": 10_000,
             "web_images": 10_000,
+            "export_rows": 100_000,
             "burst": 1000,
             "gpu_images": 16,
             "gpu_queue": 32,

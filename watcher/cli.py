@@ -191,6 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=20, help="at most this many hits (default 20)")
     s.add_argument("--json", action="store_true", help="JSON: path, caption, sidecar, score")
 
+    ex = command(
+        "export",
+        "write the index as CSV, JSON Lines, a HF dataset or kohya configs",
+        "Write what the index holds (all images, those under --folder, or those matching "
+        "--query) as csv (UTF-8 with a byte-order mark so spreadsheet programs read it as "
+        "UTF-8, quoted as needed), jsonl, hf (metadata.jsonl at the dataset root: "
+        "file_name and text, for datasets' imagefolder) or kohya (dataset.toml, "
+        "dataset-finetune.toml and metadata.json). Rows are streamed: any size exports "
+        "in constant memory.",
+        "watcher export --format csv -o captions.csv",
+        "watcher export --format jsonl --query bicycle > hits.jsonl",
+        "watcher export --format hf --folder ~/datasets/lora",
+        "watcher export --format kohya --folder ~/datasets/lora --out ~/train",
+    )
+    ex.add_argument("--format", required=True, choices=("csv", "jsonl", "hf", "kohya"))
+    ex.add_argument("--folder", type=Path, metavar="DIR", help="only images under DIR")
+    ex.add_argument("--query", metavar="TEXT", help="only images whose captions match TEXT")
+    ex.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="csv/jsonl: file to write (default: stdout)",
+    )
+    ex.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="hf: the dataset root (default --folder); kohya: where its files go",
+    )
+
     st = command(
         "status",
         "what is indexed, queued and failed",
@@ -737,6 +768,67 @@ def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if hits else EXIT_FAILED
 
 
+def cmd_export(args, cfg: Config, out: TextIO, err: TextIO) -> int:
+    from watcher.export import ExportError, count, export
+    from watcher.index import connect
+
+    # Not checked on disk: the index may hold a folder on a disk not mounted now.
+    folder = Path(os.path.abspath(args.folder.expanduser())) if args.folder else None
+    if args.format in ("hf", "kohya") and args.output is not None:
+        print(f"watcher: --format {args.format} writes several files: use --out DIR", file=err)
+        return EXIT_USAGE
+    if args.format in ("csv", "jsonl") and args.out is not None:
+        print(f"watcher: --format {args.format} writes one file: use -o FILE", file=err)
+        return EXIT_USAGE
+    # No database yet: NoDatabase, "no index yet" and exit 1 (_with_database_errors).
+    db = connect(cfg.database, readonly=True)
+    pattern = (cfg.folder_for(folder) if folder else None) or cfg.with_folders([Path("/")]).folders[
+        0
+    ]
+    stem, _, ext = pattern.sidecar.partition("{stem}")
+    bar: Any = None
+    if _isatty(err):
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=count(db, folder, args.query),
+            file=err,
+            unit=" rows",
+            desc="exporting",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+    try:
+        report = export(
+            db,
+            args.format,
+            out_file=args.output,
+            out_dir=args.out,
+            folder=folder,
+            query=args.query,
+            stdout=out,
+            on_row=bar.update if bar is not None else (lambda: None),
+            sidecar_extension=ext if not stem and "{" not in ext else None,
+        )
+    except ExportError as e:
+        print(f"watcher: {e}", file=err)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"watcher: cannot write the export: {e}", file=err)
+        return EXIT_USAGE
+    finally:
+        if bar is not None:
+            bar.close()
+    written = ", ".join(f for f in report.files if f != "-")
+    if written:
+        print(f"exported {plural(report.rows, 'row')} ({report.format}) to {written}", file=err)
+    for path, why in report.skipped:
+        print(f"left out: {shown(path)}: {why}", file=err)
+    for note in report.notes:
+        print(f"note: {note}", file=err)
+    return EXIT_OK
+
+
 def cmd_status(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.service.status import collect, render
 
@@ -1109,6 +1201,7 @@ COMMANDS: dict[str, Handler] = {
     "run": cmd_run,
     "serve": cmd_serve,
     "search": cmd_search,
+    "export": cmd_export,
     "status": cmd_status,
     "retry": cmd_retry,
     "show": cmd_show,

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from watcher.backends.registry import backend_names, get_backend
+from watcher.outputs.base import DEFAULT_OUTPUTS, OUTPUT_NAMES
 from watcher.outputs.sidecar import pattern_problem
 from watcher.tasks import TASK_KINDS, Task
 
@@ -91,6 +92,11 @@ class FolderConfig:
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     on_delete: str = "keep"
     rescan_minutes: float = 0.0  # 0: only at start
+    # What is written for each image (watcher.outputs): the `.txt` sidecar, an XMP sidecar
+    # for photo managers, the description embedded in the image file itself (opt-in).
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    xmp_sidecar: str = "{name}.xmp"  # darktable, digiKam; "{stem}.xmp" for Lightroom
+    xmp_keywords: bool = True  # the `prompt` task's terms as dc:subject keywords
 
     def tasks(self, max_tokens: int) -> tuple[Task, ...]:
         """The sidecar task first, then the index-only ones, without repeats."""
@@ -311,6 +317,18 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
         elif name == "extensions":
             exts = _strings(value, k, where)
             kw[name] = tuple(("." + e.lstrip(".")).lower() for e in exts)
+        elif name == "outputs":
+            outs = tuple(
+                _choice(v, OUTPUT_NAMES, f"{k}[{i}]", where)
+                for i, v in enumerate(_strings(value, k, where))
+            )
+            # Written in OUTPUT_NAMES order whatever the listed order: embed changes the
+            # image, whose new identity goes in the row, so it comes last.
+            kw[name] = tuple(o for o in OUTPUT_NAMES if o in outs)
+        elif name == "xmp_sidecar":
+            kw[name] = _typed(value, str, k, where, "'{name}.xmp' or '{stem}.xmp'")
+        elif name == "xmp_keywords":
+            kw[name] = _typed(value, bool, k, where, "true or false")
     # Checked against the folder's extensions, wherever either was given (a pattern that
     # passes cannot fail to render, nor name an image).
     pattern = kw.get("sidecar", FolderConfig.sidecar)
@@ -319,6 +337,17 @@ def _folder(data: Any, key: str, where: str, base_dir: Path | None = None) -> Fo
         raise ConfigError(
             f"{where}: {key}.sidecar: expected a file name pattern such as '{{stem}}.txt' (text "
             f"with {{stem}} and/or {{name}}); got {pattern!r}: {problem}"
+        )
+    xmp = kw.get("xmp_sidecar", FolderConfig.xmp_sidecar)
+    problem = pattern_problem(xmp, kw.get("extensions", IMAGE_EXTENSIONS))
+    if problem is None and not xmp.lower().endswith(".xmp"):
+        problem = "an XMP sidecar's name ends in .xmp"
+    if problem is None and xmp == kw.get("sidecar", FolderConfig.sidecar):
+        problem = "it is the .txt sidecar's name too"
+    if problem:
+        raise ConfigError(
+            f"{where}: {key}.xmp_sidecar: expected '{{name}}.xmp' (photo.jpg.xmp: darktable, "
+            f"digiKam) or '{{stem}}.xmp' (photo.xmp: Lightroom); got {xmp!r}: {problem}"
         )
     task = kw.get("task", "short")
     if "query" in (task, *kw.get("index_tasks", ())) and not kw.get("question"):

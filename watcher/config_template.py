@@ -85,6 +85,9 @@ defaults:
   extensions: {_y(f.extensions)}
   on_delete: {f.on_delete}                  # keep | remove-ours
   rescan_minutes: {_y(f.rescan_minutes)}              # also rescan every N minutes (0: never)
+  outputs: {_y(f.outputs)}                # any of txt, xmp (photo managers), embed (in the image)
+  xmp_sidecar: {_y(f.xmp_sidecar)}      # {{name}}.xmp (darktable, digiKam); {{stem}}.xmp: Lightroom
+  xmp_keywords: {_y(f.xmp_keywords)}              # task prompt: its terms as XMP/IPTC keywords
 
 folders:
 {folder_lines}

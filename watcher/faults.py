@@ -40,7 +40,7 @@ import structlog
 
 log = structlog.get_logger("watcher.faults")
 
-SITES = ("sidecar_write", "db_commit", "model")
+SITES = ("sidecar_write", "db_commit", "model", "embed_rename")
 GATE_TIMEOUT = 300.0  # a forgotten gate releases itself rather than hang a test run forever
 
 _lock = threading.Lock()

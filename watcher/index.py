@@ -17,9 +17,10 @@ from pathlib import Path
 
 import sqlite_utils
 
+from watcher.outputs.base import Record
 from watcher.paths import decode, encode
 
-SCHEMA_VERSION = 3  # 2: model_caption, 3: library order indexes (web pages)
+SCHEMA_VERSION = 4  # 2: model_caption, 3: library order indexes (web pages), 4: image_outputs
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,24 @@ def _migrate(db: sqlite_utils.Database) -> None:
                 "CREATE INDEX IF NOT EXISTS images_state_mtime ON images (sidecar_state, mtime_ns)",
             ):
                 db.conn.execute(sql)
+        if version < 4:
+            # One row per image and output other than the `.txt` sidecar (whose row is the
+            # images table's sidecar columns): its target file, the hash of what we wrote,
+            # its state and why. Keyed by the image row's rowid, which an upsert or a move
+            # keeps; the trigger drops an image's outputs with its row.
+            db.conn.execute(
+                """CREATE TABLE IF NOT EXISTS image_outputs (
+                    image INTEGER NOT NULL, output TEXT NOT NULL, target TEXT,
+                    sha256 TEXT, state TEXT NOT NULL, error TEXT, updated REAL NOT NULL,
+                    PRIMARY KEY (image, output))"""
+            )
+            db.conn.execute(
+                "CREATE INDEX IF NOT EXISTS image_outputs_state ON image_outputs (state)"
+            )
+            db.conn.execute(
+                """CREATE TRIGGER IF NOT EXISTS images_outputs_ad AFTER DELETE ON images
+                   BEGIN DELETE FROM image_outputs WHERE image = old.rowid; END"""
+            )
         db.conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -436,6 +455,89 @@ class Index:
             "UPDATE images SET path = ?, sidecar = ?, updated = ? WHERE path = ?",
             (encode(dest), None if sidecar is None else encode(sidecar), time.time(), encode(src)),
         )
+
+    # -- outputs other than txt (image_outputs, schema 4) ----------------------------------
+
+    def output(self, image: str | Path, output: str) -> Record | None:
+        """The record of `output` for `image`; None if it never ran."""
+        row = self.db.conn.execute(
+            """SELECT o.target, o.sha256, o.state, o.error FROM image_outputs o
+               JOIN images i ON i.rowid = o.image WHERE i.path = ? AND o.output = ?""",
+            (encode(image), output),
+        ).fetchone()
+        if row is None:
+            return None
+        target = decode(row[0]) if row[0] is not None else None
+        return Record(output, target, row[1], row[2], row[3])
+
+    def outputs(self, image: str | Path) -> list[Record]:
+        """Every output's record for `image`: txt (the images row's sidecar columns) first."""
+        row = self.get(str(image))
+        if row is None:
+            return []
+        out = [Record("txt", row.sidecar, row.sidecar_sha256, row.sidecar_state, row.sidecar_error)]
+        cur = self.db.conn.execute(
+            """SELECT o.output, o.target, o.sha256, o.state, o.error FROM image_outputs o
+               JOIN images i ON i.rowid = o.image WHERE i.path = ? ORDER BY o.output""",
+            (encode(image),),
+        )
+        for name, target, sha, state, error in cur:
+            out.append(Record(name, decode(target) if target else None, sha, state, error))
+        return out
+
+    def set_outputs(self, image: str | Path, records: list[Record]) -> None:
+        """Store the records of `image`'s outputs (its row must exist; caller's transaction)."""
+        if not records:
+            return
+        found = self.db.conn.execute(
+            "SELECT rowid FROM images WHERE path = ?", (encode(image),)
+        ).fetchone()
+        if found is None:
+            return
+        now = time.time()
+        self.db.conn.executemany(
+            """INSERT INTO image_outputs (image, output, target, sha256, state, error, updated)
+               VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(image, output) DO UPDATE SET
+               target = excluded.target, sha256 = excluded.sha256, state = excluded.state,
+               error = excluded.error, updated = excluded.updated""",
+            [
+                (
+                    found[0],
+                    r.output,
+                    encode(r.target) if r.target is not None else None,
+                    r.sha256,
+                    r.state,
+                    r.error,
+                    now,
+                )
+                for r in records
+            ],
+        )
+
+    def is_own_write(self, path: str | Path, size: int, mtime_ns: int) -> bool:
+        """Whether the image at `path` is exactly as our embed output left it: the row
+        recorded the file's identity after that write. Its file events are our own."""
+        return (
+            self.db.conn.execute(
+                """SELECT 1 FROM images i JOIN image_outputs o
+                   ON o.image = i.rowid AND o.output = 'embed' AND o.sha256 = i.sha256
+                   WHERE i.path = ? AND i.size = ? AND i.mtime_ns = ?""",
+                (encode(path), size, mtime_ns),
+            ).fetchone()
+            is not None
+        )
+
+    def pending_outputs(self) -> list[tuple[str, Record]]:
+        """(image path, record) of every output other than txt still to be written."""
+        cur = self.db.conn.execute(
+            """SELECT i.path, o.output, o.target, o.sha256, o.state, o.error
+               FROM image_outputs o JOIN images i ON i.rowid = o.image
+               WHERE o.state = 'pending'"""
+        )
+        return [
+            (decode(p), Record(n, decode(t) if t else None, sha, st, err))
+            for p, n, t, sha, st, err in cur
+        ]
 
     def stats_under(self, root: str) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) for every indexed image under `root`: one query for a scan."""

@@ -68,10 +68,20 @@ class FileEvents(Sink):
     # -- from the settler ---------------------------------------------------------------
     def enqueue_ready(self, ready: list[Ready]) -> None:
         with self.lock:
+            # The rename that embedded a description (the embed output) is an event like
+            # any other: the file as that write left it is known, not new work.
+            ready = [r for r in ready if not self._own_write(r.path)]
             n = self.jobs.enqueue_many((r.path, r.root) for r in ready)
         if n:
             log.debug("queued", files=n)
             self.on_enqueued(n)
+
+    def _own_write(self, path: Path) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return self.index.is_own_write(str(path), st.st_size, st.st_mtime_ns)
 
     # -- from the observers -------------------------------------------------------------
     def file_touched(self, path: Path, folder: FolderConfig) -> None:

@@ -13,7 +13,13 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from watcher import faults
+from watcher.messages import SidecarState
+from watcher.outputs.base import Content, Output, Place, Record, Result, pending
+
+_log = structlog.get_logger("watcher.outputs.sidecar")
 
 TEMP_SUFFIX = ".watcher-tmp"
 # Our temp names exactly: a dot, the writing process's pid as 8 hex digits, 8 random hex
@@ -409,7 +415,7 @@ def kept_reason(policy: str, on_disk: str | None, ours_sha256: str | None) -> st
 
 def write_atomic(
     path: Path,
-    text: str,
+    text: str | bytes,
     *,
     sync_dir: bool = True,
     dir_fd: int | None = None,
@@ -430,7 +436,7 @@ def write_atomic(
             return write_atomic(path, text, sync_dir=sync_dir, dir_fd=fd, extensions=extensions)
         finally:
             os.close(fd)
-    data = text.encode("utf-8")
+    data = text.encode("utf-8") if isinstance(text, str) else text
     tmp = f".{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}{TEMP_SUFFIX}"
     # The user's umask applies to 0o666.
     fd = os.open(
@@ -549,3 +555,95 @@ def temp_is_stale(name: str, age: float) -> bool:
     except OSError:  # exists, someone else's
         return False
     return False
+
+
+# --- the `.txt` sidecar as an output (watcher.outputs.base) ------------------------------
+
+# Errors that go away by themselves: the job is retried later with backoff. Any other error
+# writing a sidecar (EACCES, EPERM, EROFS, ENAMETOOLONG, ...) needs the user: the caption is
+# kept in the index and the sidecar waits for `watcher retry`.
+TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.EIO}
+
+
+class TxtOutput(Output):
+    """The `.txt` sidecar: named by the folder's pattern (stem collisions resolved through
+    the index), ours while its whole-file hash is the one the index recorded. Its record
+    is the images row's sidecar columns (schema 2), not an image_outputs row."""
+
+    name = "txt"
+
+    def __init__(self, owner_of: Callable[[str], str | None], *, sync_dir: bool = True) -> None:
+        self.owner_of = owner_of  # sidecar path -> owning image (Index.sidecar_owner)
+        self.sync_dir = sync_dir  # the writer syncs each folder once per batch instead
+
+    def write(self, place: Place, content: Content, previous: Record | None) -> Result:
+        folder = place.folder
+        text = content.caption + "\n"
+        ours = previous.sha256 if previous else None
+        sidecar: Path | None = None
+        try:
+            problem = pattern_problem(folder.sidecar, folder.extensions)
+            if problem:  # a Config built in code, bypassing load_config's check
+                raise SidecarRefused(f"sidecar pattern {folder.sidecar!r}: {problem}")
+            naming = choose_name(
+                place.image,
+                folder.sidecar,
+                folder.extensions,
+                self.owner_of,
+                previous.target if previous else None,
+            )
+            sidecar = naming.path
+            if naming.collision:
+                _log.warning(
+                    "sidecar name taken by another image with the same stem; using "
+                    "the full file name",
+                    path=str(place.image),
+                    sidecar=str(sidecar),
+                    other=naming.collision,
+                )
+            if sidecar.parent != place.image.parent:
+                raise SidecarRefused(f"sidecar {sidecar} is not beside its image")
+            check_name(sidecar.name, folder.extensions)
+            on_disk = hash_at(place.dir_fd, sidecar.name)
+            decision = decide_hash(folder.overwrite, on_disk, ours, text)
+            if decision == "write":
+                sha = write_atomic(
+                    sidecar,
+                    text,
+                    sync_dir=self.sync_dir,
+                    dir_fd=place.dir_fd,
+                    extensions=folder.extensions,
+                )
+                return Result(
+                    Record("txt", str(sidecar), sha, SidecarState.WRITTEN.value),
+                    wrote=True,
+                    created=on_disk is None,
+                )
+            if decision == "same":
+                return Result(Record("txt", str(sidecar), text_hash(text), "written"))
+            # Someone else's (or edited) sidecar: left alone, and the index holds what it
+            # says, so `watcher search` finds the user's words.
+            theirs = read_text_at(place.dir_fd, sidecar.name)
+            return Result(
+                Record(
+                    "txt",
+                    str(sidecar),
+                    ours,
+                    SidecarState.KEPT.value,
+                    kept_reason(folder.overwrite, on_disk, ours),
+                ),
+                theirs=theirs.strip() if theirs is not None else None,
+            )
+        except SidecarRefused as e:
+            # Never an image's name: no sidecar name is kept, so once the config is fixed
+            # `watcher retry --all` writes the name it gives then.
+            return pending("txt", None, ours, f"cannot write sidecar: {e.reason}")
+        except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS:
+                raise  # disk full and the like: the job is retried later, nothing kept
+            # Read-only folder, permissions, a name too long...: the caption is not lost, it
+            # goes in the index; the sidecar waits for `watcher retry`.
+            from watcher.outputs.pending import error_reason
+
+            target = str(sidecar) if sidecar is not None else None
+            return pending("txt", target, ours, error_reason("cannot write sidecar", e))

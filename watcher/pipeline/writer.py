@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import sqlite3
@@ -27,32 +26,21 @@ from watcher.messages import (
     OutcomeState,
     SidecarState,
 )
+from watcher.outputs import metadata
+from watcher.outputs.base import Content, Place, Record, Result, keywords_for, output_for
 from watcher.outputs.pending import error_reason
 from watcher.outputs.sidecar import (
+    TRANSIENT_ERRNOS,
     FolderMoved,
-    SidecarRefused,
-    check_name,
-    choose_name,
-    decide_hash,
+    TxtOutput,
     fsync_dir,
-    hash_at,
-    kept_reason,
     open_folder,
-    pattern_problem,
-    read_text_at,
     remove_if_ours,
-    text_hash,
-    write_atomic,
 )
 from watcher.pipeline import WRITE
 from watcher.tasks import clean_caption
 
 log = structlog.get_logger("watcher.pipeline.writer")
-
-# Errors that go away by themselves: the job is retried later with backoff.
-TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.EIO}
-# Any other error writing a sidecar (EACCES, EPERM, EROFS, ENAMETOOLONG, ...) needs the user:
-# the caption is kept in the index and the sidecar waits for `watcher retry`.
 
 
 class Writer(threading.Thread):
@@ -81,11 +69,14 @@ class Writer(threading.Thread):
         # once, before the rows that point at them commit (one per sidecar cost 0.4 ms each
         # on ext4 here).
         self._dirty: dict[Path, Path] = {}
+        # The other outputs' records (image_outputs) of this batch's rows, by image path.
+        self._extras: dict[str, list[Record]] = {}
 
     def run(self) -> None:
         self.db = connect(self.db_path)
         self.index = Index(self.db)
         self.jobs = JobQueue(self.db)
+        self._txt = TxtOutput(self.index.sidecar_owner, sync_dir=False)
         stop = False
         while not stop:
             timeout = None
@@ -115,6 +106,8 @@ class Writer(threading.Thread):
                     )
                     self._end(items)
         self.db.conn.close()
+        # The ExifTool process the xmp/embed outputs started for this thread, if any.
+        metadata.close_session()
 
     # -- one batch ----------------------------------------------------------------------
     def _write(self, items: list, *, last_chance: bool = False) -> None:
@@ -127,6 +120,7 @@ class Writer(threading.Thread):
         gone: list[Job] = []  # deleted while being captioned: forget
         skipped: list[tuple[Job, str]] = []  # its folder became a link: not captioned there
         self._dirty.clear()
+        self._extras.clear()
         for item in items:
             if isinstance(item, Failed):
                 failures.append(item)
@@ -186,6 +180,7 @@ class Writer(threading.Thread):
                     # while it ran must not leave a row (for a path that may be gone).
                     if self.jobs.finish(job):
                         self.index.upsert(row)
+                        self.index.set_outputs(row.path, self._extras.get(row.path, []))
                         finished.append((row, item))
                     else:
                         outcomes.append(
@@ -387,90 +382,56 @@ class Writer(threading.Thread):
             return Failed(job, no_text_reason(item.outputs[0]), identity=(p.size, p.mtime_ns))
         caption = clean_caption(item.outputs[0], folder.prefix, folder.suffix)
         existing = self.index.get(path)
-        text = caption + "\n"
-        ours = existing.sidecar_sha256 if existing else None
-        shown_caption, error = caption, None
-        sidecar = None
-        try:
-            problem = pattern_problem(folder.sidecar, folder.extensions)
-            if problem:  # a Config built in code, bypassing load_config's check
-                raise SidecarRefused(f"sidecar pattern {folder.sidecar!r}: {problem}")
-            naming = choose_name(
-                job.path,
-                folder.sidecar,
-                folder.extensions,
-                self.index.sidecar_owner,
-                existing.sidecar if existing else None,
-            )
-            sidecar = naming.path
-            if naming.collision:
-                log.warning(
-                    "sidecar name taken by another image with the same stem; using "
-                    "the full file name",
-                    path=path,
-                    sidecar=str(sidecar),
-                    other=naming.collision,
-                )
-            if sidecar.parent != job.path.parent:
-                raise SidecarRefused(f"sidecar {sidecar} is not beside its image")
-            check_name(sidecar.name, folder.extensions)
-            on_disk = hash_at(dir_fd, sidecar.name)
-            decision = decide_hash(folder.overwrite, on_disk, ours, text)
-            if decision == "write":
-                fresh = on_disk is None
-                ours = write_atomic(
-                    sidecar, text, sync_dir=False, dir_fd=dir_fd, extensions=folder.extensions
-                )
-                state = SidecarState.WRITTEN
-                self._dirty[sidecar.parent] = Path(job.root)
-                if fresh:
-                    self._created.add(str(sidecar))
-            elif decision == "same":
-                ours, state = text_hash(text), SidecarState.WRITTEN
-            else:
-                # Someone else's (or edited) sidecar: left alone, and the index holds what
-                # it says, so `watcher search` finds the user's words; the model's caption
-                # stays beside it (model_caption, outputs).
-                state, error = SidecarState.KEPT, kept_reason(folder.overwrite, on_disk, ours)
-                theirs = read_text_at(dir_fd, sidecar.name)
-                if theirs is not None:
-                    shown_caption = theirs.strip()
-                log.info(
-                    "kept existing sidecar (not ours)",
-                    path=path,
-                    sidecar=str(sidecar),
-                    reason=error,
-                )
-        except SidecarRefused as e:
-            # Never an image's name: the row keeps no sidecar name, so once the config is
-            # fixed `watcher retry --all` writes the name it gives then.
-            state, error = SidecarState.PENDING, f"cannot write sidecar: {e.reason}"
+        place = Place(job.path, Path(job.root), dir_fd, folder)
+        content = Content(
+            caption,
+            item.tasks[0].key,
+            item.model,
+            item.revision,
+            keywords_for(item.tasks[0].key, caption, folder.xmp_keywords),
+        )
+        previous = (
+            Record("txt", existing.sidecar, existing.sidecar_sha256, existing.sidecar_state)
+            if existing
+            else None
+        )
+        result = (
+            self._txt.write(place, content, previous)
+            if "txt" in folder.outputs
+            else Result(Record("txt", None, None, SidecarState.WRITTEN.value))
+        )
+        rec = result.record
+        sidecar = rec.target
+        ours, state, error = rec.sha256, SidecarState(rec.state), rec.error
+        shown_caption = caption
+        if result.wrote and sidecar is not None:
+            self._dirty[Path(sidecar).parent] = Path(job.root)
+            if result.created:
+                self._created.add(sidecar)
+        if state == SidecarState.KEPT:
+            if result.theirs is not None:
+                shown_caption = result.theirs
+            log.info("kept existing sidecar (not ours)", path=path, sidecar=sidecar, reason=error)
+        elif state == SidecarState.PENDING:
             log.warning(
                 "sidecar not written; caption kept in the index",
                 path=path,
-                sidecar=str(sidecar),
+                sidecar=sidecar,
                 reason=error,
             )
-            sidecar = None
-        except OSError as e:
-            if e.errno in TRANSIENT_ERRNOS:
-                raise  # disk full and the like: the job is retried later, nothing kept
-            # Read-only folder, permissions, a name too long...: the caption is not lost, it
-            # goes in the index; the sidecar waits for `watcher retry`.
-            state, error = SidecarState.PENDING, error_reason("cannot write sidecar", e)
-            log.warning(
-                "sidecar not written; caption kept in the index",
-                path=path,
-                sidecar=str(sidecar),
-                reason=error,
-            )
+        identity = (p.sha256, p.size, p.mtime_ns)
+        others = self._other_outputs(place, content, folder, existing)
+        for other in others:
+            if other.image_identity is not None:
+                identity = other.image_identity
+        self._extras[path] = [o.record for o in others]
         now = time.time()
         return ImageRow(
             path=path,
             root=str(job.root),
-            sha256=p.sha256,
-            size=p.size,
-            mtime_ns=p.mtime_ns,
+            sha256=identity[0],
+            size=identity[1],
+            mtime_ns=identity[2],
             width=p.width,
             height=p.height,
             caption=shown_caption,
@@ -478,7 +439,7 @@ class Writer(threading.Thread):
             outputs=texts,
             model=item.model,
             revision=item.revision,
-            sidecar=str(sidecar) if sidecar is not None else None,
+            sidecar=sidecar,
             sidecar_sha256=ours,
             sidecar_state=state,
             sidecar_error=error,
@@ -486,6 +447,54 @@ class Writer(threading.Thread):
             updated=now,
             model_caption=caption,
         )
+
+    def _other_outputs(
+        self, place: Place, content: Content, folder: FolderConfig, existing: ImageRow | None
+    ) -> list[Result]:
+        """The folder's outputs other than txt (xmp, embed), each with its own ownership
+        rule. A problem in one is its own `pending` record; the others still update."""
+        results = []
+        for name in folder.outputs:
+            if name == "txt":
+                continue
+            previous = self.index.output(place.image, name) if existing else None
+            try:
+                result = output_for(name).write(place, content, previous)
+            except Exception as e:
+                if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+                    raise
+                # One output's trouble (a read-only folder, ExifTool refusing a file) is
+                # its own pending record: the caption, the row and the other outputs stand.
+                why = (
+                    error_reason(f"cannot write {name}", e)
+                    if isinstance(e, OSError)
+                    else f"cannot write {name}: {type(e).__name__}: {e}"
+                )
+                result = Result(
+                    Record(
+                        name,
+                        previous.target if previous else None,
+                        previous.sha256 if previous else None,
+                        SidecarState.PENDING.value,
+                        why,
+                    )
+                )
+            if result.record.state == SidecarState.PENDING.value:
+                log.warning(
+                    "output not written; caption kept in the index",
+                    path=str(place.image),
+                    output=name,
+                    reason=result.record.error,
+                )
+            elif result.record.state == SidecarState.KEPT.value:
+                log.info(
+                    "output kept (edited by someone else)",
+                    path=str(place.image),
+                    output=name,
+                    reason=result.record.error,
+                )
+            results.append(result)
+        return results
 
 
 def no_text_reason(output: str) -> str:

@@ -103,9 +103,31 @@ def collect(db_path: Path) -> dict:
                 for p, s, r in kept
             ],
             "missing": missing_rows_estimate(db),
+            **_other_outputs(db),
         }
     finally:
         db.conn.close()
+
+
+def _other_outputs(db: sqlite_utils.Database) -> dict:
+    """The xmp/embed outputs (image_outputs) that wait for `watcher retry`, or were left
+    alone because someone else changed them: counts, and up to 10 of each with why."""
+    out: dict[str, Any] = {}
+    for state in ("pending", "kept"):
+        n = db.conn.execute(
+            "SELECT count(*) FROM image_outputs WHERE state = ?", (state,)
+        ).fetchone()[0]
+        found = db.conn.execute(
+            """SELECT i.path, o.output, o.error FROM image_outputs o
+               JOIN images i ON i.rowid = o.image WHERE o.state = ?
+               ORDER BY o.updated DESC LIMIT 10""",
+            (state,),
+        ).fetchall()
+        out[f"outputs_{state}"] = n
+        out[f"outputs_{state}_list"] = [
+            {"path": decode(p), "output": o, "reason": r} for p, o, r in found
+        ]
+    return out
 
 
 def passed_over_lines(entries: list[dict], root: str | None = None) -> list[str]:
@@ -198,6 +220,17 @@ def render(report: dict) -> str:
         lines.append(f"sidecars kept (edited by you; not overwritten): {report['sidecars_kept']}")
         for s in report.get("sidecars_kept_list", []):
             lines.append(f"  {shown(s['sidecar'] or s['path'])}: {s['reason']}")
+    if report.get("outputs_pending"):
+        lines.append(
+            "outputs pending (xmp, embed; `watcher retry --all` once the reason is fixed): "
+            f"{report['outputs_pending']}"
+        )
+        for s in report.get("outputs_pending_list", []):
+            lines.append(f"  {s['output']}: {shown(s['path'])}: {s['reason']}")
+    if report.get("outputs_kept"):
+        lines.append(f"outputs kept (changed in a photo manager): {report['outputs_kept']}")
+        for s in report.get("outputs_kept_list", []):
+            lines.append(f"  {s['output']}: {shown(s['path'])}: {s['reason']}")
     if report.get("skipped"):
         lines.append(f"skipped, not captioned: {report['skipped']}")
         for s in report.get("skipped_list", []):
