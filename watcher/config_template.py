@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from watcher.backends.registry import backend_names
-from watcher.config import Config, FolderConfig, ModelConfig
+from watcher.config import Config, FolderConfig, ModelConfig, SearchConfig
 
 
 def _y(value: object) -> str:
@@ -24,6 +24,7 @@ def render_config(folders: list[Path], database: Path | None = None) -> str:
     """The config text: defaults filled in from the code (so it cannot drift), comments
     saying what each key does, and `folders` watched."""
     m, c, f = ModelConfig(), Config(), FolderConfig(path=Path("."))
+    s = SearchConfig()
     db = database or c.database
     folder_lines = "\n".join(f"  - path: {_y(str(p))}" for p in folders) or "  []"
     if not folders:
@@ -58,6 +59,14 @@ retry_backoff: {c.retry_backoff}                 # seconds before the first retr
 log:
   format: {c.log.format}                     # auto (JSON unless on a terminal) | json | console
   level: {c.log.level}                      # debug | info | warning | error
+
+# Search by meaning: captions are embedded (on the CPU, offline) beside the full-text index.
+search:
+  embedding_model: {_y(s.embedding_model)}   # a local folder works too; null: text only
+  embedding_revision: {_y(s.embedding_revision)}
+  mode: {s.mode}                     # what `watcher search` does: hybrid | text | semantic
+  batch_size: {s.batch_size}                 # captions per embedding call
+  backfill: {_y(s.backfill)}                 # the daemon embeds existing captions at start
 
 # Settings every folder gets unless it sets its own.
 defaults:
