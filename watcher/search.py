@@ -320,15 +320,26 @@ def load_query_embedder(index: Index, cfg: SearchConfig) -> tuple[Embedder | Non
 
     if cfg.embedding_model is None:
         return None, "semantic search is off (search.embedding_model: null)"
+    tag = model_tag(cfg)
     try:
-        stored = index.vector_model() if index.vectors_usable() else None
+        usable = index.vectors_usable()
+        stored = index.vector_model() if usable else None
     except sqlite3.Error:
-        stored = None
-    if stored is not None and stored != model_tag(cfg):
+        usable, stored = False, None
+    # Nothing to compare the query with: the model is not loaded for nothing.
+    if not usable:
+        reason = VEC_PROBLEM[0] if VEC_PROBLEM else "the index has no vector table yet"
+        return None, f"semantic search unavailable: {reason}"
+    if stored is None:
+        return None, (
+            "semantic search unavailable: no caption is embedded yet (the daemon embeds "
+            "them in the background; `watcher status` shows how far it is)"
+        )
+    if stored != tag:
         return None, (
             f"semantic search unavailable: the index's vectors were made by {stored}, the "
-            f"configured model is {model_tag(cfg)} (the daemon embeds every caption again at "
-            "its next start)"
+            f"configured model is {tag} (the daemon embeds every caption again at its next "
+            "start)"
         )
     try:
         return Embedder.load(cfg), None
