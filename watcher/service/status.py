@@ -225,7 +225,9 @@ def render(report: dict) -> str:
         + ", ".join(f"{q.get(s, 0)} {s}" for s in ("pending", "running", "done", "failed"))
     )
     lines.append(f"rate: {report['images_per_second']:.2f} images/s over the last minute")
-    if report.get("semantic"):
+    # Once semantic search has run (vectors, or the daemon's backfill has reported).
+    s = report.get("semantic")
+    if s and (s["embedded"] or s["backfill"]):
         lines += semantic_lines(report["semantic"], bool(d and d["running"]))
     if report.get("sidecars_pending"):
         # The reasons differ (a read-only folder, a name too long, a folder in the way):
