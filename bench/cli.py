@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale
+from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale, search
 from bench.checks import BenchFailure
 from bench.report import (
     OUT_DIR,
@@ -33,6 +33,7 @@ EPILOG = """\
     .venv/bin/python bench/run.py pipeline        # one benchmark (pipeline latency scale burst gpu)
     .venv/bin/python bench/run.py --quick         # everything, small sizes (a minute or two)
     .venv/bin/python bench/run.py gpu             # on a CUDA machine: a Moondream2-sized model
+    .venv/bin/python bench/run.py search          # search at 1,000,000 rows (--rows N)
 
 Speeds are reported as ratios taken in the same run (the machines are noisy); every benchmark
 first checks its own outcome (every sidecar written, every row present, the scan found what
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "scale": scale.run,
     "burst": burst.run,
     "gpu": gpu.run,
+    "search": search.run,
 }
 CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst")
 ALL_BENCHMARKS = tuple(BENCHMARKS)
@@ -156,6 +158,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--burst-timeout", type=float, default=1800)
     g = p.add_argument_group("scale")
     g.add_argument("--scale-files", type=int, default=100_000)
+    g = p.add_argument_group("search (run it by name: bench/run.py search)")
+    g.add_argument("--rows", type=int, default=1_000_000, help="index rows (default 1,000,000)")
+    g.add_argument(
+        "--search-real",
+        type=int,
+        default=2000,
+        help="captions embedded by the real model (the backfill rate); the other rows' "
+        "vectors are derived from them (default 2000)",
+    )
+    g.add_argument("--search-queries", type=int, default=200, help="queries per mode")
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-batches", type=ints, default=[1, 4, 8, 16])
     g.add_argument("--gpu-tokens", type=int, default=32)
@@ -179,6 +191,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "burst": 1000,
             "gpu_images": 16,
             "gpu_queue": 32,
+            "rows": 100_000,
+            "search_real": 500,
         }
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):

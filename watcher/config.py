@@ -121,6 +121,9 @@ class SearchConfig:
     embedding_revision: str | None = DEFAULT_EMBEDDING_REVISION
     mode: str = "hybrid"  # what `watcher search` does without --mode
     batch_size: int = 32  # captions per embedding call
+    # CPU threads for the embedding model where it runs alone (search, or the daemon when
+    # the vision model is isolated): one leaves the other cores to the vision model.
+    threads: int = 1
     backfill: bool = True  # the daemon embeds existing captions in the background
 
 
@@ -446,7 +449,7 @@ def _search(data: Any, where: str, base_dir: Path | None) -> SearchConfig:
             kw[name] = value
         elif name == "mode":
             kw[name] = _choice(value, SEARCH_MODES, k, where)
-        elif name == "batch_size":
+        elif name in ("batch_size", "threads"):
             kw[name] = _number(value, k, where, minimum=1, integer=True)
         elif name == "backfill":
             kw[name] = _typed(value, bool, k, where, "true or false")

@@ -66,6 +66,7 @@ search:
   embedding_revision: {_y(s.embedding_revision)}
   mode: {s.mode}                     # what `watcher search` does: hybrid | text | semantic
   batch_size: {s.batch_size}                 # captions per embedding call
+  threads: {s.threads}                     # CPU threads for it (when the vision model is isolated)
   backfill: {_y(s.backfill)}                 # the daemon embeds existing captions at start
 
 # Settings every folder gets unless it sets its own.

@@ -69,7 +69,7 @@ class Backfill(threading.Thread):
 
                 self._report(index, Progress("off", reason=VEC_PROBLEM[0] if VEC_PROBLEM else None))
                 return
-            embed = caption_embedder(self.cfg.search)
+            embed = caption_embedder(self.cfg)
             if embed is None:
                 self._report(index, Progress("off", reason="search.embedding_model: null"))
                 return

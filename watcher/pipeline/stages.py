@@ -82,7 +82,7 @@ class Pipeline:
             cfg.database,
             self._outcome,
             self._job_end,
-            embed=caption_embedder(cfg.search),
+            embed=caption_embedder(cfg),
         )
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix=DECODE.name)
         self._feeder = threading.Thread(target=self._feed, name=CLAIM.name, daemon=True)
