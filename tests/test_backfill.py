@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from daemon_harness import run_cli, wait_for
 from test_semantic import make_index
 
 from watcher.config import Config, SearchConfig
 from watcher.embedding import model_tag
-from watcher.index import Index, transaction
+from watcher.index import Index, connect, transaction
 from watcher.jobs import JobQueue
 from watcher.pipeline.backfill import BATCH, Backfill, read_progress
 
@@ -97,4 +98,39 @@ def test_backfill_without_the_model_says_why_in_status(tmp_path):
     assert report["reason"] == (
         f"search.embedding_model: {missing} is not a model folder (no config.json)"
     )
+    index.db.conn.close()
+
+
+@pytest.mark.slow
+def test_the_daemon_embeds_old_captions_at_start_and_new_ones_as_it_writes(
+    tmp_path, tiny_llava, minilm
+):
+    from daemon_harness import Daemon, write_config
+    from images import distinct_image
+
+    from watcher.config import load_config
+
+    watched = tmp_path / "watched"
+    for i in range(3):
+        distinct_image(i, watched / f"old{i}.jpg")
+    folders = [{"path": str(watched), "settle_seconds": 0.2}]
+    # Captioned before semantic search: rows without vectors.
+    off = write_config(
+        tmp_path, tiny_llava, folders, name="off.yaml", search={"embedding_model": None}
+    )
+    assert run_cli("--config", str(off), "caption", str(watched))[0] == 0
+    cfg_path = write_config(tmp_path, tiny_llava, folders, search={"embedding_model": str(minilm)})
+    cfg = load_config(cfg_path)
+    index = Index(connect(cfg.database))
+    assert index.count() == 3 and index.vector_count() == 0
+    with Daemon(cfg_path, tmp_path) as d:
+        wait_for(lambda: index.vector_count() == 3, timeout=180, what="the backfill")
+        distinct_image(7, watched / "new.jpg")
+        wait_for(lambda: d.captioned(watched / "new.jpg"), timeout=120, what="the new image")
+        # The writer stored its vector with its row.
+        new = index.rowid_of(str(watched / "new.jpg"))
+        assert index.vectors_of([new])
+        wait_for(lambda: state(index) == "done", timeout=120, what="the backfill to finish")
+        out = run_cli("--config", str(cfg_path), "status")[1]
+        assert f"semantic search: 4 of 4 captions embedded ({model_tag(cfg.search)})" in out
     index.db.conn.close()
