@@ -323,3 +323,37 @@ def test_a_schema_2_database_is_migrated_and_its_captions_wait_for_vectors(tmp_p
     index = Index(connect(path))
     assert index.get("/p/sky.jpg").caption == "a blue sky"
     index.db.conn.close()
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_search_config_is_checked_and_a_relative_model_folder_is_the_configs(tmp_path):
+    from watcher.config import ConfigError, parse_config
+
+    cfg = parse_config(
+        {"search": {"embedding_model": "./models/minilm", "mode": "text"}},
+        "c.yaml",
+        base_dir=tmp_path,
+    )
+    assert cfg.search.embedding_model == str(tmp_path / "models" / "minilm")
+    assert (
+        cfg.search.mode == "text"
+        and cfg.search.embedding_revision == SearchConfig().embedding_revision
+    )
+    assert parse_config({"search": {"embedding_model": None}}).search.embedding_model is None
+    for bad, message in (
+        (
+            {"mode": "fuzzy"},
+            "c.yaml: search.mode: expected one of hybrid, text, semantic; got 'fuzzy'",
+        ),
+        ({"batch_size": 0}, "c.yaml: search.batch_size: expected an integer >= 1; got 0"),
+        (
+            {"colour": 1},
+            "c.yaml: search.colour: unknown key; expected one of backfill, batch_size, "
+            "embedding_model, embedding_revision, mode, threads",
+        ),
+    ):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"search": bad}, "c.yaml")
+        assert str(e.value) == message
