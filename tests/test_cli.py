@@ -216,7 +216,11 @@ def _index_with_many_rows(tmp_path: Path, n: int = 3000) -> Path:
 
 def test_search_piped_into_head_exits_quietly(tmp_path):
     db = _index_with_many_rows(tmp_path)
-    for args in ("search sky --json --limit 5000", "search sky --limit 5000"):
+    # --mode text: no caption vectors here (hybrid would add a note on stderr).
+    for args in (
+        "search sky --json --limit 5000 --mode text",
+        "search sky --limit 5000 --mode text",
+    ):
         r = subprocess.run(
             f"set -o pipefail; {sys.executable} -m watcher --db {db} {args} | head -1",
             shell=True,

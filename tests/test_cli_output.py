@@ -290,9 +290,11 @@ def test_retry_dry_run_lists_each_path_then_retry_does_it(tmp_path, tiny_llava, 
 
 def test_search_prints_path_and_caption_and_says_no_matches(tmp_path, capsys):
     db = _index(tmp_path, {"/p/sky.jpg": "a blue sky", "/p/sea.jpg": "a grey sea"})
-    assert run_cli("--db", str(db), "search", "sky") == (0, "/p/sky.jpg\n    a blue sky\n", "")
-    assert run_cli("--db", str(db), "search", "mountain") == (1, "", "no matches\n")
-    assert run_cli("--db", str(db), "search", "mountain", "--json") == (1, "[]\n", "")
+    # --mode text: this index has no caption vectors (the default, hybrid, says so on stderr).
+    text = ("--db", str(db), "search", "--mode", "text")
+    assert run_cli(*text, "sky") == (0, "/p/sky.jpg\n    a blue sky\n", "")
+    assert run_cli(*text, "mountain") == (1, "", "no matches\n")
+    assert run_cli(*text, "mountain", "--json") == (1, "[]\n", "")
     code, out, _ = run_cli("--db", str(db), "search", "grey", "--json")
     assert code == 0
     assert [(h["path"], h["caption"], h["sidecar"]) for h in json.loads(out)] == [

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from watcher import __version__
-from watcher.config import Config, ConfigError, ModelConfig, default_config_path, load_config
+from watcher.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    SearchConfig,
+    default_config_path,
+    load_config,
+)
 from watcher.paths import shown
 
 if TYPE_CHECKING:
@@ -181,15 +188,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command(
         "search",
-        "full-text search of the captions, best first",
-        "Full-text search of captions and extra outputs (all words must match). "
+        "search the captions by words and by meaning, best first",
+        "Hybrid by default: full-text matches (all words, stemmed) and the captions "
+        "nearest in meaning (an embedding model, offline) fused by rank. --mode text or "
+        "semantic for one of them; --like IMAGE for the images captioned most like it. "
+        "Without the embedding model it searches the text only and says so on stderr. "
         "Exit 1 when nothing matches. --json scores grow with relevance.",
         'watcher search "red bicycle"',
-        "watcher search sky --json --limit 5",
+        'watcher search "dog playing in snow" --mode semantic --limit 5',
+        "watcher search --like ~/Pictures/beach.jpg --json",
+        "watcher search sky --folder ~/Pictures/2024 --task short",
     )
-    s.add_argument("query", metavar="TEXT", help="words to find")
+    s.add_argument("query", metavar="TEXT", nargs="?", help="what to find")
     s.add_argument("--limit", type=int, default=20, help="at most this many hits (default 20)")
-    s.add_argument("--json", action="store_true", help="JSON: path, caption, sidecar, score")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON: path, caption, sidecar, score and its parts (ranks, similarity)",
+    )
+    s.add_argument(
+        "--mode",
+        choices=("hybrid", "text", "semantic"),
+        help="hybrid (words + meaning), text (words) or semantic (meaning); default "
+        "search.mode (hybrid)",
+    )
+    s.add_argument(
+        "--like",
+        type=Path,
+        metavar="IMAGE",
+        help="images whose captions are nearest to this image's (instead of TEXT)",
+    )
+    s.add_argument("--folder", type=Path, metavar="DIR", help="only images under this folder")
+    s.add_argument("--task", metavar="TASK", help="only images whose sidecar is this task's")
 
     ex = command(
         "export",
@@ -297,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch",
         help="download the model and its tokenizer into the HF cache",
         description="Download the model and its tokenizer into the Hugging "
-        "Face cache, then test-load it. Needs the network once.",
+        "Face cache, then test-load it; then the search embedding model "
+        "(search.embedding_model, for semantic search). Needs the network once.",
         epilog=_examples("watcher model fetch", "watcher model fetch --revision 2025-06-21"),
         formatter_class=_Formatter,
     )
@@ -740,29 +771,49 @@ def _print_kept(kept: list, out: TextIO) -> None:
 
 def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.index import open_index
+    from watcher.search import SearchError, load_query_embedder, search
 
+    if (args.query is None) == (args.like is None):
+        print("watcher: search needs TEXT or --like IMAGE (one of them)", file=err)
+        return EXIT_USAGE
     try:
-        args.query.encode("utf-8")
+        (args.query or "").encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 in argv (surrogate-escaped)
         print("watcher: the search text is not valid UTF-8; captions are UTF-8 text", file=err)
         return EXIT_USAGE
     # No database yet: NoDatabase, "no index yet" and exit 1 (_with_database_errors).
-    hits = open_index(cfg.database).search(args.query, limit=args.limit)
-    if args.json:
-        # bm25 is lower-is-better (negative); users read a score as higher-is-better.
-        json.dump(
-            [
-                {"path": r.path, "caption": r.caption, "sidecar": r.sidecar, "score": round(-s, 6)}
-                for r, s in hits
-            ],
-            out,
-            indent=2,
+    index = open_index(cfg.database)
+    # Semantic search turned off in the config: plain text search, nothing to say about it.
+    mode = args.mode or ("text" if cfg.search.embedding_model is None else cfg.search.mode)
+    embedder, why = None, None
+    if mode != "text" and args.like is None:
+        embedder, why = load_query_embedder(index, cfg.search)
+    folder = None if args.folder is None else os.path.abspath(args.folder.expanduser())
+    try:
+        result = search(
+            index,
+            args.query,
+            mode=mode,
+            limit=args.limit,
+            folder=folder,
+            task=args.task,
+            like=args.like,
+            embedder=embedder,
+            unavailable=why,
         )
+    except SearchError as e:
+        print(f"watcher: {e}", file=err)
+        return EXIT_FAILED
+    if result.note:
+        print(f"watcher: note: {result.note}", file=err)
+    hits = result.hits
+    if args.json:
+        json.dump([_hit_json(h, result.mode) for h in hits], out, indent=2)
         out.write("\n")
     else:
-        for row, _ in hits:
-            print(shown(row.path), file=out)
-            print(f"    {row.caption}", file=out)
+        for h in hits:
+            print(shown(h.row.path), file=out)
+            print(f"    {h.row.caption}", file=out)
         if not hits:
             print("no matches", file=err)
     return EXIT_OK if hits else EXIT_FAILED
@@ -827,6 +878,20 @@ def cmd_export(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     for note in report.notes:
         print(f"note: {note}", file=err)
     return EXIT_OK
+
+
+def _hit_json(h, mode: str) -> dict:
+    """One hit for --json: `score` grows with relevance whatever the mode (text: -bm25;
+    semantic: cosine similarity; hybrid: the fused reciprocal rank), and its parts."""
+    d = {"path": h.row.path, "caption": h.row.caption, "sidecar": h.row.sidecar}
+    d["score"] = round(h.score, 6)
+    d["mode"] = mode
+    d["task"] = h.row.task
+    d["text_rank"] = h.text_rank
+    d["text_score"] = None if h.text_score is None else round(h.text_score, 6)
+    d["semantic_rank"] = h.semantic_rank
+    d["similarity"] = None if h.similarity is None else round(h.similarity, 6)
+    return d
 
 
 def cmd_status(args, cfg: Config, out: TextIO, err: TextIO) -> int:
@@ -1075,7 +1140,8 @@ def cmd_serve(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 def cmd_model(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     if args.model_command == "fetch":
-        return model_fetch(cfg.model, args.revision, out, err=err)
+        code = model_fetch(cfg.model, args.revision, out, err=err)
+        return code if code != EXIT_OK else embedding_fetch(cfg.search, out, err)
     return model_info(cfg.model, out)
 
 
@@ -1136,6 +1202,33 @@ def model_fetch(
         print(f"not test-loaded: {report.not_test_loaded}.", file=out)
     elif report.outcome == "loads":
         print("ok: the model loads from the cache; it works offline now.", file=out)
+    return EXIT_OK
+
+
+def embedding_fetch(search: SearchConfig, out: TextIO, err: TextIO) -> int:
+    """The caption-embedding model (semantic search), after the vision model."""
+    from watcher.backends.weights import FetchStep, fetch_embedding, human_size
+
+    def step(s: FetchStep) -> None:
+        if s.kind == "downloading":
+            print(
+                f"fetching the search embedding model {s.repo_id} at revision "
+                f"{s.revision or 'main'} ...",
+                file=out,
+            )
+        elif s.kind == "downloaded":
+            print(f"  {s.folder} ({human_size(s.size)})", file=out)
+
+    report = fetch_embedding(search, on_step=step)
+    if report is None:
+        return EXIT_OK
+    if report.outcome == "no network":
+        print(f"watcher: cannot download the embedding model: {report.message}", file=err)
+        return EXIT_USAGE
+    if report.outcome == "download failed":
+        print(f"watcher: embedding model download failed: {report.message}", file=err)
+        return EXIT_FAILED
+    print("ok: semantic search works offline now.", file=out)
     return EXIT_OK
 
 

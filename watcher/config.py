@@ -46,6 +46,11 @@ IMAGE_EXTENSIONS = (
 OVERWRITE_POLICIES = ("never", "ours", "always")
 ON_DELETE = ("keep", "remove-ours")
 DEFAULT_MOONDREAM_REVISION = "2025-06-21"
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The Hub commit `watcher model fetch` downloads and search uses (pinned: the vectors in the
+# index must come from the same weights as the query's).
+DEFAULT_EMBEDDING_REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
+SEARCH_MODES = ("hybrid", "text", "semantic")
 
 
 class ConfigError(ValueError):
@@ -155,6 +160,21 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """`search:`: the caption-embedding model behind semantic and hybrid search."""
+
+    # A Hub id (fetched by `watcher model fetch`) or a local folder; None: text search only.
+    embedding_model: str | None = DEFAULT_EMBEDDING_MODEL
+    embedding_revision: str | None = DEFAULT_EMBEDDING_REVISION
+    mode: str = "hybrid"  # what `watcher search` does without --mode
+    batch_size: int = 32  # captions per embedding call
+    # CPU threads for the embedding model where it runs alone (search, or the daemon when
+    # the vision model is isolated): one leaves the other cores to the vision model.
+    threads: int = 1
+    backfill: bool = True  # the daemon embeds existing captions in the background
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     folders: tuple[FolderConfig, ...] = ()
@@ -166,6 +186,7 @@ class Config:
     retry_backoff: float = 2.0  # seconds, doubled per attempt
     log: LogConfig = field(default_factory=LogConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     defaults: dict[str, Any] = field(default_factory=dict)  # folder defaults as written
     source: Path | None = None  # the file it came from
 
@@ -409,6 +430,7 @@ _TOP = {
     "log",
     "web",
     "defaults",
+    "search",
 }
 
 
@@ -511,4 +533,33 @@ def parse_config(
                 where,
             ),
         )
+    if "search" in data:
+        kw["search"] = _search(data["search"], where, base_dir)
     return Config(**kw)
+
+
+def _search(data: Any, where: str, base_dir: Path | None) -> SearchConfig:
+    if not isinstance(data, dict):
+        raise _fail(where, "search", "a mapping", data)
+    _check_keys(data, {f.name for f in dataclasses.fields(SearchConfig)}, "search.", where)
+    kw: dict[str, Any] = {}
+    for name, value in data.items():
+        k = f"search.{name}"
+        if name == "embedding_model":
+            if value is not None:
+                value = os.path.expandvars(_typed(value, str, k, where, "a model id or folder"))
+                # A relative folder is relative to the config file, like database:.
+                if value.startswith(".") and base_dir is not None:
+                    value = str((base_dir / value).absolute())
+            kw[name] = value
+        elif name == "embedding_revision":
+            if value is not None:
+                value = str(_typed(value, (str, int), k, where, "a tag or commit sha"))
+            kw[name] = value
+        elif name == "mode":
+            kw[name] = _choice(value, SEARCH_MODES, k, where)
+        elif name in ("batch_size", "threads"):
+            kw[name] = _number(value, k, where, minimum=1, integer=True)
+        elif name == "backfill":
+            kw[name] = _typed(value, bool, k, where, "true or false")
+    return SearchConfig(**kw)

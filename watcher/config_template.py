@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 
 from watcher.backends.registry import backend_names
-from watcher.config import DEFAULT_LISTEN, Config, FolderConfig, ModelConfig, WebConfig
+from watcher.config import (
+    DEFAULT_LISTEN,
+    Config,
+    FolderConfig,
+    ModelConfig,
+    SearchConfig,
+    WebConfig,
+)
 
 
 def _y(value: object) -> str:
@@ -24,6 +31,7 @@ def render_config(folders: list[Path], database: Path | None = None) -> str:
     """The config text: defaults filled in from the code (so it cannot drift), comments
     saying what each key does, and `folders` watched."""
     m, c, f, w = ModelConfig(), Config(), FolderConfig(path=Path(".")), WebConfig()
+    s = SearchConfig()
     db = database or c.database
     folder_lines = "\n".join(f"  - path: {_y(str(p))}" for p in folders) or "  []"
     if not folders:
@@ -68,6 +76,14 @@ web:
   allowed_hosts: {_y(w.allowed_hosts)}                # other Host names (a reverse proxy)
   thumb_cache: null                # thumbnails; null: the user cache folder
   thumb_cache_mb: {w.thumb_cache_mb}               # size cap of the thumbnail cache
+# Search by meaning: captions are embedded (on the CPU, offline) beside the full-text index.
+search:
+  embedding_model: {_y(s.embedding_model)}   # a local folder works too; null: text only
+  embedding_revision: {_y(s.embedding_revision)}
+  mode: {s.mode}                     # what `watcher search` does: hybrid | text | semantic
+  batch_size: {s.batch_size}                 # captions per embedding call
+  threads: {s.threads}                     # CPU threads for it (when the vision model is isolated)
+  backfill: {_y(s.backfill)}                 # the daemon embeds existing captions at start
 
 # Settings every folder gets unless it sets its own.
 defaults:

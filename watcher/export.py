@@ -17,9 +17,10 @@ from typing import IO, TextIO
 
 import sqlite_utils
 
-from watcher.index import _fts_query, prefix_range
+from watcher.index import prefix_range
 from watcher.outputs.sidecar import TEMP_SUFFIX
 from watcher.paths import decode
+from watcher.search import fts_query
 
 FORMATS = ("csv", "jsonl", "hf", "kohya")
 CSV_COLUMNS = (
@@ -86,7 +87,7 @@ def _where(folder: Path | None, query: str | None) -> tuple[str, str, tuple]:
     if query is not None:
         source = "images JOIN images_fts ON images_fts.rowid = images.rowid"
         where.append("images_fts MATCH ?")
-        args += (_fts_query(query),)
+        args += (fts_query(query),)
     if folder is not None:
         where.append("images.path >= ? AND images.path < ?")
         args += prefix_range(folder)

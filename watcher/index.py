@@ -14,13 +14,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlite_utils
 
 from watcher.outputs.base import Record
 from watcher.paths import decode, encode
 
-SCHEMA_VERSION = 4  # 2: model_caption, 3: library order indexes (web pages), 4: image_outputs
+if TYPE_CHECKING:
+    import numpy as np
+
+    from watcher.embedding import VectorBatch
+
+# 2: model_caption, 3: library order indexes (web pages), 4: image_outputs,
+# 5: caption vectors (semantic search)
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -220,11 +228,77 @@ def os_reason(e: OSError) -> str:
 
 def _open(target: str, *, uri: bool) -> sqlite3.Connection:
     try:
-        return sqlite3.connect(
+        conn = sqlite3.connect(
             target, uri=uri, timeout=60, isolation_level=None, check_same_thread=False
         )
     except sqlite3.Error as e:
         raise DatabaseError(f"cannot open the database {target}: {e}") from None
+    # Every connection: the vector table's triggers fire on any delete of an image row.
+    load_vec(conn)
+    return conn
+
+
+VEC_PROBLEM: list[str] = []  # why sqlite-vec could not be loaded here (once)
+
+
+def load_vec(conn: sqlite3.Connection) -> bool:
+    """Load the sqlite-vec extension into `conn`; False (and VEC_PROBLEM says why) when
+    this Python cannot. Python builds without --enable-loadable-sqlite-extensions (pyenv's
+    default, python.org's macOS build) lack enable_load_extension: there the switch is
+    thrown through the C API on the connection's handle (CPython only)."""
+    try:
+        import sqlite_vec
+    except ImportError:
+        _vec_problem("the sqlite-vec package is not installed (pip install sqlite-vec)")
+        return False
+    try:
+        if hasattr(conn, "enable_load_extension"):
+            conn.enable_load_extension(True)
+            try:
+                sqlite_vec.load(conn)
+            finally:
+                conn.enable_load_extension(False)
+        else:
+            _c_enable_load_extension(conn, True)
+            try:
+                conn.execute("SELECT load_extension(?)", (sqlite_vec.loadable_path(),))
+            finally:
+                _c_enable_load_extension(conn, False)
+    except (sqlite3.Error, OSError, AttributeError, ValueError) as e:
+        _vec_problem(f"this Python's SQLite cannot load the sqlite-vec extension ({e})")
+        return False
+    return True
+
+
+def _vec_problem(reason: str) -> None:
+    if not VEC_PROBLEM:
+        VEC_PROBLEM.append(reason)
+
+
+def _c_enable_load_extension(conn: sqlite3.Connection, on: bool) -> None:
+    import _sqlite3
+    import ctypes
+    import platform
+
+    if platform.python_implementation() != "CPython":
+        raise ValueError("enable_load_extension is missing and this is not CPython")
+    lib = ctypes.CDLL(_sqlite3.__file__)
+    fn = lib.sqlite3_enable_load_extension
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    # CPython's connection object: PyObject_HEAD (refcount, type), then `sqlite3 *db`.
+    handle = ctypes.c_void_p.from_address(id(conn) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+    if not handle or fn(handle, 1 if on else 0) != 0:
+        raise ValueError("sqlite3_enable_load_extension failed")
+
+
+def vec_loaded(conn: sqlite3.Connection) -> bool:
+    """Whether sqlite-vec's functions are there in this connection."""
+    try:
+        conn.execute("SELECT vec_version()").fetchone()
+    except sqlite3.Error:
+        return False
+    return True
 
 
 def _open_readonly(path: Path) -> sqlite3.Connection:
@@ -372,6 +446,11 @@ def _migrate(db: sqlite_utils.Database) -> None:
                 """CREATE TRIGGER IF NOT EXISTS images_outputs_ad AFTER DELETE ON images
                    BEGIN DELETE FROM image_outputs WHERE image = old.rowid; END"""
             )
+        if version < 5:
+            # Caption vectors for semantic search (watcher.search): `image_vectors` holds each
+            # image's vector (int8, keyed by images.rowid), `image_vec` (sqlite-vec) its sign
+            # bits for the nearest-neighbour scan; meta names the model that made them.
+            _create_v5(db)
         db.conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -407,6 +486,41 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db.table("images").enable_fts(
         ["caption", "outputs"], create_triggers=True, tokenize="porter", replace=True
     )
+
+
+# The vector tables (schema step 5). A row's vector goes when the row goes, or when its
+# caption changes (the writer or the backfill embeds the new text): by triggers, so every
+# way a row is deleted (events, prune, scans) is covered.
+DEFAULT_DIM = 384
+
+
+def _create_v5(db: sqlite_utils.Database) -> None:
+    db.conn.execute(
+        """CREATE TABLE IF NOT EXISTS image_vectors (
+            image_id INTEGER PRIMARY KEY, q BLOB NOT NULL)"""
+    )
+    _create_vec_table(db, DEFAULT_DIM)
+
+
+def _create_vec_table(db: sqlite_utils.Database, dim: int) -> None:
+    """The sqlite-vec table and the triggers that keep both vector tables in step. Without
+    sqlite-vec here, none (a later start with it creates them; the backfill fills them)."""
+    if not vec_loaded(db.conn):
+        return
+    db.conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS image_vec USING vec0(bits bit[{dim}])")
+    for name, when in (
+        ("images_vec_delete", "AFTER DELETE ON images"),
+        (
+            "images_vec_caption",
+            "AFTER UPDATE OF caption ON images WHEN old.caption IS NOT new.caption",
+        ),
+    ):
+        db.conn.execute(
+            f"""CREATE TRIGGER IF NOT EXISTS {name} {when} BEGIN
+                DELETE FROM image_vectors WHERE image_id = old.rowid;
+                DELETE FROM image_vec WHERE rowid = old.rowid;
+            END"""
+        )
 
 
 class Index:
@@ -550,20 +664,133 @@ class Index:
     def count(self) -> int:
         return self.db.conn.execute("SELECT count(*) FROM images").fetchone()[0]
 
-    def search(self, query: str, limit: int = 20) -> list[tuple[ImageRow, float]]:
-        """Full-text search, best match first (bm25)."""
-        cur = self.db.conn.execute(
-            """SELECT images.*, bm25(images_fts) AS score FROM images_fts
-               JOIN images ON images.rowid = images_fts.rowid
-               WHERE images_fts MATCH ? ORDER BY score LIMIT ?""",
-            (_fts_query(query), limit),
+    def search(
+        self, query: str, limit: int = 20, *, folder: str | None = None, task: str | None = None
+    ) -> list[tuple[ImageRow, float]]:
+        """Full-text search, best match first (bm25, lower is better), optionally only under
+        `folder` or for `task`. Semantic and hybrid search: watcher.search.search."""
+        from watcher.search import Filters, text_hits
+
+        return text_hits(self, query, limit, Filters(folder, task))
+
+    # -- caption vectors (semantic search: watcher.search, watcher.embedding) ------------
+    def vectors_usable(self) -> bool:
+        """Whether this connection can read and write the vector index (sqlite-vec)."""
+        return vec_loaded(self.db.conn) and self._has_table("image_vec")
+
+    def _has_table(self, name: str) -> bool:
+        return (
+            self.db.conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+            is not None
         )
-        names = [c[0] for c in cur.description]
-        out = []
-        for values in cur:
-            row = dict(zip(names, values, strict=True))
-            score = row.pop("score")
-            out.append((ImageRow.from_row(row), score))
+
+    def vector_model(self) -> str | None:
+        """The model tag of the vectors in the index (None: none made yet)."""
+        row = self.db.conn.execute(
+            "SELECT value FROM meta WHERE key = 'embedding_model'"
+        ).fetchone()
+        return row[0] if row else None
+
+    def use_vector_model(self, tag: str, dim: int) -> bool:
+        """Make `tag` the model of the index's vectors (in the caller's transaction). Another
+        model's vectors are dropped (they live in another space): True when that happened,
+        and every caption is then embedded again by the backfill."""
+        if not self._has_table("image_vec"):
+            _create_v5(self.db)
+        current = self.vector_model()
+        if current == tag and self._vec_dim() == dim:
+            return False
+        self.db.conn.execute("DELETE FROM image_vectors")
+        self.db.conn.execute("DROP TABLE IF EXISTS image_vec")
+        _create_vec_table(self.db, dim)
+        self.db.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('embedding_model', ?)", (tag,)
+        )
+        return current is not None
+
+    def _vec_dim(self) -> int | None:
+        row = self.db.conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'image_vec'"
+        ).fetchone()
+        if not row:
+            return None
+        text = row[0]
+        return int(text[text.index("bit[") + 4 : text.index("]", text.index("bit["))])
+
+    def rowid_of(self, path: str) -> int | None:
+        row = self.db.conn.execute(
+            "SELECT rowid FROM images WHERE path = ?", (encode(path),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def put_vectors(self, items: list[tuple[int, np.ndarray]]) -> None:
+        """Store (image rowid, unit float32 vector) pairs, replacing what was there. In the
+        caller's transaction, with the rows they describe."""
+        import numpy as np
+
+        if not items:
+            return
+        vecs = np.stack([np.asarray(v, dtype=np.float32) for _, v in items])
+        q, bits = quantize(vecs)
+        ids = [int(i) for i, _ in items]
+        self.db.conn.executemany(
+            "INSERT OR REPLACE INTO image_vectors (image_id, q) VALUES (?, ?)",
+            [(i, q[n].tobytes()) for n, i in enumerate(ids)],
+        )
+        self.db.conn.executemany("DELETE FROM image_vec WHERE rowid = ?", [(i,) for i in ids])
+        self.db.conn.executemany(
+            "INSERT INTO image_vec (rowid, bits) VALUES (?, vec_bit(?))",
+            [(i, bits[n].tobytes()) for n, i in enumerate(ids)],
+        )
+
+    def put_caption_vectors(self, batch: VectorBatch, rows: list[ImageRow]) -> None:
+        """The writer's hook: vectors of the captions just written (in its transaction)."""
+        if not rows or not self.vectors_usable():
+            return
+        self.use_vector_model(batch.model, int(batch.vectors.shape[1]))
+        by_text = batch.by_text()
+        items = []
+        for row in rows:
+            rowid = self.rowid_of(row.path)
+            if rowid is not None and row.caption in by_text:
+                items.append((rowid, by_text[row.caption]))
+        self.put_vectors(items)
+
+    def missing_vectors(self, after: int, limit: int) -> list[tuple[int, str]]:
+        """(rowid, caption) of images without a vector, rowid > `after`, in rowid order."""
+        return self.db.conn.execute(
+            """SELECT images.rowid, images.caption FROM images
+               LEFT JOIN image_vectors v ON v.image_id = images.rowid
+               WHERE v.image_id IS NULL AND images.rowid > ? ORDER BY images.rowid LIMIT ?""",
+            (after, limit),
+        ).fetchall()
+
+    def caption_of(self, rowid: int) -> str | None:
+        row = self.db.conn.execute(
+            "SELECT caption FROM images WHERE rowid = ?", (rowid,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def vector_count(self) -> int:
+        if not self._has_table("image_vectors"):
+            return 0
+        return self.db.conn.execute("SELECT count(*) FROM image_vectors").fetchone()[0]
+
+    def vectors_of(self, rowids: list[int]) -> dict[int, np.ndarray]:
+        """rowid -> its stored vector (int8 as float32, unit length)."""
+        import numpy as np
+
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(rowids), 500):
+            part = rowids[start : start + 500]
+            cur = self.db.conn.execute(
+                f"SELECT image_id, q FROM image_vectors WHERE image_id IN "
+                f"({','.join('?' * len(part))})",
+                part,
+            )
+            for i, q in cur:
+                v = np.frombuffer(q, dtype=np.int8).astype(np.float32)
+                out[i] = v / max(float(np.linalg.norm(v)), 1e-9)
         return out
 
     # -- the web library: images by a stable id (the rowid), newest first, a page at a time --
@@ -625,6 +852,29 @@ class Index:
             out.update({decode(p): r for p, r in cur})
         return out
 
+    def nearest_bits(self, vector: object, k: int) -> list[int]:
+        """Rowids of the `k` vectors whose sign bits are nearest (Hamming) to `vector`'s:
+        candidates, to be rescored with the stored vectors."""
+        _, bits = quantize(vector)
+        return [
+            r[0]
+            for r in self.db.conn.execute(
+                "SELECT rowid FROM image_vec WHERE bits MATCH vec_bit(?) AND k = ?",
+                (bits[0].tobytes(), k),
+            )
+        ]
+
+
+def quantize(vectors: object) -> tuple:
+    """Unit float vectors -> (int8 codes scaled per vector, packed sign bits)."""
+    import numpy as np
+
+    v = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    scale = 127.0 / np.maximum(np.abs(v).max(axis=1, keepdims=True), 1e-9)
+    q = np.clip(np.rint(v * scale), -127, 127).astype(np.int8)
+    bits = np.packbits(v > 0, axis=1, bitorder="little")
+    return q, bits
+
 
 _COLUMNS = [f.name for f in dataclasses.fields(ImageRow)]
 # INSERT or UPDATE in one statement; the FTS triggers fire for either.
@@ -641,12 +891,6 @@ def prefix_range(root: str | Path) -> tuple[str, str]:
     of a path under root starts with the stored form of root: watcher.paths.)"""
     prefix = encode(root).rstrip("/") + "/"
     return prefix, prefix[:-1] + "0"
-
-
-def _fts_query(query: str) -> str:
-    """User words as quoted FTS5 terms, AND-ed: punctuation cannot break the syntax."""
-    terms = ['"' + t.replace('"', '""') + '"' for t in query.split() if t]
-    return " ".join(terms) if terms else '""'
 
 
 def open_index(path: Path | str, *, readonly: bool = True) -> Index:

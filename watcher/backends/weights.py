@@ -21,7 +21,7 @@ from typing import Literal
 
 from watcher.backends import ModelUnavailable
 from watcher.backends.registry import BackendSpec, get_backend
-from watcher.config import ModelConfig
+from watcher.config import ModelConfig, SearchConfig
 
 # Moondream2's remote code loads this tokenizer from the Hub at start-up (unpinned, "main").
 MOONDREAM_TOKENIZER = "moondream/starmie-v1"
@@ -488,3 +488,34 @@ def cache_info(cfg: ModelConfig) -> CacheInfo:
         for repo in repos
     )
     return dataclasses.replace(base, models=models, warnings=tuple(str(w) for w in info.warnings))
+
+
+def fetch_embedding(
+    search: SearchConfig, *, on_step: Callable[[FetchStep], None] | None = None
+) -> FetchReport | None:
+    """`watcher model fetch`'s second part: the caption-embedding model of `search:` at its
+    pinned revision (None: nothing to fetch: semantic search off, or a local folder)."""
+    name = search.embedding_model
+    if name is None or name.startswith((".", "~", "/")):
+        return None
+    steps: list[FetchStep] = []
+
+    def step(s: FetchStep) -> None:
+        steps.append(s)
+        if on_step is not None:
+            on_step(s)
+
+    step(FetchStep("downloading", name, search.embedding_revision))
+    try:
+        folder = _download(name, search.embedding_revision)
+    except Exception as e:
+        reason = _network_reason(e)
+        if reason is None:
+            return FetchReport(
+                "download failed", tuple(steps), f"{type(e).__name__}: {first_line(e)}"
+            )
+        return FetchReport("no network", tuple(steps), reason)
+    step(
+        FetchStep("downloaded", name, search.embedding_revision, folder=folder, size=_size(folder))
+    )
+    return FetchReport("downloaded", tuple(steps))

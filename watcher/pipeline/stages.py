@@ -17,6 +17,7 @@ import structlog
 
 from watcher.backends import Backend
 from watcher.config import Config
+from watcher.embedding import caption_embedder
 from watcher.index import connect, transaction
 from watcher.jobs import JobQueue
 from watcher.messages import STOP, Failed, Job, Outcome, Work
@@ -75,7 +76,14 @@ class Pipeline:
             incoming=self._incoming,
             decoding=lambda: self._decoding,
         )
-        self.writer = Writer(cfg, self.write_q, cfg.database, self._outcome, self._job_end)
+        self.writer = Writer(
+            cfg,
+            self.write_q,
+            cfg.database,
+            self._outcome,
+            self._job_end,
+            embed=caption_embedder(cfg),
+        )
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix=DECODE.name)
         self._feeder = threading.Thread(target=self._feed, name=CLAIM.name, daemon=True)
         self.outcomes = 0

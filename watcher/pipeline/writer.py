@@ -14,6 +14,7 @@ import structlog
 
 from watcher import faults
 from watcher.config import Config, FolderConfig
+from watcher.embedding import VectorBatch
 from watcher.index import ImageRow, Index, connect, transaction
 from watcher.jobs import JobQueue
 from watcher.messages import (
@@ -54,6 +55,7 @@ class Writer(threading.Thread):
         db_path: Path,
         on_outcome: Callable[[Outcome], None],
         on_job_end: Callable[[], None],
+        embed: Callable[[list[str]], VectorBatch | None] | None = None,
     ) -> None:
         super().__init__(name=WRITE.name, daemon=True)
         self.cfg = cfg
@@ -61,6 +63,7 @@ class Writer(threading.Thread):
         self.db_path = db_path
         self.on_outcome = on_outcome
         self.on_job_end = on_job_end
+        self.embed = embed  # caption -> vector for search (watcher.embedding); None: none
         self._deferred: list = []  # a batch the database refused, to be written again
         self._deferred_at = 0.0
         self._db_failures = 0
@@ -77,6 +80,8 @@ class Writer(threading.Thread):
         self.index = Index(self.db)
         self.jobs = JobQueue(self.db)
         self._txt = TxtOutput(self.index.sidecar_owner, sync_dir=False)
+        if not self.index.vectors_usable():
+            self.embed = None
         stop = False
         while not stop:
             timeout = None
@@ -164,6 +169,8 @@ class Writer(threading.Thread):
                 fsync_dir(folder, root)
             except OSError as e:
                 log.warning("cannot sync folder", folder=str(folder), error=str(e))
+        # Search vectors, made before BEGIN: the write lock is not held while the model runs.
+        vectors = self.embed([r.caption for r, _, _ in rows]) if self.embed and rows else None
         try:
             with transaction(self.db):
                 for job in requeue:
@@ -191,6 +198,8 @@ class Writer(threading.Thread):
                             )
                         )
                         orphans.append(row)
+                if vectors is not None:
+                    self.index.put_caption_vectors(vectors, [r for r, _ in finished])
                 for f in failures:
                     outcomes.append(self._failure(f))
                 # Test-only seam (watcher.faults) where SQLite reports a full disk: COMMIT.

@@ -20,6 +20,7 @@ from watcher.intake.events import FileEvents
 from watcher.intake.settle import Settler
 from watcher.jobs import JobQueue
 from watcher.paths import shown
+from watcher.pipeline.backfill import Backfill
 from watcher.service import lifecycle
 from watcher.service.lock import AlreadyRunning, DatabaseLock
 from watcher.service.notify import Notifier
@@ -124,6 +125,10 @@ class Daemon:
             self.events = FileEvents(cfg, Settler, on_enqueued=self.pipeline.wake)
             self.pipeline.start()
             self._start_web()
+            # Captions indexed before semantic search (or by another model) get vectors.
+            self.backfill = Backfill(cfg)
+            if cfg.search.backfill:
+                self.backfill.start()
             self.events.settler.start()
             self._install_signals()
             for folder in cfg.folders:
@@ -144,6 +149,7 @@ class Daemon:
             for w in self.watches.values():
                 w.stop()
             self.events.settler.stop()
+            self.backfill.stop()
             self.pipeline.stop()
             backend.close()
             self._write_daemon_row(stopped=True)

@@ -104,6 +104,7 @@ def collect(db_path: Path) -> dict:
             ],
             "missing": missing_rows_estimate(db),
             **_other_outputs(db),
+            "semantic": semantic_progress(db, images),
         }
     finally:
         db.conn.close()
@@ -178,6 +179,47 @@ def missing_rows_estimate(db: sqlite_utils.Database) -> int:
     return n
 
 
+def semantic_progress(db: sqlite_utils.Database, images: int) -> dict:
+    """How many captions have a search vector, by which model, and the backfill's state."""
+    from watcher.pipeline.backfill import read_progress
+
+    index = Index(db)
+    p = read_progress(index)
+    return {
+        "model": index.vector_model(),
+        "embedded": index.vector_count(),
+        "images": images,
+        "backfill": p.state if p else None,
+        "rate": p.rate if p else 0.0,
+        "reason": p.reason if p else None,
+    }
+
+
+def semantic_lines(s: dict, daemon_running: bool) -> list[str]:
+    line = f"semantic search: {s['embedded']} of {s['images']} captions embedded"
+    if s.get("model"):
+        line += f" ({s['model']})"
+    state = s.get("backfill") if daemon_running else None
+    left = s["images"] - s["embedded"]
+    if state == "off":
+        return [line, f"  not embedding: {s.get('reason') or 'semantic search is off'}"]
+    if state in ("running", "loading") and left > 0:
+        rate = s.get("rate") or 0.0
+        eta = f", about {_duration(left / rate)} left" if rate > 0 else ""
+        return [line, f"  embedding in the background: {rate:.0f} captions/s{eta}"]
+    if state == "paused" and left > 0:
+        return [line, "  embedding paused while images are captioned"]
+    return [line]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def render(report: dict) -> str:
     lines = [f"database: {report['database']}"]
     d = report.get("daemon")
@@ -205,6 +247,10 @@ def render(report: dict) -> str:
         + ", ".join(f"{q.get(s, 0)} {s}" for s in ("pending", "running", "done", "failed"))
     )
     lines.append(f"rate: {report['images_per_second']:.2f} images/s over the last minute")
+    # Once semantic search has run (vectors, or the daemon's backfill has reported).
+    s = report.get("semantic")
+    if s and (s["embedded"] or s["backfill"]):
+        lines += semantic_lines(report["semantic"], bool(d and d["running"]))
     if report.get("sidecars_pending"):
         # The reasons differ (a read-only folder, a name too long, a folder in the way):
         # each path says its own; the heading only says what to do.

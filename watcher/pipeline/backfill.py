@@ -1,0 +1,174 @@
+"""Background embedding of captions that have no vector yet: resumable, yields to the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from watcher.config import Config
+from watcher.embedding import caption_embedder
+from watcher.index import Index, connect, transaction
+
+log = structlog.get_logger("watcher.pipeline.backfill")
+
+BATCH = 32  # captions per embedding call and per transaction: a short write lock
+BUSY_WAIT = 2.0  # seconds between looks at the queue while the pipeline has work
+RECHECK = 600.0  # seconds between looks for rows left without a vector (a failed embed)
+PROGRESS_KEY = "embedding_backfill"  # meta row `watcher status` reads
+NICE = 10  # this thread's niceness (Linux: per thread), below the pipeline's
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the backfill is doing, as `watcher status` shows it (meta row, JSON)."""
+
+    state: str  # loading | running | paused | done | off
+    rate: float = 0.0  # captions/s over the batches of this run
+    reason: str | None = None  # off: why
+    updated: float = 0.0
+
+
+class Backfill(threading.Thread):
+    """Embeds the captions of rows without a vector (made before semantic search existed,
+    by another model, or while the model was missing), a batch at a time, in rowid order
+    from the start at each daemon start (so a kill loses at most one batch). While the
+    pipeline has jobs queued or running it waits: the vision model comes first, and the
+    writer embeds the new captions itself."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(name="embed-backfill", daemon=True)
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.embedded = 0  # captions embedded by this run
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask it to stop and wait (a batch being embedded finishes first)."""
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # never takes the daemon down: search stays text-only
+            log.error("embedding backfill failed", error=f"{type(e).__name__}: {e}", exc_info=e)
+
+    def _run(self) -> None:
+        _lower_priority()
+        db = connect(self.cfg.database)
+        index = Index(db)
+        try:
+            if not index.vectors_usable():
+                from watcher.index import VEC_PROBLEM
+
+                self._report(index, Progress("off", reason=VEC_PROBLEM[0] if VEC_PROBLEM else None))
+                return
+            embed = caption_embedder(self.cfg)
+            if embed is None:
+                self._report(index, Progress("off", reason="search.embedding_model: null"))
+                return
+            self._report(index, Progress("loading"))
+            embedder = embed.get()
+            if embedder is None:
+                self._report(index, Progress("off", reason=embed.error))
+                return
+            dim = int(embedder.encode(["x"]).vectors.shape[1])
+            with transaction(db):
+                changed = index.use_vector_model(embedder.tag, dim)
+            if changed:
+                log.info(
+                    "embedding model changed; every caption is embedded again", model=embedder.tag
+                )
+            self._loop(index, embedder)
+        finally:
+            db.conn.close()
+
+    def _loop(self, index: Index, embedder) -> None:
+        after = 0
+        spent = 0.0
+        while not self.stopping.is_set():
+            if _pipeline_busy(index):
+                self._report(index, Progress("paused", self._rate(spent)))
+                self.stopping.wait(BUSY_WAIT)
+                continue
+            rows = index.missing_vectors(after, BATCH)
+            if not rows:
+                self._report(index, Progress("done", self._rate(spent)))
+                log.info("all captions embedded", embedded=self.embedded)
+                if self.stopping.wait(RECHECK):
+                    return
+                after = 0
+                continue
+            t0 = time.perf_counter()
+            batch = embedder.encode([caption for _, caption in rows])
+            try:
+                with transaction(index.db):
+                    index.use_vector_model(batch.model, int(batch.vectors.shape[1]))
+                    # Only a caption unchanged since it was read: a new one was (or will
+                    # be) embedded by the writer.
+                    items = [
+                        (rowid, batch.vectors[n])
+                        for n, (rowid, caption) in enumerate(rows)
+                        if index.caption_of(rowid) == caption
+                    ]
+                    index.put_vectors(items)
+            except sqlite3.OperationalError as e:  # disk full, locked: try again later
+                log.warning("cannot store caption vectors; will retry", error=str(e))
+                self.stopping.wait(BUSY_WAIT)
+                continue
+            spent += time.perf_counter() - t0
+            self.embedded += len(items)
+            after = rows[-1][0]
+            self._report(index, Progress("running", self._rate(spent)))
+
+    def _rate(self, spent: float) -> float:
+        return round(self.embedded / spent, 1) if spent > 0 else 0.0
+
+    def _report(self, index: Index, p: Progress) -> None:
+        p = Progress(p.state, p.rate, p.reason, time.time())
+        try:
+            with transaction(index.db):
+                index.db.conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (PROGRESS_KEY, json.dumps(p.__dict__)),
+                )
+        except sqlite3.OperationalError as e:
+            log.debug("cannot record backfill progress", error=str(e))
+
+
+def _pipeline_busy(index: Index) -> bool:
+    """Whether images are queued or being captioned (the pipeline's work comes first)."""
+    return (
+        index.db.conn.execute(
+            "SELECT 1 FROM jobs WHERE state IN ('pending', 'running') LIMIT 1"
+        ).fetchone()
+        is not None
+    )
+
+
+def _lower_priority() -> None:
+    """Nice this thread (Linux schedules threads on their own; threads it starts, such as
+    torch's, inherit it). Elsewhere it applies to the process: left alone there."""
+    if not hasattr(os, "setpriority") or not os.uname().sysname == "Linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    except OSError:
+        pass
+
+
+def read_progress(index: Index) -> Progress | None:
+    """The backfill's last report (None: never ran)."""
+    row = index.db.conn.execute("SELECT value FROM meta WHERE key = ?", (PROGRESS_KEY,)).fetchone()
+    if not row:
+        return None
+    try:
+        return Progress(**json.loads(row[0]))
+    except (ValueError, TypeError):
+        return None
