@@ -7,14 +7,17 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
 from watcher.config import Config
 from watcher.index import ImageRow, Index
 from watcher.paths import decode, encode, shown
+from watcher.search import search
 
 PAGE_SIZE = 60
 # Search ranks every hit (bm25); the page walks the best ones, as `watcher search --limit`.
@@ -145,11 +148,18 @@ def _pair(data: dict, key: str) -> tuple[float, int] | None:
     return value[0], int(value[1])
 
 
-def list_page(db: sqlite_utils.Database, config: Config, query: Query) -> Page:
+def list_page(
+    db: sqlite_utils.Database,
+    config: Config,
+    query: Query,
+    embedder: Callable[[Index], Any] | None = None,
+) -> Page:
+    """One page of the library. `embedder` gives the search box's query encoder (None, or
+    one that returns None: full-text search only)."""
     root = str(config.folders[query.folder].path) if query.folder is not None else None
     after = _uncursor(query.cursor) if query.cursor else {}
     if query.q:
-        return _search(db, query, root, after)
+        return _search(db, query, root, after, embedder)
     if query.state in _JOB_STATES:
         return _jobs(db, query, root, after)
     index = Index(db)
@@ -167,7 +177,13 @@ def list_page(db: sqlite_utils.Database, config: Config, query: Query) -> Page:
     return Page([_item(i, r) for i, r in rows], nxt, total)
 
 
-def _search(db: sqlite_utils.Database, query: Query, root: str | None, after: dict) -> Page:
+def _search(
+    db: sqlite_utils.Database,
+    query: Query,
+    root: str | None,
+    after: dict,
+    embedder: Callable[[Index], Any] | None,
+) -> Page:
     offset = after.get("o", 0)
     if not isinstance(offset, int) or not 0 <= offset <= SEARCH_MAX:
         raise BadRequest("bad cursor")
@@ -176,7 +192,11 @@ def _search(db: sqlite_utils.Database, query: Query, root: str | None, after: di
     # filter may drop any number of them, so it takes the best SEARCH_MAX.
     filtered = root is not None or bool(query.state)
     want = SEARCH_MAX if filtered else min(SEARCH_MAX, offset + query.limit + 1)
-    hits = [row for row, _ in index.search(query.q, limit=want)]
+    # The same search as `watcher search`: hybrid where caption vectors and the model are
+    # there, full-text otherwise.
+    model = embedder(index) if embedder is not None else None
+    result = search(index, query.q, mode="hybrid" if model else "text", limit=want, embedder=model)
+    hits = [h.row for h in result.hits]
     if root is not None:
         hits = [r for r in hits if r.root == root]
     if query.state in _SIDECAR_STATES:

@@ -11,6 +11,7 @@ from typing import Any
 
 import jinja2
 import sqlite_utils
+import structlog
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import (
@@ -30,6 +31,8 @@ from watcher.web import thumbs
 from watcher.web.context import WebContext
 from watcher.web.files import BROWSER_FORMATS, CONTENT_TYPES, open_image, watched_root
 from watcher.web.library import STATES, BadRequest, Query, list_page, state_of
+
+log = structlog.get_logger("watcher.web.pages")
 
 _HERE = Path(__file__).parent
 # Our own scripts and styles only; images from us (and data:/blob: for the try page's
@@ -64,6 +67,24 @@ class Pages:
             web.thumb_cache_mb << 20,
         )
         self._local = threading.local()
+        # The query encoder of the search box: the one `watcher search` uses (hybrid search),
+        # loaded on the first search, tried again a minute after it could not be.
+        self._embedder: Any = None
+        self._embedder_tried = float("-inf")
+        self._embedder_lock = threading.Lock()
+
+    def query_embedder(self, index: Index) -> Any:
+        """The embedding model for search queries, or None (then the search is text-only)."""
+        with self._embedder_lock:
+            if self._embedder is None and time.monotonic() - self._embedder_tried > 60:
+                from watcher.search import load_query_embedder
+
+                self._embedder_tried = time.monotonic()
+                try:
+                    self._embedder, _ = load_query_embedder(index, self.ctx.config.search)
+                except Exception as e:  # a broken model folder: the box still searches text
+                    log.warning("search box: semantic search unavailable", error=str(e))
+            return self._embedder
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -109,7 +130,7 @@ class Pages:
             from watcher.web.library import Page
 
             return query, Page()
-        return query, list_page(db, self.ctx.config, query)
+        return query, list_page(db, self.ctx.config, query, self.query_embedder)
 
     def library(self, request: Request) -> Response:
         try:
