@@ -23,9 +23,10 @@ RRF_K = 60
 # captions score 0.0-0.15, paraphrases 0.35 and up, on the test set in tests/data).
 MIN_SIMILARITY = 0.2
 # Sign-bit (Hamming) candidates rescored with the stored vectors, per hit wanted: the bits
-# alone misorder near neighbours, the rescoring puts them right (bench/search.py).
-CANDIDATES_PER_HIT = 4
-MIN_CANDIDATES = 40
+# alone misorder near neighbours, the rescoring puts them right. sqlite-vec's scan costs
+# grow with k (1M rows, busy 2-core machine: k=20 0.3 s, k=200 1.4 s; bench/search.py).
+CANDIDATES_PER_HIT = 2
+MIN_CANDIDATES = 20
 # A folder or task filter matching at most this many images is searched exactly (every
 # vector under it) rather than through the whole index's nearest neighbours.
 EXACT_BELOW = 20_000
@@ -147,8 +148,9 @@ def search(
             "text",
             note,
         )
-    depth = max(limit * 2, 50)
-    sem = _nearest(index, vector, depth if mode == "hybrid" else limit, filters)
+    # The nearest-neighbour list as deep as the hits wanted (its cost grows with the depth);
+    # the full-text one deeper (its cost is scoring every match, whatever the depth).
+    sem = _nearest(index, vector, limit, filters)
     sem = [(rowid, sim) for rowid, sim in sem if sim >= min_similarity]
     if mode == "semantic":
         rows = _rows(index, [r for r, _ in sem])
@@ -160,7 +162,7 @@ def search(
             ),
             "semantic",
         )
-    text = _text_ranked(index, query, depth, filters)
+    text = _text_ranked(index, query, max(limit * 2, 50), filters)
     return SearchResult(_fuse(index, text, sem, limit), "hybrid")
 
 
