@@ -187,6 +187,7 @@ COMMANDS = [
     "caption",
     "recaption",
     "run",
+    "serve",
     "search",
     "status",
     "retry",
