@@ -716,7 +716,7 @@ def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 def cmd_status(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.service.status import collect, render
 
-    report = collect(cfg.database)
+    report = collect(cfg.database, cfg.model)
     if args.json:
         json.dump(report, out, indent=2)
         out.write("\n")

@@ -50,10 +50,12 @@ class ModelError(RuntimeError):
         *,
         out_of_memory: bool = False,
         remote_traceback: str = "",
+        transient: bool = False,
     ) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.out_of_memory = out_of_memory
+        self.transient = transient  # may pass by itself (a model server down): retry later
         if remote_traceback:
             note = "in the model process:\n" + remote_traceback.rstrip()
             if sys.version_info >= (3, 11):
@@ -183,8 +185,10 @@ class ModelProcess:
                 ) from e
         if reply[0] == "ok":
             return reply[1]
-        _, type_name, message, oom, tb = reply
-        raise ModelError(type_name, message, out_of_memory=oom, remote_traceback=tb)
+        _, type_name, message, oom, tb, transient = reply
+        raise ModelError(
+            type_name, message, out_of_memory=oom, remote_traceback=tb, transient=transient
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -318,6 +322,7 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
                         str(e),
                         is_out_of_memory(e),
                         traceback.format_exc(limit=20),
+                        bool(getattr(e, "transient", False)),
                     )
                 )
                 continue
