@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale
+from bench import ROOT, burst, gpu, latency, log, pipeline, quiet_logging, scale, scaleout
 from bench.checks import BenchFailure
 from bench.report import (
     OUT_DIR,
@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "scale": scale.run,
     "burst": burst.run,
     "gpu": gpu.run,
+    "scaleout": scaleout.run,
 }
 CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst")
 ALL_BENCHMARKS = tuple(BENCHMARKS)
@@ -166,6 +167,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run the gpu benchmark on CPU with a shrunken model (a code check)",
     )
+    g = p.add_argument_group("scaleout (needs the [ray] extra; run by name)")
+    g.add_argument("--scaleout-n", type=int, default=96, help="images per run (default 96)")
+    g.add_argument("--scaleout-batch", type=int, default=8)
+    g.add_argument("--scaleout-tokens", type=int, default=8)
+    g.add_argument(
+        "--scaleout-rows", type=int, default=20_000, help="rows for the driver's write rate"
+    )
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in (*ALL_BENCHMARKS, "all")]
     if unknown:
@@ -179,6 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "burst": 1000,
             "gpu_images": 16,
             "gpu_queue": 32,
+            "scaleout_n": 32,
+            "scaleout_rows": 5000,
         }
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):

@@ -27,6 +27,7 @@ worker (nor over a network file system).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 import queue
@@ -380,6 +381,7 @@ def _run(
     committer = _committer(cfg, db, record)
     size, per_actor = _actors(ray, actors)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours is on the terminal
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines would break it
     if on_start is not None:
         on_start(pending, None)
     folders: set[Path] = set()
