@@ -112,13 +112,17 @@ def test_same_sidecars_and_rows_as_caption_and_a_second_run_does_nothing(tmp_pat
 
 
 def _actor_pids() -> list[int]:
+    """The model actors of this test process's own Ray cluster (its descendants): never
+    another process's on a shared machine."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "CaptionActor" in cmd and proc.pid != os.getpid():
-            pids.append(proc.pid)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "CaptionActor" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
     return pids
 
 
