@@ -23,6 +23,7 @@ from bench import (
     pipeline,
     quiet_logging,
     scale,
+    scaleout,
     search,
     web,
     webpages,
@@ -66,6 +67,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], Result]] = {
     "webpages": webpages.run,
     "export": export.run,
     "search": search.run,
+    "scaleout": scaleout.run,
 }
 # export is run by name (`bench/run.py export`): it is about memory, not the model.
 CPU_BENCHMARKS = ("pipeline", "latency", "scale", "burst", "web", "webpages")
@@ -210,6 +212,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run the gpu benchmark on CPU with a shrunken model (a code check)",
     )
+    g = p.add_argument_group("scaleout (needs the [ray] extra; run by name)")
+    g.add_argument("--scaleout-n", type=int, default=96, help="images per run (default 96)")
+    g.add_argument("--scaleout-batch", type=int, default=8)
+    g.add_argument("--scaleout-tokens", type=int, default=8)
+    g.add_argument(
+        "--scaleout-rows", type=int, default=20_000, help="rows for the driver's write rate"
+    )
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in (*ALL_BENCHMARKS, "all")]
     if unknown:
@@ -228,6 +237,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "web_burst": 500,
             "rows": 100_000,
             "search_real": 500,
+            "scaleout_n": 32,
+            "scaleout_rows": 5000,
         }
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):

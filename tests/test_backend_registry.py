@@ -26,7 +26,7 @@ from watcher.config import DEFAULT_MOONDREAM_REVISION, ConfigError, ModelConfig,
 from watcher.tasks import Task
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN = ("moondream", "transformers", "photon")
+BUILTIN = ("moondream", "transformers", "photon", "openai")
 
 
 # -- a backend a test registers ------------------------------------------------------------
@@ -97,14 +97,15 @@ def _config_file(tmp_path: Path, model: dict) -> Path:
 # -- the registry --------------------------------------------------------------------------
 
 
-def test_the_three_builtins_are_registered_in_order_without_importing_torch():
+def test_the_builtins_are_registered_in_order_without_importing_torch():
     # In a fresh interpreter: validating a config asks the registry, which must stay light.
     code = textwrap.dedent("""
         import sys
         from watcher.backends.registry import backend_names, get_backend
         from watcher.config import parse_config
         for name in backend_names():
-            print(name, parse_config({"model": {"backend": name, "id": "x/y"}}).model.backend)
+            model = {"backend": name, "id": "x/y", "base_url": "http://127.0.0.1:1/v1"}
+            print(name, parse_config({"model": model}).model.backend)
         print("torch imported:", "torch" in sys.modules)
     """)
     proc = subprocess.run(
@@ -115,12 +116,13 @@ def test_the_three_builtins_are_registered_in_order_without_importing_torch():
         "moondream moondream",
         "transformers transformers",
         "photon photon",
+        "openai openai",
         "torch imported: False",
     ]
 
 
 def test_registry_names_each_spec_by_its_backend_name():
-    assert backend_names()[:3] == BUILTIN
+    assert backend_names()[: len(BUILTIN)] == BUILTIN
     assert [get_backend(n).name for n in BUILTIN] == list(BUILTIN)
     with pytest.raises(ModelUnavailable, match="unknown backend 'llava'"):
         get_backend("llava")
@@ -130,7 +132,8 @@ def test_unknown_backend_is_a_config_error_listing_the_valid_names():
     with pytest.raises(ConfigError) as e:
         parse_config({"model": {"backend": "llava"}}, "c.yaml")
     assert str(e.value) == (
-        "c.yaml: model.backend: expected one of moondream, transformers, photon; got 'llava'"
+        "c.yaml: model.backend: expected one of moondream, transformers, photon, openai; "
+        "got 'llava'"
     )
 
 
@@ -141,7 +144,7 @@ def test_unknown_backend_exits_2_through_the_cli(tmp_path):
     assert code == 2 and out == ""
     assert err.strip() == (
         f"watcher: config error: {cfg}: model.backend: expected one of moondream, "
-        "transformers, photon; got 'llava'"
+        "transformers, photon, openai; got 'llava'"
     )
 
 
@@ -268,7 +271,10 @@ def test_a_registered_backend_loads_in_process_and_captions_a_folder(tmp_path, e
     unregister("echo-test")
     assert "echo-test" not in backend_names()
     code, _, err = run_cli("--config", str(cfg_file), "caption", str(pics))
-    assert code == 2 and "expected one of moondream, transformers, photon; got 'echo-test'" in err
+    assert (
+        code == 2
+        and "expected one of moondream, transformers, photon, openai; got 'echo-test'" in err
+    )
 
 
 # -- the weights check before start --------------------------------------------------------
@@ -342,7 +348,10 @@ def test_an_installed_plugin_is_a_backend_and_a_broken_one_is_skipped(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     *logged, names, loaded = proc.stdout.splitlines()
-    assert (names, loaded) == ("('moondream', 'transformers', 'photon', 'echo')", "loaded e/1")
+    assert (names, loaded) == (
+        "('moondream', 'transformers', 'photon', 'openai', 'echo')",
+        "loaded e/1",
+    )
     # The broken plugin is left out, with a warning that names it (structlog's default
     # output, unconfigured in this script, is stdout).
     assert len(logged) == 1 and "backend plugin failed to load" in logged[0]

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "watcher caption --task prompt ~/datasets/lora",
         "watcher caption --force --overwrite always ~/datasets/lora",
         "watcher caption --dry-run ~/Pictures",
+        "watcher caption /mnt/archive --ray=auto   (on a Ray cluster's head node)",
     )
     c.add_argument(
         "folders", nargs="+", type=Path, metavar="FOLDER", help="folders to caption (recursively)"
@@ -122,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="caption every image again with the model, even up-to-date ones "
         "(sidecars still obey the overwrite policy)",
+    )
+    c.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the model work on a Ray cluster (pip install 'moondream-watcher[ray]'): "
+        "one model per GPU, the index written here. ADDRESS: auto, HOST:PORT or "
+        "ray://HOST:PORT; none: $RAY_ADDRESS or a new local cluster. Put it after the "
+        "folders or write --ray=ADDRESS. The folders must be at the same paths on every node",
+    )
+    c.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: how many models (default: one per GPU; half the CPUs without GPUs)",
     )
 
     rc = command(
@@ -621,6 +640,23 @@ def _run_caption(run: Callable[..., CaptionReport], out: TextIO, err: TextIO, cf
 def cmd_caption(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.captioning import caption_folders
 
+    if args.ray is not None and not args.dry_run:
+        from watcher.cluster import caption_on_ray
+
+        return _run_caption(
+            functools.partial(
+                caption_on_ray,
+                cfg,
+                args.folders,
+                address=args.ray or None,
+                actors=args.actors,
+                force=args.force,
+                **_overrides(args),
+            ),
+            out,
+            err,
+            cfg,
+        )
     return _run_caption(
         functools.partial(
             caption_folders,
@@ -897,7 +933,7 @@ def _hit_json(h, mode: str) -> dict:
 def cmd_status(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.service.status import collect, render
 
-    report = collect(cfg.database)
+    report = collect(cfg.database, cfg.model)
     if args.json:
         json.dump(report, out, indent=2)
         out.write("\n")

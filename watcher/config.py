@@ -71,6 +71,16 @@ class ModelConfig:
     trust_remote_code: bool = False  # only for backend transformers; moondream always needs it
     # Run the model in a child process of its own (see watcher.backends.process).
     isolate: bool = True
+    # backend openai (watcher.backends.openai): the server's API root, the environment
+    # variable holding its API key (the key itself is never in the config), whether a
+    # base_url that is not this machine is allowed, requests in flight, seconds per
+    # request, and tries again after a 429/5xx/timeout.
+    base_url: str | None = None
+    api_key_env: str | None = None
+    allow_remote: bool = False
+    concurrency: int = 8
+    timeout: float = 120.0
+    retries: int = 3
 
     @property
     def source(self) -> str:
@@ -380,6 +390,11 @@ def _model(data: Any, where: str) -> ModelConfig:
     if not isinstance(data, dict):
         raise _fail(where, "model", "a mapping", data)
     fields_ = {f.name for f in dataclasses.fields(ModelConfig)}
+    if "api_key" in data:  # a secret in a file that gets copied, shared and backed up
+        raise ConfigError(
+            f"{where}: model.api_key: not allowed; put the key in an environment variable "
+            "and give its name in model.api_key_env"
+        )
     _check_keys(data, fields_, "model.", where)
     kw: dict[str, Any] = {}
     backend = _choice(
@@ -405,8 +420,17 @@ def _model(data: Any, where: str) -> ModelConfig:
             kw[name] = _choice(value, ("auto", "float32", "float16", "bfloat16"), k, where)
         elif name in ("batch_size", "max_tokens"):
             kw[name] = _number(value, k, where, minimum=1, integer=True)
-        elif name in ("trust_remote_code", "isolate"):
+        elif name in ("trust_remote_code", "isolate", "allow_remote"):
             kw[name] = _typed(value, bool, k, where, "true or false")
+        elif name in ("base_url", "api_key_env"):
+            if value is not None:
+                kw[name] = _typed(value, str, k, where, "a string")
+        elif name == "concurrency":
+            kw[name] = _number(value, k, where, minimum=1, integer=True)
+        elif name == "retries":
+            kw[name] = _number(value, k, where, minimum=0, integer=True)
+        elif name == "timeout":
+            kw[name] = float(_number(value, k, where, minimum=0.1))
     # The rest is the backend's to judge (watcher.backends.registry.BackendSpec).
     spec = get_backend(backend)
     if "revision" not in data:

@@ -54,6 +54,15 @@ model:
   max_tokens: {m.max_tokens}                  # longest output, in tokens
   trust_remote_code: {_y(m.trust_remote_code)}         # transformers backend only
   isolate: {_y(m.isolate)}                    # run the model in its own process
+  # backend openai: an OpenAI-compatible server (vLLM, Ollama, LM Studio, llama.cpp);
+  # id is the server's model name. The API key is read from the environment variable
+  # named here, never written in this file.
+  base_url: null                   # e.g. http://127.0.0.1:11434/v1; required for openai
+  api_key_env: null                # e.g. OPENAI_API_KEY (the variable's name, not the key)
+  allow_remote: {_y(m.allow_remote)}             # true: base_url may be another machine
+  concurrency: {m.concurrency}                   # requests in flight, so the server can batch
+  timeout: {m.timeout}                   # seconds per request
+  retries: {m.retries}                       # more tries after a 429, 5xx, timeout or no connection
 
 database: {_y(str(db))}   # the index: captions, search, queue
 

@@ -51,10 +51,12 @@ class ModelError(RuntimeError):
         *,
         out_of_memory: bool = False,
         remote_traceback: str = "",
+        transient: bool = False,
     ) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.out_of_memory = out_of_memory
+        self.transient = transient  # may pass by itself (a model server down): retry later
         if remote_traceback:
             note = "in the model process:\n" + remote_traceback.rstrip()
             if sys.version_info >= (3, 11):
@@ -320,8 +322,10 @@ class ModelProcess:
 
 
 def _model_error(reply: tuple) -> ModelError:
-    _, type_name, message, oom, tb = reply
-    return ModelError(type_name, message, out_of_memory=oom, remote_traceback=tb)
+    _, type_name, message, oom, tb, transient = reply
+    return ModelError(
+        type_name, message, out_of_memory=oom, remote_traceback=tb, transient=transient
+    )
 
 
 # -- the child ------------------------------------------------------------------------------
@@ -394,6 +398,7 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
                         str(e),
                         is_out_of_memory(e),
                         traceback.format_exc(limit=20),
+                        bool(getattr(e, "transient", False)),
                     )
                 )
                 continue

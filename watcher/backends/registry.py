@@ -34,6 +34,7 @@ BUILTIN = (
     EntryPoint("moondream", "watcher.backends.moondream:SPEC", GROUP),
     EntryPoint("transformers", "watcher.backends.transformers_backend:SPEC", GROUP),
     EntryPoint("photon", "watcher.backends.photon:SPEC", GROUP),
+    EntryPoint("openai", "watcher.backends.openai:SPEC", GROUP),
 )
 _UNPINNED_BRANCHES = ("main", "master")
 
@@ -93,6 +94,11 @@ class BackendSpec:
     def model_revision(self, cfg: ModelConfig) -> str | None:
         """The revision the loaded backend records, as far as the config and disk tell."""
         return None if cfg.path else cfg.revision
+
+    def destination(self, cfg: ModelConfig) -> str | None:
+        """Where the images are sent to be described, for `watcher status`; None: nowhere,
+        the model runs in watcher's own process."""
+        return None
 
 
 _specs: dict[str, BackendSpec] = {}

@@ -382,6 +382,15 @@ class ModelWorker(threading.Thread):
                 1,
             )
             return
+        if getattr(exc, "transient", False):
+            # The model is there but cannot answer now (a model server down or busy after
+            # its own retries): every image waits and is tried again later (retry_backoff,
+            # max_attempts); one at a time now would only fail the same way.
+            reason = _first_line(f"model error: {_described(exc)}")
+            log.warning("model unavailable; images will be retried", error=reason, batch=len(chunk))
+            for w in chunk:
+                yield w, Failed(w.prepared.job, reason, transient=True), 0.0, 1
+            return
         if len(chunk) > 1:
             log.warning(
                 "model error on a batch; retrying one image at a time",

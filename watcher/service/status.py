@@ -16,6 +16,8 @@ from watcher.service.lifecycle import daemon_pid
 if TYPE_CHECKING:
     import sqlite_utils
 
+    from watcher.config import ModelConfig
+
 __all__ = ["collect", "daemon_pid", "render", "shown"]
 
 # A daemon whose heartbeat is older than this is reported as not responding (stopped with
@@ -24,12 +26,25 @@ __all__ = ["collect", "daemon_pid", "render", "shown"]
 HEARTBEAT_STALE = 30.0
 
 
-def collect(db_path: Path) -> dict:
-    """The report, read-only: nothing is created or changed, whoever owns the file."""
+def images_go_to(model: ModelConfig) -> dict[str, str] | None:
+    """Where images are sent to be described, as the config says (a model server's
+    address, for backend openai); None when the model runs in watcher's own process."""
+    from watcher.backends.registry import get_backend
+
+    to = get_backend(model.backend).destination(model)
+    return {"backend": model.backend, "to": to} if to else None
+
+
+def collect(db_path: Path, model: ModelConfig | None = None) -> dict:
+    """The report, read-only: nothing is created or changed, whoever owns the file.
+    `model`: the config's model, for the line that says where images are sent."""
+    go = images_go_to(model) if model is not None else None
+    where = {"images_go_to": go} if go else {}
     try:
         db = connect(db_path, readonly=True)
     except NoDatabase:
         return {
+            **where,
             "database": str(db_path),
             "images": 0,
             "queue": {},
@@ -82,6 +97,7 @@ def collect(db_path: Path) -> dict:
         gone = set(vanished_failures(db))
         failures = [f for f in jobs.failures(10 + len(gone)) if f.path not in gone][:10]
         return {
+            **where,
             "database": str(db_path),
             "images": images,
             "queue": jobs.counts(),
@@ -240,6 +256,9 @@ def render(report: dict) -> str:
             ]
     else:
         lines.append("daemon: not running")
+    go = report.get("images_go_to")
+    if go:
+        lines.append(f"images go to: {go['to']} (backend {go['backend']})")
     q = report.get("queue") or {}
     lines.append(f"images indexed: {report['images']}")
     lines.append(
