@@ -17,6 +17,7 @@ from openai_server import ChatServer, Reply
 
 from watcher.backends.openai import BatchFailed, OpenAIBackend, ServerRefused, ServerUnavailable
 from watcher.config import ModelConfig
+from watcher.index import load_vec
 from watcher.tasks import Task, clean_caption
 
 KEY = "sk-test-0123456789abcdef-secret"
@@ -111,7 +112,9 @@ def test_caption_end_to_end_with_api_key(tmp_path, fresh, monkeypatch, capfd):
     code, status_json, _ = run_cli("--config", str(cfg), "status", "--json")
     assert json.loads(status_json)["images_go_to"]["to"].startswith(fresh.base_url)
     logs = capfd.readouterr()
-    dump = "\n".join(sqlite3.connect(tmp_path / "config.yaml.db").iterdump())
+    conn = sqlite3.connect(tmp_path / "config.yaml.db")
+    load_vec(conn)  # the dump reads every table, the vector tables too
+    dump = "\n".join(conn.iterdump())
     for text in (out, err, status, status_json, logs.out, logs.err, dump, cfg.read_text()):
         assert KEY not in text
     assert "from $WATCHER_TEST_KEY" in logs.err  # the log says where the key came from
