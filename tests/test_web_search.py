@@ -23,7 +23,7 @@ def test_the_search_box_finds_a_caption_sharing_no_word_with_the_query(
     db = tmp_path / "index.db"
     make_index(db, CAPTIONS, minilm_embedder).db.conn.close()
     ctx = WebContext(
-        config=load_config(write_config(tmp_path, db, embedding_model=str(minilm))),
+        initial=load_config(write_config(tmp_path, db, embedding_model=str(minilm))),
         db_path=db,
         lane=None,
     )
@@ -35,7 +35,7 @@ def test_the_search_box_finds_a_caption_sharing_no_word_with_the_query(
 
     # Semantic search off: the same box searches the words only, and finds nothing here.
     ctx = WebContext(
-        config=load_config(write_config(tmp_path, db, embedding_model=None)),
+        initial=load_config(write_config(tmp_path, db, embedding_model=None)),
         db_path=db,
         lane=None,
     )

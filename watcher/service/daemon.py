@@ -168,7 +168,9 @@ class Daemon:
         from watcher.web.lane import WorkerLane
 
         lane = WorkerLane(self.pipeline.worker)
-        self.web.start(WebContext(self.cfg, self.cfg.database, lane, daemon=True))
+        self.web.start(
+            WebContext(self.cfg, self.cfg.database, lane, daemon=True, source=lambda: self.cfg)
+        )
         print(f"watcher: web page and API at {self.web.url}", file=self.err, flush=True)
 
     # -- folders ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -31,7 +31,14 @@ class ModelLane(Protocol):
 class WebContext:
     """Built once by `watcher run` / `watcher serve` and handed to every route."""
 
-    config: Config
+    initial: Config  # the config the server started with (its `web:` settings hold till exit)
     db_path: Path
     lane: ModelLane | None  # None: no model (the page still browses and edits the library)
     daemon: bool = True  # False for `watcher serve`: nothing is watched
+    # The daemon's config now: a reload adds or removes watched folders, and the pages must
+    # serve exactly the folders watched now (a folder taken out of the config is not served).
+    source: Callable[[], Config] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.source() if self.source is not None else self.initial
