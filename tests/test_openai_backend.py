@@ -332,3 +332,15 @@ def test_two_daemons_share_one_server(tmp_path, fresh):
     answers = sorted(clean_caption(s.answer or "") for s in fresh.seen)
     sidecars = sorted(p.read_text().strip() for folder, _ in daemons for p in folder.glob("*.txt"))
     assert sidecars == answers
+
+
+def test_model_fetch_downloads_nothing_for_a_model_on_a_server(tmp_path):
+    # The tests run with HF_HUB_OFFLINE=1: any attempt at the Hub would end in exit 2.
+    cfg = _config(tmp_path, "http://127.0.0.1:9/v1")
+    data = yaml.safe_load(cfg.read_text())
+    data["search"] = {"embedding_model": None}
+    cfg.write_text(yaml.safe_dump(data))
+    code, out, err = run_cli("--config", str(cfg), "model", "fetch")
+    assert (code, err) == (0, "")
+    assert "backend openai: nothing to download for the model." in out
+    assert "not test-loaded: the model runs on the server at model.base_url." in out

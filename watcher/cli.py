@@ -1203,6 +1203,8 @@ def model_fetch(
                 f"model.path is set: {s.folder} is used as it is; "
                 "nothing to download for the model."
             )
+        elif s.kind == "elsewhere":
+            line = f"backend {model.backend}: nothing to download for the model."
         elif s.kind == "downloading" and s.tokenizer:
             line = f"fetching tokenizer {s.repo_id} ..."
         elif s.kind == "downloading":

@@ -139,6 +139,7 @@ class OpenAISpec(BackendSpec):
 
     name = "openai"
     not_test_loaded = "the model runs on the server at model.base_url"
+    downloads = False
 
     def load(self, cfg: ModelConfig) -> OpenAIBackend:
         return OpenAIBackend(cfg)

@@ -52,6 +52,9 @@ class BackendSpec:
     checks_weights: bool = False
     # Why `watcher model fetch` does not test-load it; None: it does.
     not_test_loaded: str | None = None
+    # Whether its weights come from the Hugging Face Hub (`watcher model fetch`); False: the
+    # model lives elsewhere (a server) and there is nothing to download for it.
+    downloads: bool = True
 
     def load(self, cfg: ModelConfig) -> Backend:
         """The loaded backend. Raises ModelUnavailable with a user-facing message."""

@@ -235,10 +235,11 @@ class FetchStep:
     "local copy": model.path is used as it is (`folder`); "downloading": `repo_id` at
     `revision` starts (`tokenizer`: a tokenizer the model loads); "downloaded": it is in
     `folder`, `size` bytes; "cached": everything is in the HF cache `folder`;
-    "test-loading": the model is being loaded from the cache.
+    "test-loading": the model is being loaded from the cache; "elsewhere": the backend's
+    model is not downloaded (it runs on a server).
     """
 
-    kind: Literal["local copy", "downloading", "downloaded", "cached", "test-loading"]
+    kind: Literal["local copy", "downloading", "downloaded", "cached", "test-loading", "elsewhere"]
     repo_id: str | None = None
     revision: str | None = None
     tokenizer: bool = False
@@ -296,6 +297,9 @@ def fetch(
         require_pinned_revision(target)
     except ModelUnavailable as e:
         return report("refused", str(e))
+    if not spec.downloads:
+        step(FetchStep("elsewhere"))
+        return report("downloaded", not_test_loaded=spec.not_test_loaded)
     folder: Path | None = None
     try:
         if target.path:
