@@ -357,3 +357,47 @@ def test_search_config_is_checked_and_a_relative_model_folder_is_the_configs(tmp
         with pytest.raises(ConfigError) as e:
             parse_config({"search": bad}, "c.yaml")
         assert str(e.value) == message
+
+
+def test_model_fetch_also_fetches_the_embedding_model(tmp_path, monkeypatch):
+    import io
+
+    from watcher.backends import weights
+    from watcher.cli import embedding_fetch
+
+    asked = []
+
+    def download(repo_id, revision):
+        asked.append((repo_id, revision))
+        folder = tmp_path / "snap"
+        folder.mkdir(exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 2000)
+        return folder
+
+    monkeypatch.setattr(weights, "_download", download)
+    out, err = io.StringIO(), io.StringIO()
+    assert embedding_fetch(SearchConfig(), out, err) == 0
+    assert asked == [(SearchConfig().embedding_model, SearchConfig().embedding_revision)]
+    assert out.getvalue() == (
+        f"fetching the search embedding model {SearchConfig().embedding_model} at revision "
+        f"{SearchConfig().embedding_revision} ...\n"
+        f"  {tmp_path / 'snap'} (2.0 KB)\n"
+        "ok: semantic search works offline now.\n"
+    )
+    # Off, or a local folder: nothing to fetch, nothing said.
+    for cfg in (SearchConfig(embedding_model=None), SearchConfig(embedding_model=str(tmp_path))):
+        out = io.StringIO()
+        assert embedding_fetch(cfg, out, err) == 0 and out.getvalue() == ""
+
+    def offline(repo_id, revision):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(weights, "_download", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(weights, "offline_mode", lambda: False)
+    err = io.StringIO()
+    assert embedding_fetch(SearchConfig(), io.StringIO(), err) == 2
+    assert err.getvalue() == (
+        "watcher: cannot download the embedding model: no connection "
+        "(ConnectionError: no route to host)\n"
+    )
