@@ -318,10 +318,23 @@ def test_a_schema_2_database_is_migrated_and_its_captions_wait_for_vectors(tmp_p
     ).fetchone() == (str(SCHEMA_VERSION),)
     assert index.vectors_usable() and index.vector_model() is None
     assert [c for _, c in index.missing_vectors(0, 10)] == ["a blue sky"]
-    # Migrating again changes nothing.
+    # Migrated where sqlite-vec could not load (no vector table, no triggers): the next
+    # start that can load it adds them.
+    for sql in (
+        "DROP TABLE image_vec",
+        "DROP TRIGGER images_vec_delete",
+        "DROP TRIGGER images_vec_caption",
+    ):
+        index.db.conn.execute(sql)
+    assert not index.vectors_usable()
+    # Migrating again changes nothing else.
     index.db.conn.close()
     index = Index(connect(path))
     assert index.get("/p/sky.jpg").caption == "a blue sky"
+    assert index.vectors_usable()
+    assert {
+        r[0] for r in index.db.conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
+    } >= {"images_vec_delete", "images_vec_caption"}
     index.db.conn.close()
 
 
