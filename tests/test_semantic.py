@@ -318,10 +318,23 @@ def test_a_schema_2_database_is_migrated_and_its_captions_wait_for_vectors(tmp_p
     ).fetchone() == (str(SCHEMA_VERSION),)
     assert index.vectors_usable() and index.vector_model() is None
     assert [c for _, c in index.missing_vectors(0, 10)] == ["a blue sky"]
-    # Migrating again changes nothing.
+    # Migrated where sqlite-vec could not load (no vector table, no triggers): the next
+    # start that can load it adds them.
+    for sql in (
+        "DROP TABLE image_vec",
+        "DROP TRIGGER images_vec_delete",
+        "DROP TRIGGER images_vec_caption",
+    ):
+        index.db.conn.execute(sql)
+    assert not index.vectors_usable()
+    # Migrating again changes nothing else.
     index.db.conn.close()
     index = Index(connect(path))
     assert index.get("/p/sky.jpg").caption == "a blue sky"
+    assert index.vectors_usable()
+    assert {
+        r[0] for r in index.db.conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
+    } >= {"images_vec_delete", "images_vec_caption"}
     index.db.conn.close()
 
 
@@ -357,3 +370,47 @@ def test_search_config_is_checked_and_a_relative_model_folder_is_the_configs(tmp
         with pytest.raises(ConfigError) as e:
             parse_config({"search": bad}, "c.yaml")
         assert str(e.value) == message
+
+
+def test_model_fetch_also_fetches_the_embedding_model(tmp_path, monkeypatch):
+    import io
+
+    from watcher.backends import weights
+    from watcher.cli import embedding_fetch
+
+    asked = []
+
+    def download(repo_id, revision):
+        asked.append((repo_id, revision))
+        folder = tmp_path / "snap"
+        folder.mkdir(exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 2000)
+        return folder
+
+    monkeypatch.setattr(weights, "_download", download)
+    out, err = io.StringIO(), io.StringIO()
+    assert embedding_fetch(SearchConfig(), out, err) == 0
+    assert asked == [(SearchConfig().embedding_model, SearchConfig().embedding_revision)]
+    assert out.getvalue() == (
+        f"fetching the search embedding model {SearchConfig().embedding_model} at revision "
+        f"{SearchConfig().embedding_revision} ...\n"
+        f"  {tmp_path / 'snap'} (2.0 KB)\n"
+        "ok: semantic search works offline now.\n"
+    )
+    # Off, or a local folder: nothing to fetch, nothing said.
+    for cfg in (SearchConfig(embedding_model=None), SearchConfig(embedding_model=str(tmp_path))):
+        out = io.StringIO()
+        assert embedding_fetch(cfg, out, err) == 0 and out.getvalue() == ""
+
+    def offline(repo_id, revision):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(weights, "_download", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(weights, "offline_mode", lambda: False)
+    err = io.StringIO()
+    assert embedding_fetch(SearchConfig(), io.StringIO(), err) == 2
+    assert err.getvalue() == (
+        "watcher: cannot download the embedding model: no connection "
+        "(ConnectionError: no route to host)\n"
+    )

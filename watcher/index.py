@@ -451,6 +451,9 @@ def _migrate(db: sqlite_utils.Database) -> None:
             # image's vector (int8, keyed by images.rowid), `image_vec` (sqlite-vec) its sign
             # bits for the nearest-neighbour scan; meta names the model that made them.
             _create_v5(db)
+        # A database migrated where sqlite-vec could not be loaded gets its vector table at
+        # the first start that can (a no-op when it is there, or still cannot be).
+        _create_vec_table(db, DEFAULT_DIM)
         db.conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
