@@ -23,7 +23,7 @@ from starlette.responses import (
 )
 from starlette.routing import BaseRoute, Route
 
-from watcher.index import ImageRow, Index, NoDatabase, connect
+from watcher.index import ImageRow, Index, NoDatabase, connect, transaction
 from watcher.jobs import JobQueue
 from watcher.paths import decode, encode, shown
 from watcher.tasks import Task
@@ -85,6 +85,22 @@ class Pages:
                 except Exception as e:  # a broken model folder: the box still searches text
                     log.warning("search box: semantic search unavailable", error=str(e))
             return self._embedder
+
+    def _embed(self, db: sqlite_utils.Database, path: str) -> None:
+        """The search vector of a caption just changed here, as the writer makes one for
+        its own (without it the image waits for the backfill's next look to be found by
+        meaning). No embedding model, or no vectors in the index yet: nothing to do."""
+        index = Index(db)
+        embedder = self.query_embedder(index)
+        row = index.get(path)
+        if embedder is None or row is None:
+            return
+        try:
+            vectors = embedder.encode([row.caption])
+            with transaction(db):
+                index.put_caption_vectors(vectors, [row])
+        except Exception as e:  # the edit stands; the backfill embeds it later
+            log.warning("could not embed the edited caption", path=shown(path), error=str(e))
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -234,6 +250,7 @@ class Pages:
                 db = self.writer()
                 try:
                     edit_caption(self.ctx.config, db, row.path, text, expected_sha256=expected)
+                    self._embed(db, row.path)
                 finally:
                     db.conn.close()
 
@@ -282,6 +299,7 @@ class Pages:
                         model=model_name(self.ctx.config.model),
                         revision=model_revision(self.ctx.config.model),
                     )
+                    self._embed(db, row.path)
                 finally:
                     db.conn.close()
 
