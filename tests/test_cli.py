@@ -181,7 +181,9 @@ def test_other_task_prefix_or_model_settings_caption_again(tmp_path, tiny_llava)
 
 
 def _index_with_many_rows(tmp_path: Path, n: int = 3000) -> Path:
-    from watcher.index import ImageRow, Index, connect, transaction
+    from rows import image_row
+
+    from watcher.index import Index, connect, transaction
 
     db_path = tmp_path / "index.db"
     db = connect(db_path)
@@ -189,25 +191,14 @@ def _index_with_many_rows(tmp_path: Path, n: int = 3000) -> Path:
     with transaction(db):
         for i in range(n):
             index.upsert(
-                ImageRow(
-                    path=f"/pics/{i:05d}.jpg",
-                    root="/pics",
+                image_row(
+                    f"/pics/{i:05d}.jpg",
+                    f"a blue sky over the sea number {i} " + "with clouds " * 5,
                     sha256=f"{i:064x}",
-                    size=1,
-                    mtime_ns=1,
                     width=1,
                     height=1,
-                    caption=f"a blue sky over the sea number {i} " + "with clouds " * 5,
-                    task="short",
                     outputs={},
-                    model="m",
-                    revision=None,
-                    sidecar=None,
-                    sidecar_sha256=None,
-                    sidecar_state="written",
-                    sidecar_error=None,
-                    created=0.0,
-                    updated=0.0,
+                    model_caption=None,
                 )
             )
     db.conn.close()

@@ -19,12 +19,13 @@ import pytest
 import structlog
 from daemon_harness import run_cli, wait_for
 from images import distinct_image, write_empty
+from rows import image_row
 from test_cli import config, row
 
 from watcher.captioning import CaptionReport
 from watcher.cli import Progress, print_caption_report
 from watcher.config import Config, LogConfig
-from watcher.index import ImageRow, Index, connect, transaction
+from watcher.index import Index, connect, transaction
 from watcher.messages import Outcome
 
 
@@ -76,28 +77,7 @@ def _index(tmp_path: Path, captions: dict[str, str]) -> Path:
     db = connect(db_path)
     with transaction(db):
         for path, caption in captions.items():
-            Index(db).upsert(
-                ImageRow(
-                    path=path,
-                    root=str(Path(path).parent),
-                    sha256=path,
-                    size=1,
-                    mtime_ns=1,
-                    width=4,
-                    height=3,
-                    caption=caption,
-                    task="short",
-                    outputs={"short": caption},
-                    model="m",
-                    revision=None,
-                    sidecar=None,
-                    sidecar_sha256=None,
-                    sidecar_state="written",
-                    sidecar_error=None,
-                    created=0.0,
-                    updated=0.0,
-                )
-            )
+            Index(db).upsert(image_row(path, caption))
     db.conn.close()
     return db_path
 

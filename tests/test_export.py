@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from daemon_harness import run_cli
 from images import distinct_image
+from rows import image_row
 
-from watcher.index import ImageRow, Index, connect, transaction
+from watcher.index import Index, connect, transaction
 
 TRICKY = [
     'a red bicycle, leaning on a wall, "vintage"',
@@ -32,26 +33,18 @@ def _index(db: Path, images: dict[Path, str], task: str = "short") -> None:
     with transaction(d):
         for i, (path, caption) in enumerate(sorted(images.items())):
             index.upsert(
-                ImageRow(
-                    path=str(path),
-                    root=str(path.parent),
+                image_row(
+                    path,
+                    caption,
+                    task,
                     sha256=f"{i:064x}",
-                    size=1,
-                    mtime_ns=1,
                     width=96,
                     height=72,
-                    caption=caption,
-                    task=task,
-                    outputs={task: caption},
                     model="moondream",
                     revision="2025-06-21",
                     sidecar=str(path.with_suffix(".txt")),
-                    sidecar_sha256=None,
-                    sidecar_state="written",
-                    sidecar_error=None,
                     created=now,
                     updated=now,
-                    model_caption=caption,
                 )
             )
     d.conn.close()

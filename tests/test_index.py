@@ -7,34 +7,15 @@ import time
 from pathlib import Path
 
 import pytest
+from rows import image_row
 
 from watcher.index import SCHEMA_VERSION, ImageRow, Index, connect, transaction
 
 
 def _row(path: str, caption: str, **kw) -> ImageRow:
     now = time.time()
-    base = dict(
-        path=path,
-        root="/r",
-        sha256=path,
-        size=1,
-        mtime_ns=1,
-        width=1,
-        height=1,
-        caption=caption,
-        task="short",
-        outputs={"short": caption},
-        model="m",
-        revision=None,
-        sidecar=None,
-        sidecar_sha256=None,
-        sidecar_state="written",
-        sidecar_error=None,
-        created=now,
-        updated=now,
-    )
-    base.update(kw)
-    return ImageRow(**base)
+    fields = dict(root="/r", width=1, height=1, created=now, updated=now, model_caption=None)
+    return image_row(path, caption, **{**fields, **kw})
 
 
 def test_search_ranks_best_match_first(tmp_path: Path) -> None:

@@ -12,35 +12,12 @@ import sqlite_utils
 import yaml
 from daemon_harness import run_cli, wait_for
 from images import distinct_image
+from rows import image_row
 
 from watcher.config import Config, SearchConfig, load_config
 from watcher.embedding import model_tag
-from watcher.index import SCHEMA_VERSION, ImageRow, Index, _create_v1, connect, transaction
+from watcher.index import SCHEMA_VERSION, Index, _create_v1, connect, transaction
 from watcher.pipeline.backfill import Backfill, read_progress
-
-
-def image_row(path: str, caption: str, task: str = "short") -> ImageRow:
-    return ImageRow(
-        path=path,
-        root=str(Path(path).parent),
-        sha256=path,
-        size=1,
-        mtime_ns=1,
-        width=4,
-        height=3,
-        caption=caption,
-        task=task,
-        outputs={task: caption},
-        model="m",
-        revision=None,
-        sidecar=None,
-        sidecar_sha256=None,
-        sidecar_state="written",
-        sidecar_error=None,
-        created=0.0,
-        updated=0.0,
-        model_caption=caption,
-    )
 
 
 def make_index(db_path: Path, rows: dict[str, str | tuple[str, str]], embedder=None) -> Index:
