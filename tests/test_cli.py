@@ -241,7 +241,9 @@ def test_search_query_that_is_not_utf8_is_a_clear_error(tmp_path):
 
 def test_search_json_scores_grow_with_relevance(tmp_path):
     db = _index_with_many_rows(tmp_path, 0)
-    from watcher.index import ImageRow, Index, connect, transaction
+    from rows import image_row
+
+    from watcher.index import Index, connect, transaction
 
     conn = connect(db)
     with transaction(conn):
@@ -250,26 +252,7 @@ def test_search_json_scores_grow_with_relevance(tmp_path):
             ("worse", "sky and a long caption about many other things"),
         ):
             Index(conn).upsert(
-                ImageRow(
-                    path=f"/p/{name}.jpg",
-                    root="/p",
-                    sha256=name,
-                    size=1,
-                    mtime_ns=1,
-                    width=1,
-                    height=1,
-                    caption=caption,
-                    task="short",
-                    outputs={},
-                    model="m",
-                    revision=None,
-                    sidecar=None,
-                    sidecar_sha256=None,
-                    sidecar_state="written",
-                    sidecar_error=None,
-                    created=0.0,
-                    updated=0.0,
-                )
+                image_row(f"/p/{name}.jpg", caption, sha256=name, width=1, height=1, outputs={})
             )
     code, out, _ = run_cli("--db", str(db), "search", "sky", "--json")
     hits = json.loads(out)
