@@ -74,12 +74,14 @@ class Writer(threading.Thread):
         self._dirty: dict[Path, Path] = {}
         # The other outputs' records (image_outputs) of this batch's rows, by image path.
         self._extras: dict[str, list[Record]] = {}
+        # Asks whichever index the writer has when it writes: its own connection's (run), or
+        # the snapshot a Ray actor gives it (watcher.cluster), which never calls run().
+        self._txt = TxtOutput(lambda sidecar: self.index.sidecar_owner(sidecar), sync_dir=False)
 
     def run(self) -> None:
         self.db = connect(self.db_path)
         self.index = Index(self.db)
         self.jobs = JobQueue(self.db)
-        self._txt = TxtOutput(self.index.sidecar_owner, sync_dir=False)
         if not self.index.vectors_usable():
             self.embed = None
         stop = False
