@@ -179,6 +179,8 @@ class CaptionActor:
                 fsync_dir(folder, root)
             except OSError as e:
                 log.warning("cannot sync folder", folder=str(folder), error=str(e))
+        # Its sidecar outcomes (kept, pending, changed meanwhile): the driver commits the rows.
+        writer.say_now()
         assert {r.job.id for r in results} == set(tickets), "a job got no result"
         return {"result": [pickle.dumps(r) for r in results], "pid": [self.pid] * len(results)}
 

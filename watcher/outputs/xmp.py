@@ -81,7 +81,7 @@ class XmpOutput(Output):
                         str(target),
                         ours,
                         SidecarState.KEPT.value,
-                        f"ExifTool cannot read it ({_first_line(e)}); left alone",
+                        f"ExifTool cannot read it ({metadata.exiftool_says(e)}); left alone",
                     )
                 )
             if not merged.changed:
@@ -103,21 +103,9 @@ class XmpOutput(Output):
 def _result(
     target, sha: str | None, merged: metadata.Merge, *, wrote: bool, created: bool = False
 ) -> Result:
-    kept = merged.kept
-    state = SidecarState.KEPT if "description" in kept else SidecarState.WRITTEN
-    error = (
-        f"{' and '.join(kept)} changed by someone else (a photo manager); left alone"
-        if kept
-        else None
-    )
     return Result(
-        Record("xmp", str(target), sha, state.value, error),
+        metadata.merged_record("xmp", target, sha, merged),
         fields=merged.fields,
         wrote=wrote,
         created=created,
     )
-
-
-def _first_line(e: Exception) -> str:
-    text = str(getattr(e, "stderr", "") or e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

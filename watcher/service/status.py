@@ -270,36 +270,36 @@ def render(report: dict) -> str:
     s = report.get("semantic")
     if s and (s["embedded"] or s["backfill"]):
         lines += semantic_lines(report["semantic"], bool(d and d["running"]))
-    if report.get("sidecars_pending"):
-        # The reasons differ (a read-only folder, a name too long, a folder in the way):
-        # each path says its own; the heading only says what to do.
-        lines.append(
+    # The reasons differ (a read-only folder, a name too long, a folder in the way): each
+    # path says its own; the heading only says what to do. Kept sidecars (edited by the
+    # user, their own; overwrite: never) have their text in the index, the model's beside.
+    for key, heading, where in (
+        (
+            "sidecars_pending",
             "sidecars pending (caption kept in the index; `watcher retry --all` "
-            f"once the reason is fixed): {report['sidecars_pending']}"
-        )
-        for s in report.get("sidecars_pending_list", []):
-            lines.append(f"  {shown(s['path'])}: {s['reason']}")
-    if report.get("sidecars_kept"):
-        # Existing sidecars left alone (edited by the user, their own, overwrite: never):
-        # the index holds their text; the model's caption is beside it.
-        lines.append(f"sidecars kept (edited by you; not overwritten): {report['sidecars_kept']}")
-        for s in report.get("sidecars_kept_list", []):
-            lines.append(f"  {shown(s['sidecar'] or s['path'])}: {s['reason']}")
-    if report.get("outputs_pending"):
-        lines.append(
-            "outputs pending (xmp, embed; `watcher retry --all` once the reason is fixed): "
-            f"{report['outputs_pending']}"
-        )
-        for s in report.get("outputs_pending_list", []):
-            lines.append(f"  {s['output']}: {shown(s['path'])}: {s['reason']}")
-    if report.get("outputs_kept"):
-        lines.append(f"outputs kept (changed in a photo manager): {report['outputs_kept']}")
-        for s in report.get("outputs_kept_list", []):
-            lines.append(f"  {s['output']}: {shown(s['path'])}: {s['reason']}")
-    if report.get("skipped"):
-        lines.append(f"skipped, not captioned: {report['skipped']}")
-        for s in report.get("skipped_list", []):
-            lines.append(f"  {shown(s['path'])}: {s['reason']}")
+            "once the reason is fixed)",
+            lambda s: shown(s["path"]),
+        ),
+        (
+            "sidecars_kept",
+            "sidecars kept (edited by you; not overwritten)",
+            lambda s: shown(s["sidecar"] or s["path"]),
+        ),
+        (
+            "outputs_pending",
+            "outputs pending (xmp, embed; `watcher retry --all` once the reason is fixed)",
+            lambda s: f"{s['output']}: {shown(s['path'])}",
+        ),
+        (
+            "outputs_kept",
+            "outputs kept (changed in a photo manager)",
+            lambda s: f"{s['output']}: {shown(s['path'])}",
+        ),
+        ("skipped", "skipped, not captioned", lambda s: shown(s["path"])),
+    ):
+        if report.get(key):
+            lines.append(f"{heading}: {report[key]}")
+            lines += [f"  {where(s)}: {s['reason']}" for s in report.get(f"{key}_list", [])]
     if report.get("missing"):
         lines.append(
             f"index rows of missing files: {report['missing']} (their folders are "
