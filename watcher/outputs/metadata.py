@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -72,6 +73,10 @@ def _tool() -> Any:
         tool = exiftool.ExifToolHelper(
             config_file=str(CONFIG), common_args=["-G1", "-struct", "-charset", "utf8"]
         )
+        # ExifTool leaves a value that looks like a number unquoted in its JSON ("1.50"
+        # comes out as 1.50): parsed as text, it stays exactly what the file holds, so a
+        # caption such as "1.50" is still recognised as the one we wrote.
+        tool.set_json_loads(json.loads, parse_float=str, parse_int=str)
         tool.run()
         _sessions.tool = tool
         with _all_lock:
