@@ -26,6 +26,7 @@ from watcher.outputs.sidecar import (
     rename_if_ours,
     render,
 )
+from watcher.outputs.xmp import follow as follow_xmp
 from watcher.paths import shown
 
 log = structlog.get_logger("watcher.intake.events")
@@ -133,8 +134,11 @@ class FileEvents(Sink):
             else:
                 moved = False
                 new_sidecar = self._move_sidecar(row, dest, folder)
+                xmp = follow_xmp(self.index, Path(row.root), src, dest, folder)
                 self.index.delete(str(dest))
                 self.index.move(str(src), str(dest), new_sidecar)
+                if xmp is not None:  # its record follows the row; now its new name too
+                    self.index.set_outputs(str(dest), [xmp])
                 self.jobs.move(str(src), str(dest))
         if row is not None:
             log.info(

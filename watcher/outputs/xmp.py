@@ -5,18 +5,31 @@ from __future__ import annotations
 import errno
 import hashlib
 import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import structlog
+
+from watcher.config import FolderConfig
 from watcher.messages import SidecarState
 from watcher.outputs import metadata
 from watcher.outputs.base import Content, Output, Place, Record, Result, pending
 from watcher.outputs.sidecar import (
     NOT_A_FILE,
+    FolderMoved,
     SidecarRefused,
     check_name,
     hash_at,
+    rename_if_ours,
     render,
     write_atomic,
 )
+from watcher.paths import shown
+
+if TYPE_CHECKING:
+    from watcher.index import Index
+
+log = structlog.get_logger("watcher.outputs.xmp")
 
 # darktable's sidecars grow with the edit history; beyond this it is not a sidecar.
 XMP_MAX_BYTES = 32 << 20
@@ -109,3 +122,30 @@ def _result(
         wrote=wrote,
         created=created,
     )
+
+
+def follow(index: Index, root: Path, src: Path, dest: Path, folder: FolderConfig) -> Record | None:
+    """Our XMP sidecar of `src`, renamed to its name beside `dest` (the image moved), under
+    the `.txt` sidecar's rules: only a file the index says we wrote and still exactly as we
+    left it, both folders opened from the root without following links, never over a file
+    already at the new name. Returns the record for `dest` (caller's transaction, before
+    the row moves), or None: nothing followed (the next write makes a new one)."""
+    rec = index.output(src, "xmp")
+    if rec is None or rec.target is None or rec.sha256 is None:
+        return None
+    old = Path(rec.target)
+    try:
+        new = render(folder.xmp_sidecar, dest)
+        if new.parent != dest.parent:
+            return None
+        rename_if_ours(root, old, new, rec.sha256, folder.extensions)
+    except (FileExistsError, ValueError):  # the name is taken, or it is not ours now
+        return None
+    except (OSError, FolderMoved, SidecarRefused) as e:
+        log.warning(
+            "could not rename our XMP sidecar with its image",
+            sidecar=shown(old),
+            reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)),
+        )
+        return None
+    return Record("xmp", str(new), rec.sha256, rec.state, rec.error)
