@@ -16,15 +16,13 @@ from watcher.outputs import metadata
 from watcher.outputs.base import Content, Output, Place, Record, Result, pending
 from watcher.outputs.sidecar import (
     NOT_A_FILE,
-    FolderMoved,
     SidecarRefused,
     check_name,
+    follow_image,
     hash_at,
-    rename_if_ours,
     render,
     write_atomic,
 )
-from watcher.paths import shown
 
 if TYPE_CHECKING:
     from watcher.index import Index
@@ -133,19 +131,17 @@ def follow(index: Index, root: Path, src: Path, dest: Path, folder: FolderConfig
     rec = index.output(src, "xmp")
     if rec is None or rec.target is None or rec.sha256 is None:
         return None
-    old = Path(rec.target)
-    try:
-        new = render(folder.xmp_sidecar, dest)
-        if new.parent != dest.parent:
-            return None
-        rename_if_ours(root, old, new, rec.sha256, folder.extensions)
-    except (FileExistsError, ValueError):  # the name is taken, or it is not ours now
-        return None
-    except (OSError, FolderMoved, SidecarRefused) as e:
-        log.warning(
-            "could not rename our XMP sidecar with its image",
-            sidecar=shown(old),
-            reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)),
-        )
+    new = follow_image(
+        root,
+        Path(rec.target),
+        folder.xmp_sidecar,
+        dest,
+        rec.sha256,
+        folder.extensions,
+        what="XMP sidecar",
+        refuse=lambda new: new.parent != dest.parent,  # an XMP is beside its image
+        log=log,
+    )
+    if new is None:
         return None
     return Record("xmp", str(new), rec.sha256, rec.state, rec.error)

@@ -514,24 +514,18 @@ class Writer(threading.Thread):
                         why,
                     )
                 )
-            if result.record.state == SidecarState.PENDING.value:
-                self._say(
-                    "warning",
-                    "output not written; caption kept in the index",
-                    path=str(place.image),
-                    output=name,
-                    reason=result.record.error,
-                )
-            elif result.record.state == SidecarState.KEPT.value:
-                self._say(
-                    "info",
-                    "output kept (edited by someone else)",
-                    path=str(place.image),
-                    output=name,
-                    reason=result.record.error,
-                )
+            said = _OUTPUT_SAID.get(result.record.state)
+            if said is not None:
+                self._say(*said, path=str(place.image), output=name, reason=result.record.error)
             results.append(result)
         return results
+
+
+# What the writer says of an xmp/embed output left pending or kept: (level, event).
+_OUTPUT_SAID = {
+    SidecarState.PENDING.value: ("warning", "output not written; caption kept in the index"),
+    SidecarState.KEPT.value: ("info", "output kept (edited by someone else)"),
+}
 
 
 def no_text_reason(output: str) -> str:

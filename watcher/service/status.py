@@ -75,21 +75,7 @@ def collect(db_path: Path, model: ModelConfig | None = None) -> dict:
                 if f.get("state") == "missing":  # rows kept, pointing at a missing folder
                     f["indexed_images"] = Index(db).count_under(f["path"])
         images = db.conn.execute("SELECT count(*) FROM images").fetchone()[0]
-        pending_sidecars = db.conn.execute(
-            "SELECT path, sidecar_error FROM images WHERE sidecar_state = 'pending' "
-            "ORDER BY updated DESC LIMIT 10"
-        ).fetchall()
-        n_pending_sidecars = db.conn.execute(
-            "SELECT count(*) FROM images WHERE sidecar_state = 'pending'"
-        ).fetchone()[0]
         n_skipped, skipped = jobs.skipped(10)
-        kept = db.conn.execute(
-            "SELECT path, sidecar, sidecar_error FROM images WHERE sidecar_state = 'kept' "
-            "ORDER BY updated DESC LIMIT 10"
-        ).fetchall()
-        n_kept = db.conn.execute(
-            "SELECT count(*) FROM images WHERE sidecar_state = 'kept'"
-        ).fetchone()[0]
         # Failures of images deleted since are not failures any more: left out of the
         # report (the connection is read-only; the next `caption` or scan forgets them).
         from watcher.captioning import vanished_failures
@@ -107,23 +93,38 @@ def collect(db_path: Path, model: ModelConfig | None = None) -> dict:
                 {"path": f.path, "reason": f.error, "attempts": f.attempts, "when": f.updated}
                 for f in failures
             ],
-            "sidecars_pending": n_pending_sidecars,
-            "sidecars_pending_list": [
-                {"path": decode(p), "reason": r} for p, r in pending_sidecars
-            ],
+            **_sidecars(db),
             "skipped": n_skipped,
             "skipped_list": [{"path": p, "reason": r} for p, r in skipped],
-            "sidecars_kept": n_kept,
-            "sidecars_kept_list": [
-                {"path": decode(p), "sidecar": decode(s) if s else s, "reason": r}
-                for p, s, r in kept
-            ],
             "missing": missing_rows_estimate(db),
             **_other_outputs(db),
             "semantic": semantic_progress(db, images),
         }
     finally:
         db.conn.close()
+
+
+def _sidecars(db: sqlite_utils.Database) -> dict:
+    """The `.txt` sidecars that wait for `watcher retry` (pending), or were left alone as
+    someone else's (kept, with the sidecar's name): counts, and up to 10 of each with why."""
+    out: dict[str, Any] = {}
+    for state in ("pending", "kept"):
+        n = db.conn.execute(
+            "SELECT count(*) FROM images WHERE sidecar_state = ?", (state,)
+        ).fetchone()[0]
+        found = db.conn.execute(
+            """SELECT path, sidecar, sidecar_error FROM images WHERE sidecar_state = ?
+               ORDER BY updated DESC LIMIT 10""",
+            (state,),
+        ).fetchall()
+        out[f"sidecars_{state}"] = n
+        out[f"sidecars_{state}_list"] = [
+            {"path": decode(p), "sidecar": decode(s) if s else s, "reason": r}
+            if state == "kept"
+            else {"path": decode(p), "reason": r}
+            for p, s, r in found
+        ]
+    return out
 
 
 def _other_outputs(db: sqlite_utils.Database) -> dict:

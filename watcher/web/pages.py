@@ -395,13 +395,10 @@ class Pages:
         side = thumbs.SIDES.get(size)
         if side is None:
             return _json_error(400, f"size is one of {', '.join(thumbs.SIDES)}")
-        db = self.reader()
-        row = Index(db).by_id(request.path_params["id"]) if db is not None else None
-        if row is None:
-            return _json_error(404, "no such image")
-        opened = open_image(self.ctx.config, row)
-        if opened is None:
-            return _json_error(404, "no such image")
+        try:
+            row, opened = self._opened(request)
+        except _Error as e:
+            return _json_error(e.status, e.message)
         try:
             data = None
             if (opened.size, opened.mtime_ns) == (row.size, row.mtime_ns):
@@ -431,14 +428,23 @@ class Pages:
             opened.close()
         return Response(jpeg, media_type="image/jpeg", headers=headers)
 
-    def original(self, request: Request) -> Response:
+    def _opened(self, request: Request) -> tuple[ImageRow, Any]:
+        """The image of the URL's id and its file, opened as web.files does; _Error(404)
+        for an id not in the index or a file no longer there (or no longer allowed)."""
         db = self.reader()
         row = Index(db).by_id(request.path_params["id"]) if db is not None else None
         if row is None:
-            return _json_error(404, "no such image")
+            raise _Error(404, "no such image")
         opened = open_image(self.ctx.config, row)
         if opened is None:
-            return _json_error(404, "no such image")
+            raise _Error(404, "no such image")
+        return row, opened
+
+    def original(self, request: Request) -> Response:
+        try:
+            row, opened = self._opened(request)
+        except _Error as e:
+            return _json_error(e.status, e.message)
         fmt = opened.format
         headers = {
             "X-Content-Type-Options": "nosniff",
