@@ -85,9 +85,9 @@ class Writer(threading.Thread):
     def _say(self, level: str, event: str, **fields: Any) -> None:
         self._said.append((level, event, fields))
 
-    def say_now(self) -> None:
-        """Log the outcome lines kept back (after a commit; or by a Ray actor, whose
-        driver commits)."""
+    def _say_now(self) -> None:
+        """Log the outcome lines kept back: after the batch's commit. (A Ray actor's lines
+        travel with its results and are said by the driver, after its commit.)"""
         said, self._said = self._said, []
         for level, event, fields in said:
             getattr(log, level)(event, **fields)
@@ -233,7 +233,7 @@ class Writer(threading.Thread):
             self._end(items)
             return
         self._db_failures = 0
-        self.say_now()
+        self._say_now()
         for row in orphans:
             self._remove_orphan(row)
         self._created.clear()
