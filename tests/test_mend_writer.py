@@ -11,7 +11,7 @@ from test_stages import _WriterRun
 
 from watcher.index import Index, connect
 from watcher.jobs import JobQueue
-from watcher.messages import Failed
+from watcher.messages import Failed, Outcome, OutcomeState
 from watcher.pipeline import writer as writer_module
 
 
@@ -105,3 +105,26 @@ def test_a_batch_the_database_refuses_is_said_only_as_what_was_committed(
     assert said == ["database write failed; jobs will be retried"]
     assert reader.at(said[0])[1][0] == "pending"  # released and committed before the line
     assert w.jobs.state_of(str(w.pics / "busy.jpg"))[0] == "pending"
+
+
+def test_a_ray_actors_lines_are_said_by_the_driver_after_its_commit(tmp_path, reader):
+    """On Ray the sidecar step runs in an actor; its lines travel with its results and the
+    driver says them once it has committed (here: an image deleted while captioned)."""
+    from watcher.cluster import Result, _committer
+
+    w = _WriterRun(tmp_path)
+    item = w.captioned("deleted.jpg", "a bird")
+    path = str(w.pics / "deleted.jpg")
+    gone = Outcome(path, OutcomeState.GONE, "image deleted while being captioned")
+    said = (("info", "image deleted while being captioned", {"path": path}),)
+    db = connect(w.cfg.database)
+    outcomes: list[Outcome] = []
+    try:
+        _committer(w.cfg, db, outcomes.append).commit([Result(item.prepared.job, gone, item, said)])
+    finally:
+        db.conn.close()
+
+    assert outcomes == [gone]
+    # Said once, after the commit that forgot the job.
+    assert [e for e, *_ in reader.seen] == ["image deleted while being captioned"]
+    assert reader.at("image deleted while being captioned")[1:] == (None, None)
