@@ -97,6 +97,27 @@ def write_config(
     return p
 
 
+def cli_config(tmp_path: Path, model: Path, **extra) -> Path:
+    """`tmp_path/config.yaml` for one-shot commands: the tiny model in-process (no worker
+    process to start), warnings only; `extra` replaces top-level sections (`folders=`)."""
+    data = {
+        "model": {
+            "backend": "transformers",
+            "path": str(model),
+            "batch_size": 4,
+            "max_tokens": 8,
+            "isolate": False,
+        },
+        "database": str(tmp_path / "index.db"),
+        "log": {"level": "warning"},
+        "retry_backoff": 0.05,
+    }
+    data.update(extra)
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
 class Daemon:
     def __init__(
         self,

@@ -9,29 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import cli_config as _config
 from daemon_harness import run_cli as _run
 from images import distinct_image, write_empty, write_text_as_png
-
-
-def _config(tmp_path: Path, model: Path, **extra) -> Path:
-    data = {
-        "model": {
-            "backend": "transformers",
-            "path": str(model),
-            "batch_size": 4,
-            "max_tokens": 8,
-            "isolate": False,  # these tests are about the command, not the model process
-        },
-        "database": str(tmp_path / "index.db"),
-        "log": {"level": "warning"},
-    }
-    defaults = extra.pop("defaults", None)
-    if defaults:
-        data["defaults"] = defaults
-    data.update(extra)
-    p = tmp_path / "config.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
 
 
 def _rows(db: Path) -> dict[str, tuple]:

@@ -13,29 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_harness import cli_config as config
 from daemon_harness import run_cli
 from images import distinct_image, write_empty
 
 import watcher.backends as backends
-
-
-def config(tmp_path: Path, model: Path, **extra) -> Path:
-    data = {
-        "model": {
-            "backend": "transformers",
-            "path": str(model),
-            "batch_size": 4,
-            "max_tokens": 8,
-            "isolate": False,
-        },
-        "database": str(tmp_path / "index.db"),
-        "log": {"level": "warning"},
-        "retry_backoff": 0.05,
-    }
-    data.update(extra)
-    p = tmp_path / "config.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
 
 
 def row(db: Path, path: Path) -> dict:

@@ -9,9 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import require
-from daemon_harness import run_cli
+from daemon_harness import cli_config, run_cli
 from images import distinct_image
 
 from watcher.config import ConfigError, FolderConfig, parse_config
@@ -67,23 +66,7 @@ def test_schema_4_migrates_a_version_2_database_and_follows_image_rows(tmp_path)
 
 
 def _config(tmp_path: Path, model: Path, **folder) -> Path:
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {
-                    "backend": "transformers",
-                    "path": str(model),
-                    "max_tokens": 8,
-                    "isolate": False,
-                },
-                "database": str(tmp_path / "index.db"),
-                "log": {"level": "warning"},
-                "folders": [{"path": str(tmp_path / "pics"), **folder}],
-            }
-        )
-    )
-    return cfg
+    return cli_config(tmp_path, model, folders=[{"path": str(tmp_path / "pics"), **folder}])
 
 
 def _description(xmp: Path) -> str:

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import require
-from daemon_harness import Daemon, run_cli, wait_for, write_config
+from daemon_harness import Daemon, cli_config, run_cli, wait_for, write_config
 from images import distinct_image, distinct_pil
 from PIL import Image, ImageCms
 
@@ -153,32 +152,14 @@ def test_description_edited_in_a_photo_manager_is_kept(tmp_path):
     assert again.state == SidecarState.KEPT
 
 
-def _config(tmp_path: Path, model: Path, pics: Path) -> Path:
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {
-                    "backend": "transformers",
-                    "path": str(model),
-                    "max_tokens": 8,
-                    "isolate": False,
-                },
-                "database": str(tmp_path / "index.db"),
-                "log": {"level": "warning"},
-                "folders": [{"path": str(pics), "outputs": ["txt", "embed"]}],
-            }
-        )
-    )
-    return cfg
-
-
 @pytest.mark.slow
 def test_kill_9_during_embed_leaves_the_old_file_then_a_rerun_embeds(tmp_path, tiny_llava):
     pics = tmp_path / "pics"
     image = photo_with_metadata(pics / "photo.jpg")
     old = image.read_bytes()
-    cfg = _config(tmp_path, tiny_llava, pics)
+    cfg = cli_config(
+        tmp_path, tiny_llava, folders=[{"path": str(pics), "outputs": ["txt", "embed"]}]
+    )
     gate = tmp_path / "gate"
     env = {
         **os.environ,

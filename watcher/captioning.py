@@ -279,9 +279,30 @@ def show(db: sqlite_utils.Database, path: str) -> dict[str, Any] | None:
                 "sha256": row.sha256,
                 "created": row.created,
                 "updated": row.updated,
+                "output_records": _output_records(db, path),
             }
         )
     return out
+
+
+def _output_records(db: sqlite_utils.Database, path: str) -> list[dict[str, Any]]:
+    """The image's xmp/embed outputs as last written (image_outputs): which, where, in
+    what state and why, and when."""
+    cur = db.conn.execute(
+        """SELECT o.output, o.target, o.state, o.error, o.updated FROM image_outputs o
+           JOIN images i ON i.rowid = o.image WHERE i.path = ? ORDER BY o.output""",
+        (encode(path),),
+    )
+    return [
+        {
+            "output": name,
+            "target": decode(target) if target is not None else None,
+            "state": state,
+            "reason": error,
+            "updated": updated,
+        }
+        for name, target, state, error, updated in cur
+    ]
 
 
 def _read_sidecar(path: str, limit: int = 1 << 20) -> str | None:

@@ -999,8 +999,6 @@ def cmd_show(args, cfg: Config, out: TextIO, err: TextIO) -> int:
 
 
 def render_show(info: dict[str, Any]) -> str:
-    import datetime
-
     lines = [shown(info["path"]) + ("" if info["exists"] else "  (file no longer exists)")]
     job = info.get("job")
     if "caption" not in info:
@@ -1024,6 +1022,14 @@ def render_show(info: dict[str, Any]) -> str:
     )
     if side is not None:
         lines.append(f"  sidecar text: {shown(side.rstrip(chr(10)))}")
+    for rec in info.get("output_records", []):
+        # The xmp/embed outputs beside the sidecar: what each did, where, and when.
+        lines.append(
+            f"  {rec['output']} output: {rec['state']}"
+            + (f" ({shown(rec['target'])})" if rec["target"] else "")
+            + f", {_utc(rec['updated'])}"
+            + (f": {shown(rec['reason'])}" if rec["reason"] else "")
+        )
     lines.append(f"  caption (index): {shown(info['caption'])}")
     # The sidecar kept (the user's text): the model's caption is in the index beside it.
     lines.append(f"  model's caption: {shown(info['model_caption'])}")
@@ -1035,10 +1041,16 @@ def render_show(info: dict[str, Any]) -> str:
     for key, text in sorted(info["outputs"].items()):
         if key != info["task"]:
             lines.append(f"  output {key}: {shown(text)}")
-    when = datetime.datetime.fromtimestamp(info["updated"], datetime.timezone.utc)
-    lines.append(f"  captioned: {when.strftime('%Y-%m-%d %H:%M:%S')} UTC")
+    lines.append(f"  captioned: {_utc(info['updated'])}")
     lines.append(f"  size: {info['width']}x{info['height']}, sha256 {info['sha256'][:16]}")
     return "\n".join(lines) + "\n"
+
+
+def _utc(seconds: float) -> str:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return f"{when.strftime('%Y-%m-%d %H:%M:%S')} UTC"
 
 
 def cmd_prune(args, cfg: Config, out: TextIO, err: TextIO) -> int:

@@ -87,6 +87,9 @@ class Result:
     job: Job
     written: ImageRow | Outcome | Failed
     item: Captioned | None = None
+    # The writer's outcome log lines for it (kept, pending, changed meanwhile), said by the
+    # driver once it has committed the row (watcher.pipeline.writer: _say).
+    said: tuple[tuple[str, str, dict[str, Any]], ...] = ()
 
 
 class _Snapshot:
@@ -173,7 +176,8 @@ class CaptionActor:
 
                 written = Failed(job, error_reason("writing sidecar", e), transient=True)
             light = dataclasses.replace(item, prepared=_without_pixels(item.prepared))
-            results.append(Result(job, written, light))
+            said, writer._said = tuple(writer._said), []
+            results.append(Result(job, written, light, said))
         for folder, root in writer._dirty.items():  # renames durable before the driver commits
             try:
                 fsync_dir(folder, root)
@@ -210,10 +214,12 @@ def _committer(cfg: Config, db: sqlite_utils.Database, on_outcome: Any) -> Any:
             self.db = db
             self.index = Index(db)
             self.jobs = JobQueue(db)
-            self.done: dict[int, ImageRow | Outcome | Failed] = {}
+            self.done: dict[int, tuple[ImageRow | Outcome | Failed, tuple]] = {}
 
         def _sidecar(self, item: Captioned) -> ImageRow | Outcome | Failed:
-            return self.done.pop(item.prepared.job.id)
+            written, said = self.done.pop(item.prepared.job.id)
+            self._said += said  # the actor's lines, said after this batch commits
+            return written
 
         def commit(self, results: Sequence[Result]) -> None:
             items: list[Any] = []
@@ -221,7 +227,7 @@ def _committer(cfg: Config, db: sqlite_utils.Database, on_outcome: Any) -> Any:
                 if r.item is None:
                     items.append(r.written)
                 else:
-                    self.done[r.job.id] = r.written
+                    self.done[r.job.id] = (r.written, r.said)
                     items.append(r.item)
             if items:
                 self._write(items, last_chance=True)

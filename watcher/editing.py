@@ -99,12 +99,7 @@ def edit_caption(
         raise EditError(f"{shown(image)} is not in the index")
     folder = _folder(config, row)
     sidecar = _sidecar_path(folder, row, index)
-    try:
-        fd = open_folder(Path(row.root), sidecar.parent)
-    except FolderMoved as e:
-        raise EditError(e.reason) from None
-    except OSError as e:
-        raise EditError(f"cannot open the folder of {shown(sidecar)}: {e.strerror}") from None
+    fd = _open_folder(row, sidecar)
     try:
         on_disk = hash_at(fd, sidecar.name)
         if on_disk in (NOT_A_FILE, TOO_BIG):
@@ -141,6 +136,17 @@ def edit_caption(
     return Edited(image, str(sidecar), written, SidecarState.KEPT.value, text)
 
 
+def _open_folder(row: ImageRow, sidecar: Path) -> int:
+    """The sidecar's folder, opened from the watched root without following links (as the
+    writer does); why not, as an EditError the page shows."""
+    try:
+        return open_folder(Path(row.root), sidecar.parent)
+    except FolderMoved as e:
+        raise EditError(e.reason) from None
+    except OSError as e:
+        raise EditError(f"cannot open the folder of {shown(sidecar)}: {e.strerror}") from None
+
+
 def apply_caption(
     config: Config,
     db: sqlite_utils.Database,
@@ -166,12 +172,7 @@ def apply_caption(
     caption = clean_caption(output, folder.prefix, folder.suffix)
     sidecar = _sidecar_path(folder, row, index)
     shown_caption, ours, error = caption, row.sidecar_sha256, None
-    try:
-        fd = open_folder(Path(row.root), sidecar.parent)
-    except FolderMoved as e:
-        raise EditError(e.reason) from None
-    except OSError as e:
-        raise EditError(f"cannot open the folder of {shown(sidecar)}: {e.strerror}") from None
+    fd = _open_folder(row, sidecar)
     try:
         on_disk = hash_at(fd, sidecar.name)
         decision = decide_hash(folder.overwrite, on_disk, ours, caption + "\n")

@@ -19,13 +19,8 @@ from watcher.intake.observer import Sink
 from watcher.intake.scan import scan_folder
 from watcher.intake.settle import Ready, Settler
 from watcher.jobs import JobQueue
-from watcher.outputs.sidecar import (
-    FolderMoved,
-    SidecarRefused,
-    remove_if_ours,
-    rename_if_ours,
-    render,
-)
+from watcher.outputs.sidecar import follow_image, remove_if_ours
+from watcher.outputs.xmp import follow as follow_xmp
 from watcher.paths import shown
 
 log = structlog.get_logger("watcher.intake.events")
@@ -133,8 +128,11 @@ class FileEvents(Sink):
             else:
                 moved = False
                 new_sidecar = self._move_sidecar(row, dest, folder)
+                xmp = follow_xmp(self.index, Path(row.root), src, dest, folder)
                 self.index.delete(str(dest))
                 self.index.move(str(src), str(dest), new_sidecar)
+                if xmp is not None:  # its record follows the row; now its new name too
+                    self.index.set_outputs(str(dest), [xmp])
                 self.jobs.move(str(src), str(dest))
         if row is not None:
             log.info(
@@ -153,23 +151,18 @@ class FileEvents(Sink):
     def _move_sidecar(self, row: ImageRow, dest: Path, folder: FolderConfig) -> str | None:
         if not row.sidecar or not row.sidecar_sha256:
             return None
-        old = Path(row.sidecar)
-        try:
-            new = render(folder.sidecar, dest)
-            if self.index.sidecar_owner(str(new)):
-                return None
-            # Both folders opened from the root without following links (sidecar.py).
-            rename_if_ours(Path(row.root), old, new, row.sidecar_sha256, folder.extensions)
-        except (FileExistsError, ValueError):  # the name is taken, or it is not ours now
-            return None
-        except (OSError, FolderMoved, SidecarRefused) as e:
-            log.warning(
-                "could not rename our sidecar with its image",
-                sidecar=shown(old),
-                reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)),
-            )
-            return None
-        return str(new)
+        new = follow_image(
+            Path(row.root),
+            Path(row.sidecar),
+            folder.sidecar,
+            dest,
+            row.sidecar_sha256,
+            folder.extensions,
+            what="sidecar",
+            refuse=lambda new: bool(self.index.sidecar_owner(str(new))),
+            log=log,
+        )
+        return None if new is None else str(new)
 
     def dir_appeared(self, path: Path, folder: FolderConfig) -> None:
         # Files created before the new folder's watch existed produce no events: scan it.

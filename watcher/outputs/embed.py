@@ -10,7 +10,6 @@ import shutil
 import stat
 
 from watcher import faults
-from watcher.messages import SidecarState
 from watcher.outputs import metadata
 from watcher.outputs.base import Content, Output, Place, Record, Result, pending
 from watcher.outputs.sidecar import _O_CLOEXEC, _O_NOFOLLOW, TEMP_SUFFIX, fsync_fd
@@ -70,14 +69,13 @@ class EmbedOutput(Output):
             try:
                 merged = metadata.merge(src, dest, content, place.folder.overwrite, exif=True)
             except Exception as e:  # ExifTool cannot write this file (damaged, odd variant)
-                reason = str(getattr(e, "stderr", "") or e).strip().splitlines()
                 return Result(
                     Record(
                         "embed",
                         str(image),
                         ours,
                         SKIPPED,
-                        f"ExifTool cannot write this {kind} ({reason[0] if reason else e}); "
+                        f"ExifTool cannot write this {kind} ({metadata.exiftool_says(e)}); "
                         "not embedded",
                     )
                 )
@@ -91,15 +89,8 @@ class EmbedOutput(Output):
 
 
 def _result(image, sha: str, merged: metadata.Merge, identity) -> Result:
-    kept = merged.kept
-    state = SidecarState.KEPT if "description" in kept else SidecarState.WRITTEN
-    error = (
-        f"{' and '.join(kept)} changed by someone else (a photo manager); left alone"
-        if kept
-        else None
-    )
     return Result(
-        Record("embed", str(image), sha, state.value, error),
+        metadata.merged_record("embed", image, sha, merged),
         image_identity=identity,
         fields=merged.fields,
         wrote=identity is not None,

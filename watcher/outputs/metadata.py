@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watcher.outputs.base import Content
+from watcher.messages import SidecarState
+from watcher.outputs.base import Content, Record
 from watcher.outputs.sidecar import NOT_A_FILE, _open_regular
 
 CONFIG = Path(__file__).with_name("exiftool.config")
@@ -71,6 +73,10 @@ def _tool() -> Any:
         tool = exiftool.ExifToolHelper(
             config_file=str(CONFIG), common_args=["-G1", "-struct", "-charset", "utf8"]
         )
+        # ExifTool leaves a value that looks like a number unquoted in its JSON ("1.50"
+        # comes out as 1.50): parsed as text, it stays exactly what the file holds, so a
+        # caption such as "1.50" is still recognised as the one we wrote.
+        tool.set_json_loads(json.loads, parse_float=str, parse_int=str)
         tool.run()
         _sessions.tool = tool
         with _all_lock:
@@ -171,6 +177,25 @@ def merge(src: Path | None, dest: Path, content: Content, policy: str, *, exif: 
         shutil.copyfile(src, dest)
         tool.execute(*args, "-overwrite_original", str(dest))
     return Merge(True, fields)
+
+
+def merged_record(output: str, target: Path, sha: str | None, merged: Merge) -> Record:
+    """The xmp/embed record of a merge: `kept` while someone else's description stands
+    (keywords alone kept is still `written`), with which fields were left alone."""
+    kept = merged.kept
+    state = SidecarState.KEPT if "description" in kept else SidecarState.WRITTEN
+    error = (
+        f"{' and '.join(kept)} changed by someone else (a photo manager); left alone"
+        if kept
+        else None
+    )
+    return Record(output, str(target), sha, state.value, error)
+
+
+def exiftool_says(e: Exception) -> str:
+    """The first line of what ExifTool said when it refused a file."""
+    text = str(getattr(e, "stderr", "") or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _text(value: Any) -> str | None:

@@ -12,12 +12,14 @@ import string
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from watcher import faults
 from watcher.messages import SidecarState
 from watcher.outputs.base import Content, Output, Place, Record, Result, pending
+from watcher.paths import shown
 
 _log = structlog.get_logger("watcher.outputs.sidecar")
 
@@ -528,6 +530,39 @@ def rename_if_ours(
             os.close(dst)
     finally:
         os.close(src)
+
+
+def follow_image(
+    root: Path,
+    old: Path,
+    pattern: str,
+    dest: Path,
+    ours_sha256: str,
+    extensions: Collection[str],
+    *,
+    what: str,
+    refuse: Callable[[Path], bool],
+    log: Any,
+) -> Path | None:
+    """Our sidecar `old` renamed to the name `pattern` gives the image's new path `dest`
+    (rename_if_ours: unchanged, no link followed, nothing overwritten). Returns that name,
+    or None where it stays: a name `refuse`d, taken, or no longer ours (silently), or an
+    error (said on the caller's `log`, `what` naming the sidecar)."""
+    try:
+        new = render(pattern, dest)
+        if refuse(new):
+            return None
+        rename_if_ours(root, old, new, ours_sha256, extensions)
+    except (FileExistsError, ValueError):  # the name is taken, or it is not ours now
+        return None
+    except (OSError, FolderMoved, SidecarRefused) as e:
+        log.warning(
+            f"could not rename our {what} with its image",
+            sidecar=shown(old),
+            reason=getattr(e, "reason", None) or getattr(e, "strerror", str(e)),
+        )
+        return None
+    return new
 
 
 def is_temp(name: str) -> bool:

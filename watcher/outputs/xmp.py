@@ -5,7 +5,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import structlog
+
+from watcher.config import FolderConfig
 from watcher.messages import SidecarState
 from watcher.outputs import metadata
 from watcher.outputs.base import Content, Output, Place, Record, Result, pending
@@ -13,10 +18,16 @@ from watcher.outputs.sidecar import (
     NOT_A_FILE,
     SidecarRefused,
     check_name,
+    follow_image,
     hash_at,
     render,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    from watcher.index import Index
+
+log = structlog.get_logger("watcher.outputs.xmp")
 
 # darktable's sidecars grow with the edit history; beyond this it is not a sidecar.
 XMP_MAX_BYTES = 32 << 20
@@ -81,7 +92,7 @@ class XmpOutput(Output):
                         str(target),
                         ours,
                         SidecarState.KEPT.value,
-                        f"ExifTool cannot read it ({_first_line(e)}); left alone",
+                        f"ExifTool cannot read it ({metadata.exiftool_says(e)}); left alone",
                     )
                 )
             if not merged.changed:
@@ -103,21 +114,34 @@ class XmpOutput(Output):
 def _result(
     target, sha: str | None, merged: metadata.Merge, *, wrote: bool, created: bool = False
 ) -> Result:
-    kept = merged.kept
-    state = SidecarState.KEPT if "description" in kept else SidecarState.WRITTEN
-    error = (
-        f"{' and '.join(kept)} changed by someone else (a photo manager); left alone"
-        if kept
-        else None
-    )
     return Result(
-        Record("xmp", str(target), sha, state.value, error),
+        metadata.merged_record("xmp", target, sha, merged),
         fields=merged.fields,
         wrote=wrote,
         created=created,
     )
 
 
-def _first_line(e: Exception) -> str:
-    text = str(getattr(e, "stderr", "") or e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def follow(index: Index, root: Path, src: Path, dest: Path, folder: FolderConfig) -> Record | None:
+    """Our XMP sidecar of `src`, renamed to its name beside `dest` (the image moved), under
+    the `.txt` sidecar's rules: only a file the index says we wrote and still exactly as we
+    left it, both folders opened from the root without following links, never over a file
+    already at the new name. Returns the record for `dest` (caller's transaction, before
+    the row moves), or None: nothing followed (the next write makes a new one)."""
+    rec = index.output(src, "xmp")
+    if rec is None or rec.target is None or rec.sha256 is None:
+        return None
+    new = follow_image(
+        root,
+        Path(rec.target),
+        folder.xmp_sidecar,
+        dest,
+        rec.sha256,
+        folder.extensions,
+        what="XMP sidecar",
+        refuse=lambda new: new.parent != dest.parent,  # an XMP is beside its image
+        log=log,
+    )
+    if new is None:
+        return None
+    return Record("xmp", str(new), rec.sha256, rec.state, rec.error)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -77,6 +78,19 @@ class Writer(threading.Thread):
         # Asks whichever index the writer has when it writes: its own connection's (run), or
         # the snapshot a Ray actor gives it (watcher.cluster), which never calls run().
         self._txt = TxtOutput(lambda sidecar: self.index.sidecar_owner(sidecar), sync_dir=False)
+        # This batch's outcome log lines (level, event, fields), said only once its
+        # transaction has committed: whoever reads a line finds the index already saying it.
+        self._said: list[tuple[str, str, dict[str, Any]]] = []
+
+    def _say(self, level: str, event: str, **fields: Any) -> None:
+        self._said.append((level, event, fields))
+
+    def _say_now(self) -> None:
+        """Log the outcome lines kept back: after the batch's commit. (A Ray actor's lines
+        travel with its results and are said by the driver, after its commit.)"""
+        said, self._said = self._said, []
+        for level, event, fields in said:
+            getattr(log, level)(event, **fields)
 
     def run(self) -> None:
         self.db = connect(self.db_path)
@@ -107,10 +121,11 @@ class Writer(threading.Thread):
                 try:
                     self._write(items, last_chance=stop)
                 except Exception as e:  # a bug here must not stop the writer for good
-                    log.error("unexpected error in the writer; jobs will be retried", exc_info=e)
+                    self._said.clear()  # nothing of the batch was committed
                     self._give_back(
                         items, f"unexpected error writing results: {type(e).__name__}: {e}"
                     )
+                    log.error("unexpected error in the writer; jobs will be retried", exc_info=e)
                     self._end(items)
         self.db.conn.close()
         # The ExifTool process the xmp/embed outputs started for this thread, if any.
@@ -128,6 +143,7 @@ class Writer(threading.Thread):
         skipped: list[tuple[Job, str]] = []  # its folder became a link: not captioned there
         self._dirty.clear()
         self._extras.clear()
+        self._said.clear()
         for item in items:
             if isinstance(item, Failed):
                 failures.append(item)
@@ -207,14 +223,17 @@ class Writer(threading.Thread):
                 # Test-only seam (watcher.faults) where SQLite reports a full disk: COMMIT.
                 faults.hit("db_commit", [r.path for r, _, _ in rows])
         except sqlite3.OperationalError as e:
-            # Disk full or I/O error on the database: nothing was committed. Sidecars already
-            # written hold the same deterministic text, so the next attempt finds them "same".
+            # Disk full or I/O error on the database: nothing was committed (so nothing of
+            # it is said). Sidecars already written hold the same deterministic text, so the
+            # next attempt finds them "same".
+            self._said.clear()
             if not last_chance and self._defer(items, e):
                 return
             self._retry_later(rows, failures, requeue + gone + [j for j, _ in skipped], e)
             self._end(items)
             return
         self._db_failures = 0
+        self._say_now()
         for row in orphans:
             self._remove_orphan(row)
         self._created.clear()
@@ -299,7 +318,6 @@ class Writer(threading.Thread):
 
     def _retry_later(self, rows, failures, recheck, exc: Exception) -> None:
         reason = f"database write failed: {exc}"
-        log.warning("database write failed; jobs will be retried", error=str(exc))
         try:
             with transaction(self.db):
                 for _, job, _ in rows:
@@ -317,13 +335,15 @@ class Writer(threading.Thread):
         except sqlite3.OperationalError:
             # Still failing: the jobs stay `running` and are recovered at the next start.
             log.error("database still not writable", error=str(exc))
+            return
+        log.warning("database write failed; jobs will be retried", error=str(exc))
 
     def _failure(self, f: Failed) -> Outcome:
         path = str(f.job.path)
         if f.vanished:
             self.jobs.forget(path)
             self.index.delete(path)
-            log.info("image gone before it was captioned", path=path)
+            self._say("info", "image gone before it was captioned", path=path)
             return Outcome(path, OutcomeState.GONE, f.reason)
         state = self.jobs.fail(
             f.job,
@@ -334,9 +354,9 @@ class Writer(threading.Thread):
             identity=f.identity,
         )
         if state == JobState.FAILED:
-            log.warning("image failed", path=path, reason=f.reason, outcome="failed")
+            self._say("warning", "image failed", path=path, reason=f.reason, outcome="failed")
             return Outcome(path, OutcomeState.FAILED, f.reason)
-        log.info("will retry", path=path, reason=f.reason, outcome="retry")
+        self._say("info", "will retry", path=path, reason=f.reason, outcome="retry")
         return Outcome(path, OutcomeState.RETRY, f.reason)
 
     def _folder(self, job: Job) -> FolderConfig:
@@ -355,11 +375,12 @@ class Writer(threading.Thread):
         try:
             dir_fd = open_folder(Path(job.root), job.path.parent)
         except (FileNotFoundError, NotADirectoryError):
-            log.info("image deleted while being captioned", path=path)
+            self._say("info", "image deleted while being captioned", path=path)
             return Outcome(path, OutcomeState.GONE, "image deleted while being captioned")
         except FolderMoved as e:
             reason = f"{e.reason}; not captioned there (captioned once it is a folder again)"
-            log.warning(
+            self._say(
+                "warning",
                 "folder replaced while being captioned; no sidecar written",
                 path=path,
                 reason=reason,
@@ -378,12 +399,12 @@ class Writer(threading.Thread):
             # Follows a file link (one inside the root was read); only looks.
             st = os.stat(job.path.name, dir_fd=dir_fd)
         except (FileNotFoundError, NotADirectoryError):
-            log.info("image deleted while being captioned", path=path)
+            self._say("info", "image deleted while being captioned", path=path)
             return Outcome(path, OutcomeState.GONE, "image deleted while being captioned")
         same_file = p.ino == 0 or (st.st_dev, st.st_ino) == (p.dev, p.ino)
         if (st.st_size, st.st_mtime_ns) != (p.size, p.mtime_ns) or not same_file:
             # Replaced while the model ran: this caption describes old bytes. Run it again.
-            log.info("image changed while being captioned; re-queued", path=path)
+            self._say("info", "image changed while being captioned; re-queued", path=path)
             return Outcome(path, OutcomeState.REQUEUED, "image changed while being captioned")
         folder = self._folder(job)
         texts = {t.key: clean_caption(o) for t, o in zip(item.tasks, item.outputs, strict=True)}
@@ -422,9 +443,12 @@ class Writer(threading.Thread):
         if state == SidecarState.KEPT:
             if result.theirs is not None:
                 shown_caption = result.theirs
-            log.info("kept existing sidecar (not ours)", path=path, sidecar=sidecar, reason=error)
+            self._say(
+                "info", "kept existing sidecar (not ours)", path=path, sidecar=sidecar, reason=error
+            )
         elif state == SidecarState.PENDING:
-            log.warning(
+            self._say(
+                "warning",
                 "sidecar not written; caption kept in the index",
                 path=path,
                 sidecar=sidecar,
@@ -490,22 +514,18 @@ class Writer(threading.Thread):
                         why,
                     )
                 )
-            if result.record.state == SidecarState.PENDING.value:
-                log.warning(
-                    "output not written; caption kept in the index",
-                    path=str(place.image),
-                    output=name,
-                    reason=result.record.error,
-                )
-            elif result.record.state == SidecarState.KEPT.value:
-                log.info(
-                    "output kept (edited by someone else)",
-                    path=str(place.image),
-                    output=name,
-                    reason=result.record.error,
-                )
+            said = _OUTPUT_SAID.get(result.record.state)
+            if said is not None:
+                self._say(*said, path=str(place.image), output=name, reason=result.record.error)
             results.append(result)
         return results
+
+
+# What the writer says of an xmp/embed output left pending or kept: (level, event).
+_OUTPUT_SAID = {
+    SidecarState.PENDING.value: ("warning", "output not written; caption kept in the index"),
+    SidecarState.KEPT.value: ("info", "output kept (edited by someone else)"),
+}
 
 
 def no_text_reason(output: str) -> str:

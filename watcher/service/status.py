@@ -75,21 +75,7 @@ def collect(db_path: Path, model: ModelConfig | None = None) -> dict:
                 if f.get("state") == "missing":  # rows kept, pointing at a missing folder
                     f["indexed_images"] = Index(db).count_under(f["path"])
         images = db.conn.execute("SELECT count(*) FROM images").fetchone()[0]
-        pending_sidecars = db.conn.execute(
-            "SELECT path, sidecar_error FROM images WHERE sidecar_state = 'pending' "
-            "ORDER BY updated DESC LIMIT 10"
-        ).fetchall()
-        n_pending_sidecars = db.conn.execute(
-            "SELECT count(*) FROM images WHERE sidecar_state = 'pending'"
-        ).fetchone()[0]
         n_skipped, skipped = jobs.skipped(10)
-        kept = db.conn.execute(
-            "SELECT path, sidecar, sidecar_error FROM images WHERE sidecar_state = 'kept' "
-            "ORDER BY updated DESC LIMIT 10"
-        ).fetchall()
-        n_kept = db.conn.execute(
-            "SELECT count(*) FROM images WHERE sidecar_state = 'kept'"
-        ).fetchone()[0]
         # Failures of images deleted since are not failures any more: left out of the
         # report (the connection is read-only; the next `caption` or scan forgets them).
         from watcher.captioning import vanished_failures
@@ -107,23 +93,38 @@ def collect(db_path: Path, model: ModelConfig | None = None) -> dict:
                 {"path": f.path, "reason": f.error, "attempts": f.attempts, "when": f.updated}
                 for f in failures
             ],
-            "sidecars_pending": n_pending_sidecars,
-            "sidecars_pending_list": [
-                {"path": decode(p), "reason": r} for p, r in pending_sidecars
-            ],
+            **_sidecars(db),
             "skipped": n_skipped,
             "skipped_list": [{"path": p, "reason": r} for p, r in skipped],
-            "sidecars_kept": n_kept,
-            "sidecars_kept_list": [
-                {"path": decode(p), "sidecar": decode(s) if s else s, "reason": r}
-                for p, s, r in kept
-            ],
             "missing": missing_rows_estimate(db),
             **_other_outputs(db),
             "semantic": semantic_progress(db, images),
         }
     finally:
         db.conn.close()
+
+
+def _sidecars(db: sqlite_utils.Database) -> dict:
+    """The `.txt` sidecars that wait for `watcher retry` (pending), or were left alone as
+    someone else's (kept, with the sidecar's name): counts, and up to 10 of each with why."""
+    out: dict[str, Any] = {}
+    for state in ("pending", "kept"):
+        n = db.conn.execute(
+            "SELECT count(*) FROM images WHERE sidecar_state = ?", (state,)
+        ).fetchone()[0]
+        found = db.conn.execute(
+            """SELECT path, sidecar, sidecar_error FROM images WHERE sidecar_state = ?
+               ORDER BY updated DESC LIMIT 10""",
+            (state,),
+        ).fetchall()
+        out[f"sidecars_{state}"] = n
+        out[f"sidecars_{state}_list"] = [
+            {"path": decode(p), "sidecar": decode(s) if s else s, "reason": r}
+            if state == "kept"
+            else {"path": decode(p), "reason": r}
+            for p, s, r in found
+        ]
+    return out
 
 
 def _other_outputs(db: sqlite_utils.Database) -> dict:
@@ -270,36 +271,36 @@ def render(report: dict) -> str:
     s = report.get("semantic")
     if s and (s["embedded"] or s["backfill"]):
         lines += semantic_lines(report["semantic"], bool(d and d["running"]))
-    if report.get("sidecars_pending"):
-        # The reasons differ (a read-only folder, a name too long, a folder in the way):
-        # each path says its own; the heading only says what to do.
-        lines.append(
+    # The reasons differ (a read-only folder, a name too long, a folder in the way): each
+    # path says its own; the heading only says what to do. Kept sidecars (edited by the
+    # user, their own; overwrite: never) have their text in the index, the model's beside.
+    for key, heading, where in (
+        (
+            "sidecars_pending",
             "sidecars pending (caption kept in the index; `watcher retry --all` "
-            f"once the reason is fixed): {report['sidecars_pending']}"
-        )
-        for s in report.get("sidecars_pending_list", []):
-            lines.append(f"  {shown(s['path'])}: {s['reason']}")
-    if report.get("sidecars_kept"):
-        # Existing sidecars left alone (edited by the user, their own, overwrite: never):
-        # the index holds their text; the model's caption is beside it.
-        lines.append(f"sidecars kept (edited by you; not overwritten): {report['sidecars_kept']}")
-        for s in report.get("sidecars_kept_list", []):
-            lines.append(f"  {shown(s['sidecar'] or s['path'])}: {s['reason']}")
-    if report.get("outputs_pending"):
-        lines.append(
-            "outputs pending (xmp, embed; `watcher retry --all` once the reason is fixed): "
-            f"{report['outputs_pending']}"
-        )
-        for s in report.get("outputs_pending_list", []):
-            lines.append(f"  {s['output']}: {shown(s['path'])}: {s['reason']}")
-    if report.get("outputs_kept"):
-        lines.append(f"outputs kept (changed in a photo manager): {report['outputs_kept']}")
-        for s in report.get("outputs_kept_list", []):
-            lines.append(f"  {s['output']}: {shown(s['path'])}: {s['reason']}")
-    if report.get("skipped"):
-        lines.append(f"skipped, not captioned: {report['skipped']}")
-        for s in report.get("skipped_list", []):
-            lines.append(f"  {shown(s['path'])}: {s['reason']}")
+            "once the reason is fixed)",
+            lambda s: shown(s["path"]),
+        ),
+        (
+            "sidecars_kept",
+            "sidecars kept (edited by you; not overwritten)",
+            lambda s: shown(s["sidecar"] or s["path"]),
+        ),
+        (
+            "outputs_pending",
+            "outputs pending (xmp, embed; `watcher retry --all` once the reason is fixed)",
+            lambda s: f"{s['output']}: {shown(s['path'])}",
+        ),
+        (
+            "outputs_kept",
+            "outputs kept (changed in a photo manager)",
+            lambda s: f"{s['output']}: {shown(s['path'])}",
+        ),
+        ("skipped", "skipped, not captioned", lambda s: shown(s["path"])),
+    ):
+        if report.get(key):
+            lines.append(f"{heading}: {report[key]}")
+            lines += [f"  {where(s)}: {s['reason']}" for s in report.get(f"{key}_list", [])]
     if report.get("missing"):
         lines.append(
             f"index rows of missing files: {report['missing']} (their folders are "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ CSP = (
 )
 RECAPTION_TASKS = ("prompt", "short", "normal", "long")
 _FORM_MAX = 1 << 20  # a caption edit: 1 MiB is the sidecar limit too
+_Work = Callable[[sqlite_utils.Database], None]  # what a form writes, on its own connection
 
 
 @dataclass(frozen=True)
@@ -234,23 +236,94 @@ class Pages:
             return _json_error(e.status, e.message)
 
     async def edit(self, request: Request) -> Response:
-        from watcher.editing import EditConflict, EditError, edit_caption
+        from watcher.editing import edit_caption
+
+        async def change(form: dict[str, Any], image_id: int) -> _Work:
+            text = str(form.get("caption", ""))
+            expected = str(form.get("sidecar_sha256", "")) or None
+            row = self.row(image_id)
+
+            def work(db: sqlite_utils.Database) -> None:
+                edit_caption(self.ctx.config, db, row.path, text, expected_sha256=expected)
+                self._embed(db, row.path)
+
+            return work
+
+        return await self._change(request, "saved", change, shown_text="caption")
+
+    async def recaption(self, request: Request) -> Response:
+        from watcher.editing import apply_caption
+
+        async def change(form: dict[str, Any], image_id: int) -> _Work:
+            kind = str(form.get("task", ""))
+            if kind not in RECAPTION_TASKS:
+                raise _Error(400, f"unknown task {kind!r}")
+            lane = self.ctx.lane
+            if lane is None:
+                raise _Error(503, "no model is loaded here")
+            row = self.row(image_id)
+            picture = await run_in_threadpool(self._picture, row)
+            task = Task(kind, max_tokens=self.ctx.config.model.max_tokens)
+            try:
+                text = await lane.describe(picture, task)
+            except Exception as e:  # the model stopped or crashed: said, nothing changed
+                raise _Error(503, f"the model could not answer: {e}") from None
+            from watcher.captioning import model_name, model_revision
+
+            def work(db: sqlite_utils.Database) -> None:
+                apply_caption(
+                    self.ctx.config,
+                    db,
+                    row.path,
+                    task,
+                    text,
+                    model=model_name(self.ctx.config.model),
+                    revision=model_revision(self.ctx.config.model),
+                )
+                self._embed(db, row.path)
+
+            return work
+
+        return await self._change(request, "recaptioned", change)
+
+    async def save_output(self, request: Request) -> Response:
+        from watcher.editing import save_output
+
+        async def change(form: dict[str, Any], image_id: int) -> _Work:
+            question = str(form.get("question", "")).strip()
+            answer = str(form.get("answer", ""))
+            if not question:
+                raise _Error(400, "the question is missing")
+            row = self.row(image_id)
+            return lambda db: save_output(db, row.path, Task("query", question).key, answer)
+
+        return await self._change(request, "answer-saved", change)
+
+    async def _change(
+        self,
+        request: Request,
+        done: str,
+        change: Callable[[dict[str, Any], int], Awaitable[_Work]],
+        shown_text: str | None = None,
+    ) -> Response:
+        """One form that changes an image (edit, recaption, saved answer): read the form,
+        let `change` check it and say what to write, write that on a connection of its own
+        off the event loop, and answer (errors on the image's page, or as JSON). An edit
+        refused keeps the form's `shown_text` field on the page, so nothing typed is lost."""
+        from watcher.editing import EditConflict, EditError
 
         image_id = request.path_params["id"]
+        text = None
         try:
             form = await _form(request)
-        except _Error as e:
-            return self._answer(request, e.status, e.message, image_id)
-        text = str(form.get("caption", ""))
-        expected = str(form.get("sidecar_sha256", "")) or None
-        try:
-            row = self.row(image_id)
+            if shown_text is not None:
+                text = str(form.get(shown_text, ""))
+            work = await change(form, image_id)
 
             def run() -> None:
                 db = self.writer()
                 try:
-                    edit_caption(self.ctx.config, db, row.path, text, expected_sha256=expected)
-                    self._embed(db, row.path)
+                    work(db)
                 finally:
                     db.conn.close()
 
@@ -261,83 +334,7 @@ class Pages:
             return self._answer(request, 409, str(e), image_id, text)
         except EditError as e:
             return self._answer(request, 400, str(e), image_id, text)
-        return self._done(request, image_id, "saved")
-
-    async def recaption(self, request: Request) -> Response:
-        from watcher.editing import EditError, apply_caption
-
-        image_id = request.path_params["id"]
-        try:
-            form = await _form(request)
-        except _Error as e:
-            return self._answer(request, e.status, e.message, image_id)
-        kind = str(form.get("task", ""))
-        if kind not in RECAPTION_TASKS:
-            return self._answer(request, 400, f"unknown task {kind!r}", image_id)
-        lane = self.ctx.lane
-        if lane is None:
-            return self._answer(request, 503, "no model is loaded here", image_id)
-        try:
-            row = self.row(image_id)
-            picture = await run_in_threadpool(self._picture, row)
-            task = Task(kind, max_tokens=self.ctx.config.model.max_tokens)
-            try:
-                text = await lane.describe(picture, task)
-            except Exception as e:  # the model stopped or crashed: said, nothing changed
-                raise _Error(503, f"the model could not answer: {e}") from None
-            from watcher.captioning import model_name, model_revision
-
-            def run() -> None:
-                db = self.writer()
-                try:
-                    apply_caption(
-                        self.ctx.config,
-                        db,
-                        row.path,
-                        task,
-                        text,
-                        model=model_name(self.ctx.config.model),
-                        revision=model_revision(self.ctx.config.model),
-                    )
-                    self._embed(db, row.path)
-                finally:
-                    db.conn.close()
-
-            await run_in_threadpool(run)
-        except _Error as e:
-            return self._answer(request, e.status, e.message, image_id)
-        except EditError as e:
-            return self._answer(request, 400, str(e), image_id)
-        return self._done(request, image_id, "recaptioned")
-
-    async def save_output(self, request: Request) -> Response:
-        from watcher.editing import EditError, save_output
-
-        image_id = request.path_params["id"]
-        try:
-            form = await _form(request)
-        except _Error as e:
-            return self._answer(request, e.status, e.message, image_id)
-        question = str(form.get("question", "")).strip()
-        answer = str(form.get("answer", ""))
-        if not question:
-            return self._answer(request, 400, "the question is missing", image_id)
-        try:
-            row = self.row(image_id)
-
-            def run() -> None:
-                db = self.writer()
-                try:
-                    save_output(db, row.path, Task("query", question).key, answer)
-                finally:
-                    db.conn.close()
-
-            await run_in_threadpool(run)
-        except _Error as e:
-            return self._answer(request, e.status, e.message, image_id)
-        except EditError as e:
-            return self._answer(request, 400, str(e), image_id)
-        return self._done(request, image_id, "answer-saved")
+        return self._done(request, image_id, done)
 
     def _picture(self, row: ImageRow) -> Any:
         """The image decoded as the pipeline does (bomb guard, upright), for the model."""
@@ -398,13 +395,10 @@ class Pages:
         side = thumbs.SIDES.get(size)
         if side is None:
             return _json_error(400, f"size is one of {', '.join(thumbs.SIDES)}")
-        db = self.reader()
-        row = Index(db).by_id(request.path_params["id"]) if db is not None else None
-        if row is None:
-            return _json_error(404, "no such image")
-        opened = open_image(self.ctx.config, row)
-        if opened is None:
-            return _json_error(404, "no such image")
+        try:
+            row, opened = self._opened(request)
+        except _Error as e:
+            return _json_error(e.status, e.message)
         try:
             data = None
             if (opened.size, opened.mtime_ns) == (row.size, row.mtime_ns):
@@ -434,14 +428,23 @@ class Pages:
             opened.close()
         return Response(jpeg, media_type="image/jpeg", headers=headers)
 
-    def original(self, request: Request) -> Response:
+    def _opened(self, request: Request) -> tuple[ImageRow, Any]:
+        """The image of the URL's id and its file, opened as web.files does; _Error(404)
+        for an id not in the index or a file no longer there (or no longer allowed)."""
         db = self.reader()
         row = Index(db).by_id(request.path_params["id"]) if db is not None else None
         if row is None:
-            return _json_error(404, "no such image")
+            raise _Error(404, "no such image")
         opened = open_image(self.ctx.config, row)
         if opened is None:
-            return _json_error(404, "no such image")
+            raise _Error(404, "no such image")
+        return row, opened
+
+    def original(self, request: Request) -> Response:
+        try:
+            row, opened = self._opened(request)
+        except _Error as e:
+            return _json_error(e.status, e.message)
         fmt = opened.format
         headers = {
             "X-Content-Type-Options": "nosniff",
