@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from watcher.bitmatrix import nearest_bits
 from watcher.index import VEC_PROBLEM, ImageRow, Index, prefix_range
 
 if TYPE_CHECKING:
@@ -23,10 +24,11 @@ RRF_K = 60
 # captions score 0.0-0.15, paraphrases 0.35 and up, on the test set in tests/data).
 MIN_SIMILARITY = 0.2
 # Sign-bit (Hamming) candidates rescored with the stored vectors, per hit wanted: the bits
-# alone misorder near neighbours, the rescoring puts them right. sqlite-vec's scan costs
-# grow with k (1M rows, busy 2-core machine: k=20 0.3 s, k=200 1.4 s; bench/search.py).
-CANDIDATES_PER_HIT = 2
-MIN_CANDIDATES = 20
+# alone misorder near neighbours, the rescoring puts them right. The scan of the bits in
+# memory costs the same whatever the depth (watcher.bitmatrix); reading the candidates'
+# stored vectors is what grows (some 2 ms for 200), and recall@10 with it (bench/search.py).
+CANDIDATES_PER_HIT = 10
+MIN_CANDIDATES = 200
 # A folder or task filter matching at most this many images is searched exactly (every
 # vector under it) rather than through the whole index's nearest neighbours.
 EXACT_BELOW = 20_000
@@ -194,8 +196,8 @@ def _nearest(
     index: Index, vector: np.ndarray, k: int, filters: Filters, exclude: int | None = None
 ) -> list[tuple[int, float]]:
     """(rowid, cosine similarity) of the `k` captions nearest to `vector`, best first: the
-    sign bits' Hamming neighbours (sqlite-vec) rescored with the stored int8 vectors; under
-    a selective filter, every vector it matches, exactly."""
+    sign bits' Hamming neighbours (held in memory: watcher.bitmatrix) rescored with the
+    stored int8 vectors; under a selective filter, every vector it matches, exactly."""
     import numpy as np
 
     filtered = filters.folder is not None or filters.task is not None
@@ -215,7 +217,7 @@ def _nearest(
         want = max(MIN_CANDIDATES, (k + (exclude is not None)) * CANDIDATES_PER_HIT)
         if filtered:
             want *= 4  # a broad filter: more candidates, most survive it
-        ids = index.nearest_bits(vector, want)
+        ids = nearest_bits(index, vector, want)
         if filtered:
             ids = _keep(index, ids, filters)
     vecs = index.vectors_of([i for i in ids if i != exclude])
