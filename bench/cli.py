@@ -202,6 +202,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "vectors are derived from them (default 2000)",
     )
     g.add_argument("--search-queries", type=int, default=200, help="queries per mode")
+    g.add_argument(
+        "--search-db",
+        type=Path,
+        default=None,
+        help="build the index into this file, or reuse it when an earlier run built it "
+        "with the same --rows and --search-real (the build takes minutes at 1,000,000)",
+    )
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-batches", type=ints, default=[1, 4, 8, 16])
     g.add_argument("--gpu-tokens", type=int, default=32)

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from watcher.embedding import VectorBatch
 
 # 2: model_caption, 3: library order indexes (web pages), 4: image_outputs,
-# 5: caption vectors (semantic search)
-SCHEMA_VERSION = 5
+# 5: caption vectors (semantic search), 6: the vectors' change log (watcher.bitmatrix)
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -451,6 +451,11 @@ def _migrate(db: sqlite_utils.Database) -> None:
             # image's vector (int8, keyed by images.rowid), `image_vec` (sqlite-vec) its sign
             # bits for the nearest-neighbour scan; meta names the model that made them.
             _create_v5(db)
+        if version < 6:
+            # A log of the images whose vector was added, replaced or removed, fed by
+            # triggers: a searching process holds every vector's sign bits in memory
+            # (watcher.bitmatrix) and catches up on this before each search.
+            _create_v6(db)
         # A database migrated where sqlite-vec could not be loaded gets its vector table at
         # the first start that can (a no-op when it is there, or still cannot be).
         _create_vec_table(db, DEFAULT_DIM)
@@ -524,6 +529,46 @@ def _create_vec_table(db: sqlite_utils.Database, dim: int) -> None:
                 DELETE FROM image_vec WHERE rowid = old.rowid;
             END"""
         )
+
+
+# The change log keeps at least this many of the newest changes; a reader further behind
+# than what was pruned loads every vector again (about a second at a million rows).
+CHANGES_KEPT = 100_000
+
+
+def _create_v6(db: sqlite_utils.Database) -> None:
+    # AUTOINCREMENT: a seq is never reused, even after the log is emptied, so a reader's
+    # position stays meaningful.
+    db.conn.execute(
+        """CREATE TABLE IF NOT EXISTS vector_changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, image_id INTEGER NOT NULL)"""
+    )
+    for name, when, which in (
+        ("image_vectors_logged_insert", "AFTER INSERT", "new"),
+        ("image_vectors_logged_update", "AFTER UPDATE", "new"),
+        ("image_vectors_logged_delete", "AFTER DELETE", "old"),
+    ):
+        db.conn.execute(
+            f"""CREATE TRIGGER IF NOT EXISTS {name} {when} ON image_vectors BEGIN
+                INSERT INTO vector_changes (image_id) VALUES ({which}.image_id);
+            END"""
+        )
+
+
+def _prune_changes(db: sqlite_utils.Database, keep: int | None = None) -> None:
+    """Drop all but the newest `keep` log rows (in the caller's transaction), and record
+    the highest seq dropped: a reader behind it must reload."""
+    keep = CHANGES_KEPT if keep is None else keep
+    low, high = db.conn.execute("SELECT min(seq), max(seq) FROM vector_changes").fetchone()
+    # Pruned in steps of `keep`: not a delete of a few rows at every write.
+    if high is None or high - low < 2 * keep:
+        return
+    upto = high - keep
+    db.conn.execute("DELETE FROM vector_changes WHERE seq <= ?", (upto,))
+    db.conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('vector_changes_pruned', ?)",
+        (str(upto),),
+    )
 
 
 class Index:
@@ -704,6 +749,8 @@ class Index:
         if current == tag and self._vec_dim() == dim:
             return False
         self.db.conn.execute("DELETE FROM image_vectors")
+        # Every reader reloads for the new model: the log of this delete is of no use.
+        _prune_changes(self.db, keep=0)
         self.db.conn.execute("DROP TABLE IF EXISTS image_vec")
         _create_vec_table(self.db, dim)
         self.db.conn.execute(
@@ -745,6 +792,7 @@ class Index:
             "INSERT INTO image_vec (rowid, bits) VALUES (?, vec_bit(?))",
             [(i, bits[n].tobytes()) for n, i in enumerate(ids)],
         )
+        _prune_changes(self.db)
 
     def put_caption_vectors(self, batch: VectorBatch, rows: list[ImageRow]) -> None:
         """The writer's hook: vectors of the captions just written (in its transaction)."""
@@ -783,18 +831,21 @@ class Index:
         """rowid -> its stored vector (int8 as float32, unit length)."""
         import numpy as np
 
-        out: dict[int, np.ndarray] = {}
+        found: list[tuple[int, bytes]] = []
         for start in range(0, len(rowids), 500):
             part = rowids[start : start + 500]
-            cur = self.db.conn.execute(
+            found += self.db.conn.execute(
                 f"SELECT image_id, q FROM image_vectors WHERE image_id IN "
                 f"({','.join('?' * len(part))})",
                 part,
-            )
-            for i, q in cur:
-                v = np.frombuffer(q, dtype=np.int8).astype(np.float32)
-                out[i] = v / max(float(np.linalg.norm(v)), 1e-9)
-        return out
+            ).fetchall()
+        if not found:
+            return {}
+        # One array for them all: per-row numpy calls cost more than the read (200 rows).
+        v = np.frombuffer(b"".join(q for _, q in found), dtype=np.int8).reshape(len(found), -1)
+        m = v.astype(np.float32)
+        m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-9)
+        return {i: m[n] for n, (i, _) in enumerate(found)}
 
     # -- the web library: images by a stable id (the rowid), newest first, a page at a time --
 
@@ -854,18 +905,6 @@ class Index:
             )
             out.update({decode(p): r for p, r in cur})
         return out
-
-    def nearest_bits(self, vector: object, k: int) -> list[int]:
-        """Rowids of the `k` vectors whose sign bits are nearest (Hamming) to `vector`'s:
-        candidates, to be rescored with the stored vectors."""
-        _, bits = quantize(vector)
-        return [
-            r[0]
-            for r in self.db.conn.execute(
-                "SELECT rowid FROM image_vec WHERE bits MATCH vec_bit(?) AND k = ?",
-                (bits[0].tobytes(), k),
-            )
-        ]
 
 
 def quantize(vectors: object) -> tuple:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from watcher.bitmatrix import nearest_bits
 from watcher.index import VEC_PROBLEM, ImageRow, Index, prefix_range
 
 if TYPE_CHECKING:
@@ -23,10 +24,11 @@ RRF_K = 60
 # captions score 0.0-0.15, paraphrases 0.35 and up, on the test set in tests/data).
 MIN_SIMILARITY = 0.2
 # Sign-bit (Hamming) candidates rescored with the stored vectors, per hit wanted: the bits
-# alone misorder near neighbours, the rescoring puts them right. sqlite-vec's scan costs
-# grow with k (1M rows, busy 2-core machine: k=20 0.3 s, k=200 1.4 s; bench/search.py).
-CANDIDATES_PER_HIT = 2
-MIN_CANDIDATES = 20
+# alone misorder near neighbours, the rescoring puts them right. The scan of the bits in
+# memory costs the same whatever the depth (watcher.bitmatrix); reading the candidates'
+# stored vectors is what grows (some 2 ms for 200), and recall@10 with it (bench/search.py).
+CANDIDATES_PER_HIT = 10
+MIN_CANDIDATES = 200
 # A folder or task filter matching at most this many images is searched exactly (every
 # vector under it) rather than through the whole index's nearest neighbours.
 EXACT_BELOW = 20_000
@@ -48,7 +50,9 @@ class Hit:
 class SearchResult:
     hits: tuple[Hit, ...]
     mode: str  # what ran: the asked mode, or "text" when semantic search could not
-    note: str | None = None  # why semantic search was not used (for stderr)
+    # For stderr and the page: why semantic search was not used, and/or that a very common
+    # word's matches were ranked among the most recently indexed only (TEXT_RANKED_MAX).
+    note: str | None = None
 
 
 class SearchError(ValueError):
@@ -71,30 +75,57 @@ class Filters:
         return (" AND " + " AND ".join(where) if where else ""), args
 
 
+# A full-text search whose words match more captions than this ranks (bm25) only the most
+# recently indexed this many of them, and says so: bm25 scores every match, and a common
+# word matches tens of thousands at a million images (33k: some 60 ms on 2 cores; 5,000:
+# under 15 ms; bench/search.py). A filtered search ranks every match (a folder's images
+# may all be old ones).
+TEXT_RANKED_MAX = 5_000
+
+
 def text_hits(
     index: Index, query: str, limit: int, filters: Filters = Filters()
 ) -> list[tuple[ImageRow, float]]:
     """Full-text search, best match first: rows and their bm25 (lower is better)."""
-    ranked = _text_ranked(index, query, limit, filters)
+    ranked, _ = _text_ranked(index, query, limit, filters)
     rows = _rows(index, [r for r, _ in ranked])
     return [(rows[r], -s) for r, s in ranked if r in rows]
 
 
-def _text_ranked(index: Index, query: str, depth: int, filters: Filters) -> list[tuple[int, float]]:
-    """(rowid, -bm25) of the best full-text matches. Without a filter the ranking reads the
-    FTS index alone and only the winners' rows are read after: a common word matches tens
-    of thousands of rows, and joining each to `images` before sorting cost most of the time."""
+def _text_ranked(
+    index: Index, query: str, depth: int, filters: Filters
+) -> tuple[list[tuple[int, float]], str | None]:
+    """(rowid, -bm25) of the best full-text matches, and a note when only the newest
+    TEXT_RANKED_MAX matches were ranked. Without a filter the ranking reads the FTS index
+    alone and only the winners' rows are read after: a common word matches tens of
+    thousands of rows, and joining each to `images` before sorting cost most of the time."""
+    conn = index.db.conn
+    match = fts_query(query)
     if filters.folder is None and filters.task is None:
+        # The newest TEXT_RANKED_MAX-th match's rowid (none: fewer match): a walk of the
+        # doclist from its end, without scoring.
+        bound = conn.execute(
+            "SELECT rowid FROM images_fts WHERE images_fts MATCH ? "
+            "ORDER BY rowid DESC LIMIT 1 OFFSET ?",
+            (match, TEXT_RANKED_MAX),
+        ).fetchone()
         sql = """SELECT rowid, bm25(images_fts) AS score FROM images_fts
-                 WHERE images_fts MATCH ? ORDER BY score LIMIT ?"""
-        args: list = [fts_query(query), depth]
+                 WHERE images_fts MATCH ? AND rowid > ? ORDER BY score LIMIT ?"""
+        args: list = [match, bound[0] if bound else -1, depth]
+        note = (
+            None
+            if bound is None
+            else f"the words match more than {TEXT_RANKED_MAX:,} captions: the best of the "
+            f"{TEXT_RANKED_MAX:,} most recently indexed are shown (add words to narrow it)"
+        )
     else:
         extra, fargs = filters.sql()
         sql = f"""SELECT images.rowid, bm25(images_fts) AS score FROM images_fts
                   JOIN images ON images.rowid = images_fts.rowid
                   WHERE images_fts MATCH ?{extra} ORDER BY score LIMIT ?"""
-        args = [fts_query(query), *fargs, depth]
-    return [(r, -s) for r, s in index.db.conn.execute(sql, args)]
+        args = [match, *fargs, depth]
+        note = None
+    return [(r, -s) for r, s in conn.execute(sql, args)], note
 
 
 def fts_query(query: str) -> str:
@@ -139,14 +170,16 @@ def search(
         else:
             note = f"{problem}; full-text search only"
     if vector is None:
-        hits = text_hits(index, query, limit, filters)
+        ranked, capped = _text_ranked(index, query, limit, filters)
+        rows = _rows(index, [r for r, _ in ranked])
         return SearchResult(
             tuple(
-                Hit(row, -score, text_rank=n, text_score=-score)
-                for n, (row, score) in enumerate(hits, 1)
+                Hit(rows[r], score, text_rank=n, text_score=score)
+                for n, (r, score) in enumerate(ranked, 1)
+                if r in rows
             ),
             "text",
-            note,
+            _notes(note, capped),
         )
     # The nearest-neighbour list as deep as the hits wanted (its cost grows with the depth);
     # the full-text one deeper (its cost is scoring every match, whatever the depth).
@@ -162,8 +195,12 @@ def search(
             ),
             "semantic",
         )
-    text = _text_ranked(index, query, max(limit * 2, 50), filters)
-    return SearchResult(_fuse(index, text, sem, limit), "hybrid")
+    text, capped = _text_ranked(index, query, max(limit * 2, 50), filters)
+    return SearchResult(_fuse(index, text, sem, limit), "hybrid", _notes(capped))
+
+
+def _notes(*notes: str | None) -> str | None:
+    return "; ".join(n for n in notes if n) or None
 
 
 def _semantic_problem(
@@ -194,8 +231,8 @@ def _nearest(
     index: Index, vector: np.ndarray, k: int, filters: Filters, exclude: int | None = None
 ) -> list[tuple[int, float]]:
     """(rowid, cosine similarity) of the `k` captions nearest to `vector`, best first: the
-    sign bits' Hamming neighbours (sqlite-vec) rescored with the stored int8 vectors; under
-    a selective filter, every vector it matches, exactly."""
+    sign bits' Hamming neighbours (held in memory: watcher.bitmatrix) rescored with the
+    stored int8 vectors; under a selective filter, every vector it matches, exactly."""
     import numpy as np
 
     filtered = filters.folder is not None or filters.task is not None
@@ -215,7 +252,7 @@ def _nearest(
         want = max(MIN_CANDIDATES, (k + (exclude is not None)) * CANDIDATES_PER_HIT)
         if filtered:
             want *= 4  # a broad filter: more candidates, most survive it
-        ids = index.nearest_bits(vector, want)
+        ids = nearest_bits(index, vector, want)
         if filtered:
             ids = _keep(index, ids, filters)
     vecs = index.vectors_of([i for i in ids if i != exclude])
