@@ -64,6 +64,7 @@ class Page:
     items: list[Item] = field(default_factory=list)
     next: str | None = None  # the cursor of the following page
     total: int | None = None  # images in the index (unfiltered listing only)
+    note: str | None = None  # what the search could not do (full-text only, ranking capped)
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def _search(
     ids = index.ids_of([r.path for r in chunk])
     items = [_item(ids[r.path], r) for r in chunk if r.path in ids]
     more = offset + query.limit < min(len(hits), SEARCH_MAX)
-    return Page(items, _cursor({"o": offset + query.limit}) if more else None)
+    return Page(items, _cursor({"o": offset + query.limit}) if more else None, note=result.note)
 
 
 def _job_state(db: sqlite_utils.Database, path: str) -> str | None:

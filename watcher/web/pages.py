@@ -173,7 +173,12 @@ class Pages:
         except BadRequest as e:
             return _json_error(400, str(e))
         return JSONResponse(
-            {"images": [i.to_json() for i in page.items], "next": page.next, "total": page.total}
+            {
+                "images": [i.to_json() for i in page.items],
+                "next": page.next,
+                "total": page.total,
+                "note": page.note,
+            }
         )
 
     def api_search(self, request: Request) -> Response:
