@@ -198,6 +198,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
                         secs, model_s = run_caption(ccfg, cap_dir, timed, base / "caption.log")
                     row["c_cpu"] = 1000 * (cpu_self() + cpu_of(child.pid) - cpu0) / n
                     row["c_stages"] = {k: 1000 * v / n for k, v in stages.by_stage().items()}
+                    row["c_sampler_cpu"] = 1000 * stages.own / n  # inside c_cpu
                     check_sidecars(cap_imgs)
                     check_rows(db, cap_imgs)
                     row["c"] = n / secs
@@ -265,6 +266,7 @@ MEDIAN_KEYS = (
     "b_cpu",
     "c_cpu",
     "d_cpu",
+    "c_sampler_cpu",
 )
 
 
@@ -341,7 +343,7 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
             for k, v in sorted(med_stages.items(), key=lambda kv: -kv[1])
             if v >= 0.005
         )
-        + ".",
+        + f" (the benchmark's own per-thread sampler: {med['c_sampler_cpu']:.2f}, counted in c).",
         "Per CPU-second instead of per wall-second (b_cpu / c_cpu, b_cpu / d_cpu per round, "
         "median; the model is busy all the time in b, c and d, so on a machine shared with "
         "other work the wall-clock ratios measure how much CPU each phase was given as much "
