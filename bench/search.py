@@ -298,6 +298,10 @@ def measure(db_path: Path, model: Path, queries: int) -> dict:
         for q in qs:
             t = time.perf_counter()
             r = search(index, q, mode=mode, embedder=embedder, limit=20)
+            if mode != "text" and r.mode != mode:
+                # A reused index whose vectors another model (path) made: the search fell back
+                # to words only, and its figures would not be this mode's.
+                raise BenchFailure(f"{mode} search ran as {r.mode}: {r.note}")
             times.append((time.perf_counter() - t) * 1000)
             hits += bool(r.hits)
         out[mode] = {
