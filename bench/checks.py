@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,4 +41,25 @@ def check_rows(db: Path, images: Sequence[Path]) -> None:
     if undone:
         raise BenchFailure(
             f"{len(undone)} jobs not done, e.g. {undone[0]}: {jobs.get(str(undone[0]))}"
+        )
+
+
+def check_vectors(db: Path, images: Sequence[Path]) -> None:
+    """Every image's caption has its search vector (written with the caption: an embedding
+    model that failed to load would leave the benchmark measuring captions alone)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        have = {
+            path
+            for (path,) in conn.execute(
+                "SELECT path FROM images JOIN image_vectors ON image_vectors.image_id = "
+                "images.rowid"
+            )
+        }
+    finally:
+        conn.close()
+    missing = [p for p in images if str(p) not in have]
+    if missing:
+        raise BenchFailure(
+            f"{len(missing)} of {len(images)} captions have no search vector, e.g. {missing[0]}"
         )

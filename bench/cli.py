@@ -156,6 +156,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="tokens generated per image (default 120, the config's max_tokens; "
         "the tiny model always generates exactly this many)",
     )
+    g.add_argument(
+        "--no-embedding",
+        action="store_true",
+        help="c and d without search vectors (search.embedding_model: null); default: "
+        "they embed every caption with the real all-MiniLM-L6-v2, as a default install does",
+    )
     g.add_argument("--image-size", type=size_arg, default=(320, 240))
     g.add_argument(
         "--pipeline-settle",

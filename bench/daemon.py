@@ -36,6 +36,7 @@ def daemon_config(
     max_tokens: int,
     device: str = "cpu",
     dtype: str = "auto",
+    search: dict | None = None,
 ) -> Path:
     """The tests' config (JSON log lines at info) with the benchmark's model settings, index
     and folders, and the daemon's default retry backoff (not the tests' quick one)."""
@@ -56,6 +57,7 @@ def daemon_config(
         },
         database=str(db),
         retry_backoff=Config().retry_backoff,
+        **({} if search is None else {"search": search}),
     )
 
 
@@ -66,7 +68,9 @@ def _parse_ts(ts: str) -> float:
 class BenchDaemon(Daemon):
     """`watcher run` in a subprocess. Its JSON log is parsed incrementally (the burst
     benchmark polls 10,000 lines), each event with its time as `t` (epoch seconds); the
-    memory of the daemon with its model process is sampled every `sample_every` seconds."""
+    memory of the daemon with its model process is sampled every `sample_every` seconds (None:
+    not sampled; each sample walks /proc, some 3 ms of CPU and of this process's GIL, which
+    the throughput benchmarks' own pipeline threads share)."""
 
     def __init__(
         self,
@@ -74,7 +78,7 @@ class BenchDaemon(Daemon):
         folder: Path,
         *,
         env: dict[str, str],
-        sample_every: float = 0.1,
+        sample_every: float | None = None,
         ready_timeout: float = 300,
     ) -> None:
         super().__init__(config, folder, env=env)
@@ -92,7 +96,8 @@ class BenchDaemon(Daemon):
         self._stop_sampling = threading.Event()
         self.t_start = time.time()
         super().start(wait_ready=False)
-        threading.Thread(target=self._sample, daemon=True, name="bench-rss").start()
+        if self.sample_every is not None:
+            threading.Thread(target=self._sample, daemon=True, name="bench-rss").start()
         if wait_ready:
             try:
                 self.wait(lambda: self.logged("watching"), self.ready_timeout, "daemon start")
@@ -102,6 +107,7 @@ class BenchDaemon(Daemon):
         return self
 
     def _sample(self) -> None:
+        assert self.sample_every is not None
         while not self._stop_sampling.wait(self.sample_every):
             rss = self.memory().get("VmRSS")
             if rss:

@@ -57,19 +57,37 @@ class ThreadCpu:
             return None
 
     def _sample(self, initial: bool = False) -> None:
-        for t in threading.enumerate():
-            nid = t.native_id
-            if nid is None or t.name.startswith("bench-"):  # the benchmark's own threads
+        # Every thread of the process, Python's by their name and native ones (torch's,
+        # OpenMP's, the interpreter's helpers) as "native <comm>": CPU the Python threads do
+        # not account for shows up under its own name instead of nowhere.
+        named = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+        try:
+            nids = [int(n) for n in os.listdir("/proc/self/task")]
+        except OSError:
+            return
+        for nid in nids:
+            pyname = named.get(nid)
+            if pyname is not None and pyname.startswith("bench-"):  # the benchmark's own
                 continue
             v = self._ticks(nid)
             if v is None:
                 continue
-            name = t.name.rstrip("0123456789").rstrip("_-") or t.name
+            if pyname is not None:
+                name = pyname.rstrip("0123456789").rstrip("_-") or pyname
+            else:
+                name = f"native {self._comm(nid)}"
             if nid in self._seen:
                 old = self._seen[nid]
                 self._seen[nid] = (old[0], old[1], v)
             else:  # a thread started meanwhile counts from zero
                 self._seen[nid] = (name, v if initial else 0.0, v)
+
+    @staticmethod
+    def _comm(nid: int) -> str:
+        try:
+            return Path(f"/proc/self/task/{nid}/comm").read_text().strip().rstrip("0123456789")
+        except OSError:
+            return "?"
 
     def _loop(self) -> None:
         t0 = time.thread_time()

