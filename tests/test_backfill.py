@@ -134,3 +134,51 @@ def test_the_daemon_embeds_old_captions_at_start_and_new_ones_as_it_writes(
         out = run_cli("--config", str(cfg_path), "status")[1]
         assert f"semantic search: 4 of 4 captions embedded ({model_tag(cfg.search)})" in out
     index.db.conn.close()
+
+
+def test_under_a_burst_on_a_cpu_model_the_vectors_follow_once_the_queue_is_empty(
+    tmp_path, tiny_llava, minilm
+):
+    """The vision model on this CPU comes first: while more images wait for it, the writer
+    writes captions without their vectors and the backfill embeds them once the queue is
+    empty; the last batch (nothing after it) is embedded with its captions."""
+    from daemon_harness import Daemon, write_config
+    from images import distinct_image
+
+    from watcher.config import load_config
+
+    watched = tmp_path / "watched"
+    n = 12  # batches of at most 8: at least one written while others wait
+    images = [distinct_image(i, watched / f"{i:02}.jpg") for i in range(n)]
+    folders = [{"path": str(watched), "settle_seconds": 0.2}]
+    cfg_path = write_config(tmp_path, tiny_llava, folders, search={"embedding_model": str(minilm)})
+    cfg = load_config(cfg_path)
+    with Daemon(cfg_path, tmp_path) as d:
+        wait_for(lambda: all(d.captioned(p) for p in images), timeout=180, what="the captions")
+        index = Index(connect(cfg.database))
+        wait_for(lambda: index.vector_count() == n, timeout=180, what="every vector")
+        # Some were embedded by the backfill after the burst, not by the writer.
+        wait_for(
+            lambda: any(e.get("embedded", 0) > 0 for e in d.logged("all captions embedded")),
+            timeout=60,
+            what="the backfill's report",
+        )
+        rowids = [index.rowid_of(str(p)) for p in images]
+        assert len(index.vectors_of([r for r in rowids if r is not None])) == n
+        index.db.conn.close()
+
+
+def test_the_device_a_vision_model_computes_on_decides_whether_embedding_waits():
+    """CPU: the embedder would compete with the vision model; a GPU or a remote server: not."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from watcher.backends import device_of, runs_on_cpu
+    from watcher.backends.device import Placement
+
+    assert runs_on_cpu(NS(placement=Placement("cpu", torch.float32)))
+    assert not runs_on_cpu(NS(placement=Placement("cuda:0", torch.bfloat16)))
+    assert device_of(NS(placement="mps float16")) == "mps"
+    assert runs_on_cpu(NS(device="cpu"))  # the model process says where its model is
+    assert device_of(NS()) is None and not runs_on_cpu(NS())  # backend openai: elsewhere

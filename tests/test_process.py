@@ -57,6 +57,7 @@ def test_child_gives_the_same_outputs_as_in_process(tmp_path, tiny_llava) -> Non
         assert backend.describe(images, tasks) == expected
         assert backend.describe(images[:1], tasks) == expected[:1]
         assert backend.max_batch == 8 and backend.revision is None
+        assert backend.device == "cpu"  # said by the child: where its model computes
     finally:
         backend.close()
     assert not _alive(backend.pid), "close() leaves no model process behind"

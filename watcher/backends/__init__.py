@@ -64,6 +64,22 @@ def can_locate(backend: Backend) -> bool:
     return bool(getattr(backend, "can_locate", False))
 
 
+def device_of(backend: Backend) -> str | None:
+    """The device the vision model computes on ("cpu", "cuda:0", "mps"), where it says;
+    None for a model served elsewhere (backend openai) or one that does not say."""
+    said = getattr(backend, "device", None)
+    if said is None:
+        placement = getattr(backend, "placement", None)
+        said = getattr(placement, "device", placement)
+    return None if said is None else str(said).split()[0] or None
+
+
+def runs_on_cpu(backend: Backend) -> bool:
+    """Whether the vision model computes on this machine's CPU, where any other CPU work
+    (the caption embedder's above all) slows it down."""
+    return (device_of(backend) or "").startswith("cpu")
+
+
 def locate(backend: Backend, image: Image.Image, skill: str, target: str) -> list[dict]:
     """Moondream's detect (`{x_min, y_min, x_max, y_max}` per object) or point (`{x, y}`),
     coordinates as fractions of the image's size; Unsupported where the backend cannot."""

@@ -169,6 +169,7 @@ class ModelProcess:
         self.max_batch = cfg.batch_size
         self.pid: int | None = None
         self.can_locate = False  # the child's backend does detect/point (said when ready)
+        self.device: str | None = None  # where the child's model computes (said when ready)
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -317,7 +318,7 @@ class ModelProcess:
         if reply[0] == "unavailable":
             self._reap(CLOSE_TIMEOUT)
             raise ModelUnavailable(reply[1])
-        _, self.name, self.revision, self.max_batch, self.can_locate = reply
+        _, self.name, self.revision, self.max_batch, self.can_locate, self.device = reply
         self.pid = proc.pid
 
     def _reap(self, timeout: float = 5.0) -> str:
@@ -393,9 +394,18 @@ def serve(conn: Connection, pixels: SharedPixels) -> int:
         log.error("the model could not be loaded", exc_info=e)
         conn.send(("unavailable", f"the model could not be loaded: {type(e).__name__}: {e}"))
         return 2
-    from watcher.backends import can_locate, locate
+    from watcher.backends import can_locate, device_of, locate
 
-    conn.send(("ready", backend.name, backend.revision, backend.max_batch, can_locate(backend)))
+    conn.send(
+        (
+            "ready",
+            backend.name,
+            backend.revision,
+            backend.max_batch,
+            can_locate(backend),
+            device_of(backend),
+        )
+    )
     try:
         while True:
             try:

@@ -38,18 +38,25 @@ class Backfill(threading.Thread):
     """Embeds the captions of rows without a vector (made before semantic search existed,
     by another model, or while the model was missing), a batch at a time, in rowid order
     from the start at each daemon start (so a kill loses at most one batch). While the
-    pipeline has jobs queued or running it waits: the vision model comes first, and the
-    writer embeds the new captions itself."""
+    pipeline has jobs queued or running it waits: the vision model comes first. The writer
+    embeds new captions itself, except those it leaves here under a burst on a CPU vision
+    model (`poke`: look again now rather than at the next RECHECK)."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(name="embed-backfill", daemon=True)
         self.cfg = cfg
         self.stopping = threading.Event()
+        self._poked = threading.Event()
         self.embedded = 0  # captions embedded by this run
+
+    def poke(self) -> None:
+        """Captions were written without their vectors: embed them once the queue is empty."""
+        self._poked.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask it to stop and wait (a batch being embedded finishes first)."""
         self.stopping.set()
+        self._poked.set()
         if self.is_alive():
             self.join(timeout)
 
@@ -97,11 +104,15 @@ class Backfill(threading.Thread):
                 self._report(index, Progress("paused", self._rate(spent)))
                 self.stopping.wait(BUSY_WAIT)
                 continue
+            if self._poked.is_set():  # new rows without vectors, maybe before `after`
+                self._poked.clear()
+                after = 0
             rows = index.missing_vectors(after, BATCH)
             if not rows:
                 self._report(index, Progress("done", self._rate(spent)))
                 log.info("all captions embedded", embedded=self.embedded)
-                if self.stopping.wait(RECHECK):
+                self._poked.wait(RECHECK)
+                if self.stopping.is_set():
                     return
                 after = 0
                 continue

@@ -40,6 +40,13 @@ class Pipeline:
 
     `upstream(within)` says whether work not yet queued will be within that many seconds
     (the daemon: files settling); the model worker waits for it to fill a batch.
+
+    `defer_embedding` (the daemon, with a vision model on this CPU): while more images wait
+    for the model, the writer leaves the captions' search vectors to the backfill
+    (`on_deferred` wakes it), which embeds them once the queue is empty. On two cores the
+    embedder on the second one slowed the model on the first by 5-9% (shared caches and
+    memory bandwidth; bench/RESULTS.md). A lone image, or the last batch of a burst, is
+    embedded with its caption, in the same transaction.
     """
 
     def __init__(
@@ -50,6 +57,8 @@ class Pipeline:
         roots: tuple[Path, ...] | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
         upstream: Callable[[float], bool] = lambda within: False,
+        defer_embedding: bool = False,
+        on_deferred: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
@@ -83,7 +92,9 @@ class Pipeline:
             self._outcome,
             self._job_end,
             embed=caption_embedder(cfg),
+            embed_now=self._embed_now if defer_embedding else None,
         )
+        self._on_deferred = on_deferred
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix=DECODE.name)
         self._feeder = threading.Thread(target=self._feed, name=CLAIM.name, daemon=True)
         self.outcomes = 0
@@ -101,6 +112,15 @@ class Pipeline:
             with self._lock:
                 self._queued += queued
         self._wake.set()
+
+    def _embed_now(self, batch: int) -> bool:
+        """Whether the writer embeds the captions of the `batch` jobs it is writing now: not
+        while other images are claimed (decoding, waiting for the model, on it) or queued."""
+        with self._lock:
+            later = self._in_flight > batch or self._queued > 0
+        if later and self._on_deferred is not None:
+            self._on_deferred()
+        return not later
 
     def _incoming(self, within: float) -> int:
         known = self._decoding + self._queued

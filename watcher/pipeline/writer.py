@@ -57,6 +57,7 @@ class Writer(threading.Thread):
         on_outcome: Callable[[Outcome], None],
         on_job_end: Callable[[], None],
         embed: Callable[[list[str]], VectorBatch | None] | None = None,
+        embed_now: Callable[[int], bool] | None = None,
     ) -> None:
         super().__init__(name=WRITE.name, daemon=True)
         self.cfg = cfg
@@ -65,6 +66,9 @@ class Writer(threading.Thread):
         self.on_outcome = on_outcome
         self.on_job_end = on_job_end
         self.embed = embed  # caption -> vector for search (watcher.embedding); None: none
+        # Given this batch's size, whether to embed its captions now; False: they are
+        # written without vectors, for the backfill (None: always now).
+        self.embed_now = embed_now
         self._deferred: list = []  # a batch the database refused, to be written again
         self._deferred_at = 0.0
         self._db_failures = 0
@@ -188,7 +192,12 @@ class Writer(threading.Thread):
             except OSError as e:
                 log.warning("cannot sync folder", folder=str(folder), error=str(e))
         # Search vectors, made before BEGIN: the write lock is not held while the model runs.
-        vectors = self.embed([r.caption for r, _, _ in rows]) if self.embed and rows else None
+        vectors = None
+        if self.embed and rows:
+            if self.embed_now is None or self.embed_now(len(items)):
+                vectors = self.embed([r.caption for r, _, _ in rows])
+            else:
+                log.debug("search vectors left to the backfill", captions=len(rows))
         try:
             with transaction(self.db):
                 for job in requeue:

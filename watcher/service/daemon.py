@@ -80,7 +80,7 @@ class Daemon:
         self.web: WebServer | None = None
 
     def run(self) -> int:
-        from watcher.backends import ModelUnavailable, open_backend
+        from watcher.backends import ModelUnavailable, open_backend, runs_on_cpu
         from watcher.pipeline.stages import Pipeline
 
         cfg = self.cfg
@@ -121,12 +121,19 @@ class Daemon:
             # The pipeline asks how many files are about to settle (to fill its batch); the
             # events sink wakes the pipeline when it queues some: each gets the other's
             # method at construction, the settler's through a bound lookup below.
-            self.pipeline = Pipeline(cfg, backend, upstream=self._settling_within)
+            # Captions indexed before semantic search (or by another model) get vectors, and
+            # so do those the writer leaves to it under a burst on a CPU vision model.
+            self.backfill = Backfill(cfg)
+            self.pipeline = Pipeline(
+                cfg,
+                backend,
+                upstream=self._settling_within,
+                defer_embedding=cfg.search.backfill and runs_on_cpu(backend),
+                on_deferred=self.backfill.poke,
+            )
             self.events = FileEvents(cfg, Settler, on_enqueued=self.pipeline.wake)
             self.pipeline.start()
             self._start_web()
-            # Captions indexed before semantic search (or by another model) get vectors.
-            self.backfill = Backfill(cfg)
             if cfg.search.backfill:
                 self.backfill.start()
             self.events.settler.start()
