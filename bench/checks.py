@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,9 +45,8 @@ def check_rows(db: Path, images: Sequence[Path]) -> None:
         )
 
 
-def check_vectors(db: Path, images: Sequence[Path]) -> None:
-    """Every image's caption has its search vector (written with the caption: an embedding
-    model that failed to load would leave the benchmark measuring captions alone)."""
+def missing_vectors(db: Path, images: Sequence[Path]) -> list[Path]:
+    """The images whose caption has no search vector (yet)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         have = {
@@ -58,8 +58,25 @@ def check_vectors(db: Path, images: Sequence[Path]) -> None:
         }
     finally:
         conn.close()
-    missing = [p for p in images if str(p) not in have]
+    return [p for p in images if str(p) not in have]
+
+
+def check_vectors(db: Path, images: Sequence[Path]) -> None:
+    """Every image's caption has its search vector (an embedding model that failed to load
+    would leave the benchmark measuring captions alone)."""
+    missing = missing_vectors(db, images)
     if missing:
         raise BenchFailure(
             f"{len(missing)} of {len(images)} captions have no search vector, e.g. {missing[0]}"
         )
+
+
+def wait_vectors(db: Path, images: Sequence[Path], timeout: float) -> float:
+    """Wait until every image's caption has its vector (the daemon's backfill embeds those
+    its writer left under a burst); when that was, epoch seconds."""
+    deadline = time.time() + timeout
+    while missing_vectors(db, images):
+        if time.time() > deadline:
+            check_vectors(db, images)
+        time.sleep(0.1)
+    return time.time()

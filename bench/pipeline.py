@@ -16,7 +16,7 @@ from typing import Any
 from daemon_harness import run_cli
 
 from bench import log, quiet_logging
-from bench.checks import BenchFailure, check_rows, check_sidecars, check_vectors
+from bench.checks import BenchFailure, check_rows, check_sidecars, check_vectors, wait_vectors
 from bench.daemon import BenchDaemon, daemon_config, thread_env, wait_drained
 from bench.measure import ThreadCpu, cpu_of, cpu_self, cpu_tree
 from bench.models import (
@@ -228,8 +228,9 @@ def run(args: argparse.Namespace, work: Path) -> Result:
                     t_end = max(e["t"] for e in got)
                     check_sidecars(dropped)
                     check_rows(base / "daemon.db", dropped)
-                    if embed:
-                        check_vectors(base / "daemon.db", dropped)
+                    if embed:  # those left to the backfill come after the burst
+                        done = wait_vectors(base / "daemon.db", dropped, 600)
+                        row["d_vectors_lag_s"] = max(0.0, done - t_end)
                     wall = t_end - t0
                     row["d_raw"] = n / wall
                     row["d"] = n / max(1e-9, wall - settle)
@@ -356,7 +357,15 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
         "Model calls by images per call, all rounds (size x calls): `watcher caption` "
         f"{batch_histogram(c_sizes)}; daemon {batch_histogram(d_sizes)}. Full batches of "
         f"{best}: c {sum(1 for b in c_sizes if b == best)} of {len(c_sizes)} calls, "
-        f"d {sum(1 for b in d_sizes if b == best)} of {len(d_sizes)}.",
+        f"d {sum(1 for b in d_sizes if b == best)} of {len(d_sizes)}."
+        + (
+            " The daemon's last search vector came "
+            + ", ".join(f"{r['d_vectors_lag_s']:.1f}" for r in rounds)
+            + " s after its last caption (per round: vectors left to the backfill under the "
+            "burst, on this CPU model)."
+            if all("d_vectors_lag_s" in r for r in rounds)
+            else ""
+        ),
         f"CPU per image (all threads, ms, median): b {med['b_cpu']:.2f}, c {med['c_cpu']:.2f}, "
         f"d {med['d_cpu']:.2f} (c and d: with their model process; the model process alone: "
         f"c {med['c_cpu_model']:.2f}, d {med['d_cpu_model']:.2f}). `watcher caption` by "
