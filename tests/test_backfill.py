@@ -87,6 +87,27 @@ def test_backfill_waits_while_images_are_being_captioned(tmp_path, minilm):
     index.db.conn.close()
 
 
+def test_alongside_a_gpu_model_the_backfill_does_not_wait_for_the_queue(tmp_path, minilm):
+    """A vision model that is not on this CPU (a GPU, a server) leaves the CPU free: the
+    backfill embeds while images are still queued, and a poke makes it look again at once."""
+    db = tmp_path / "index.db"
+    index = make_index(db, captions(5))
+    JobQueue(index.db).enqueue_many([(Path("/p/new.jpg"), Path("/p"))])  # stays pending
+    cfg = Config(database=db, search=SearchConfig(embedding_model=str(minilm)))
+    backfill = Backfill(cfg, yield_to_pipeline=False)
+    backfill.start()
+    try:
+        wait_for(lambda: index.vector_count() == 5, timeout=120, what="the backfill")
+        assert state(index) == "done"
+        # A caption the writer left without its vector: found on the poke, not in 10 min.
+        make_index(db, {"/p/late.jpg": "a lighthouse on a rocky cliff"}).db.conn.close()
+        backfill.poke()
+        wait_for(lambda: index.vector_count() == 6, timeout=60, what="the poked backfill")
+    finally:
+        backfill.stop()
+    index.db.conn.close()
+
+
 def test_backfill_without_the_model_says_why_in_status(tmp_path):
     db = tmp_path / "index.db"
     index = make_index(db, captions(3))

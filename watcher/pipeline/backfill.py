@@ -42,9 +42,12 @@ class Backfill(threading.Thread):
     embeds new captions itself, except those it leaves here under a burst on a CPU vision
     model (`poke`: look again now rather than at the next RECHECK)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, yield_to_pipeline: bool = True) -> None:
         super().__init__(name="embed-backfill", daemon=True)
         self.cfg = cfg
+        # Wait while images are queued or being captioned: where the vision model shares
+        # this CPU. A model on a GPU (or a server) leaves the CPU to this thread.
+        self.yield_to_pipeline = yield_to_pipeline
         self.stopping = threading.Event()
         self._poked = threading.Event()
         self.embedded = 0  # captions embedded by this run
@@ -100,7 +103,7 @@ class Backfill(threading.Thread):
         after = 0
         spent = 0.0
         while not self.stopping.is_set():
-            if _pipeline_busy(index):
+            if self.yield_to_pipeline and _pipeline_busy(index):
                 self._report(index, Progress("paused", self._rate(spent)))
                 self.stopping.wait(BUSY_WAIT)
                 continue

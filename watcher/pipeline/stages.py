@@ -41,12 +41,13 @@ class Pipeline:
     `upstream(within)` says whether work not yet queued will be within that many seconds
     (the daemon: files settling); the model worker waits for it to fill a batch.
 
-    `defer_embedding` (the daemon, with a vision model on this CPU): while more images wait
-    for the model, the writer leaves the captions' search vectors to the backfill
-    (`on_deferred` wakes it), which embeds them once the queue is empty. On two cores the
-    embedder on the second one slowed the model on the first by 5-9% (shared caches and
-    memory bandwidth; bench/RESULTS.md). A lone image, or the last batch of a burst, is
-    embedded with its caption, in the same transaction.
+    `defer_embedding` (the daemon): while more images wait for the model, the writer leaves
+    the captions' search vectors to the backfill (`on_deferred` wakes it), so the writer
+    never holds the model back: the embedder takes 7 ms of CPU for a short caption and about
+    45 ms for one of 120 tokens, more than a fast model's own time per image; and on a CPU
+    shared with the vision model it made that model take 2-8% more CPU per image (two runs,
+    bench/RESULTS.md 2026-12-02 22:38 and 23:12). A lone image, or the last batch of a
+    burst, is embedded with its caption, in the same transaction.
     """
 
     def __init__(

@@ -122,13 +122,14 @@ class Daemon:
             # events sink wakes the pipeline when it queues some: each gets the other's
             # method at construction, the settler's through a bound lookup below.
             # Captions indexed before semantic search (or by another model) get vectors, and
-            # so do those the writer leaves to it under a burst on a CPU vision model.
-            self.backfill = Backfill(cfg)
+            # so do those the writer leaves to it under a burst: after the burst where the
+            # vision model shares this CPU, alongside it where the model is on a GPU.
+            self.backfill = Backfill(cfg, yield_to_pipeline=runs_on_cpu(backend))
             self.pipeline = Pipeline(
                 cfg,
                 backend,
                 upstream=self._settling_within,
-                defer_embedding=cfg.search.backfill and runs_on_cpu(backend),
+                defer_embedding=cfg.search.backfill,
                 on_deferred=self.backfill.poke,
             )
             self.events = FileEvents(cfg, Settler, on_enqueued=self.pipeline.wake)
