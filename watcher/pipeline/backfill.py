@@ -38,7 +38,8 @@ class Backfill(threading.Thread):
     """Embeds the captions of rows without a vector (made before semantic search existed,
     by another model, or while the model was missing), a batch at a time, in rowid order
     from the start at each daemon start (so a kill loses at most one batch). While the
-    pipeline has jobs queued or running it waits: the vision model comes first. The writer
+    pipeline has jobs queued or running it waits (`yield_to_pipeline`: where the vision model
+    shares this CPU): the vision model comes first. The writer
     embeds new captions itself, except those it leaves here under a burst on a CPU vision
     model (`poke`: look again now rather than at the next RECHECK)."""
 
