@@ -80,3 +80,21 @@ def wait_vectors(db: Path, images: Sequence[Path], timeout: float) -> float:
             check_vectors(db, images)
         time.sleep(0.1)
     return time.time()
+
+
+def last_finished(db: Path, images: Sequence[Path]) -> float:
+    """When the last of `images` had its job marked done (epoch seconds): in the transaction
+    that committed its caption, so the moment its sidecar and row were there."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        wanted = {str(p) for p in images}
+        times = [
+            updated
+            for path, updated in conn.execute("SELECT path, updated FROM jobs WHERE state = 'done'")
+            if path in wanted
+        ]
+    finally:
+        conn.close()
+    if len(times) != len(wanted):
+        raise BenchFailure(f"{len(wanted) - len(times)} of {len(wanted)} jobs not done")
+    return max(times)

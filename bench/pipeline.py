@@ -16,7 +16,14 @@ from typing import Any
 from daemon_harness import run_cli
 
 from bench import log, quiet_logging
-from bench.checks import BenchFailure, check_rows, check_sidecars, check_vectors, wait_vectors
+from bench.checks import (
+    BenchFailure,
+    check_rows,
+    check_sidecars,
+    check_vectors,
+    last_finished,
+    wait_vectors,
+)
 from bench.daemon import BenchDaemon, daemon_config, thread_env, wait_drained
 from bench.measure import ThreadCpu, cpu_of, cpu_self, cpu_tree
 from bench.models import (
@@ -60,18 +67,18 @@ def bare_loop(
 
 def run_caption(
     cfg_path: Path, folder: Path, backend: TimedBackend, log_file: Path
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """`watcher caption FOLDER` in this process, on the already-loaded model (a model process,
-    as `watcher caption` runs it). (seconds, model seconds)"""
+    as `watcher caption` runs it). (start, end as epoch seconds, model seconds)"""
     import watcher.backends as backends
 
     real = backends.open_backend
     backends.open_backend = lambda cfg, log_cfg=None: backend
     busy0 = backend.busy
     try:
-        t0 = time.perf_counter()
+        t0 = time.time()
         code, _, err = run_cli("--config", str(cfg_path), "caption", str(folder))
-        elapsed = time.perf_counter() - t0
+        t_end = time.time()
     finally:
         backends.open_backend = real
         quiet_logging()
@@ -79,7 +86,7 @@ def run_caption(
         f.write(err)
     if code != 0:
         raise BenchFailure(f"watcher caption exited {code}; see {log_file}")
-    return elapsed, backend.busy - busy0
+    return t0, t_end, backend.busy - busy0
 
 
 def run(args: argparse.Namespace, work: Path) -> Result:
@@ -203,16 +210,21 @@ def run(args: argparse.Namespace, work: Path) -> Result:
                     calls = len(timed.sizes)
                     self0, child0 = cpu_self(), cpu_of(child.pid)
                     with ThreadCpu() as stages:
-                        secs, model_s = run_caption(ccfg, cap_dir, timed, base / "caption.log")
+                        t0, t_end, model_s = run_caption(ccfg, cap_dir, timed, base / "caption.log")
                     row["c_cpu_model"] = 1000 * (cpu_of(child.pid) - child0) / n
                     row["c_cpu"] = 1000 * (cpu_self() - self0) / n + row["c_cpu_model"]
                     row["c_stages"] = {k: 1000 * v / n for k, v in stages.by_stage().items()}
                     row["c_sampler_cpu"] = 1000 * stages.own / n  # inside c_cpu
                     check_sidecars(cap_imgs)
                     check_rows(db, cap_imgs)
-                    if embed:
+                    if embed:  # all in before the command exits
                         check_vectors(db, cap_imgs)
+                    # To the commit of the last caption, like d; the search vectors it left
+                    # for after the captions come before it exits (c_exit, c_vectors_lag_s).
+                    secs = last_finished(db, cap_imgs) - t0
                     row["c"] = n / secs
+                    row["c_exit"] = n / (t_end - t0)
+                    row["c_vectors_lag_s"] = t_end - t0 - secs
                     row["c_model_share"] = model_s / secs
                     row["c_batches"] = timed.sizes[calls:]
 
@@ -269,6 +281,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
 MEDIAN_KEYS = (
     "b",
     "c",
+    "c_exit",
     "d",
     "d_raw",
     "c/b",
@@ -307,6 +320,7 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
             f"{r['a']:.1f}" if "a" in r else "",
             f"{r['b']:.1f}",
             f"{r['c']:.1f}",
+            f"{r['c_exit']:.1f}",
             f"{r['d']:.1f}",
             f"{r['d_raw']:.1f}",
             f"{r['c/b']:.3f}",
@@ -326,16 +340,18 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
         f"({args.torch_threads} torch thread), {T} generated tokens per image, {args.rounds} "
         "rounds, fresh images each round. "
         + (
-            "c and d embed every caption for search (all-MiniLM-L6-v2, real weights, in the "
-            "writer thread), as a default install does; every vector checked; b does not."
+            "c and d embed every caption for search (all-MiniLM-L6-v2, real weights), as a "
+            "default install does; every vector checked; b does not."
             if not args.no_embedding
             else "c and d without search vectors (--no-embedding)."
         ),
         "Bare loop images/s by batch size (first 64 images): "
         + ", ".join(f"{bs}: {v:.1f}" for bs, v in sweep.items())
         + f" -> best batch {best}.",
-        "b is the faster of two runs, one before and one after c and d; (d) is timed from "
-        "the drop to the daemon's last `captioned` log line, minus settle_seconds = "
+        "b is the faster of two runs, one before and one after c and d; c is timed from the "
+        "command's start to the commit of its last caption ('c to exit': to its exit, which "
+        "waits for the search vectors it left for after the captions); d from the drop to the "
+        "daemon's last `captioned` log line, minus settle_seconds = "
         f"{settle} ('d raw': with it).",
         "",
         *table(
@@ -344,6 +360,7 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
                 "a: loop, batch 1",
                 f"b: loop, batch {best}",
                 "c: watcher caption",
+                "c to exit",
                 "d: daemon",
                 "d raw",
                 "c/b",
@@ -359,10 +376,11 @@ def report(args: argparse.Namespace, sweep: dict, best: int, rounds: list[dict])
         f"{best}: c {sum(1 for b in c_sizes if b == best)} of {len(c_sizes)} calls, "
         f"d {sum(1 for b in d_sizes if b == best)} of {len(d_sizes)}."
         + (
-            " The daemon's last search vector came "
-            + ", ".join(f"{r['d_vectors_lag_s']:.1f}" for r in rounds)
-            + " s after its last caption (per round: vectors left to the backfill under the "
-            "burst, on this CPU model)."
+            " The last search vector came after the last caption by (per round) c "
+            + ", ".join(f"{r['c_vectors_lag_s']:.2f}" for r in rounds)
+            + " s, d "
+            + ", ".join(f"{r['d_vectors_lag_s']:.2f}" for r in rounds)
+            + " s (a burst's vectors come after its captions, on this CPU model)."
             if all("d_vectors_lag_s" in r for r in rounds)
             else ""
         ),

@@ -203,3 +203,104 @@ def test_the_device_a_vision_model_computes_on_decides_whether_embedding_waits()
     assert device_of(NS(placement="mps float16")) == "mps"
     assert runs_on_cpu(NS(device="cpu"))  # the model process says where its model is
     assert device_of(NS()) is None and not runs_on_cpu(NS())  # backend openai: elsewhere
+
+
+def test_watcher_caption_writes_a_bursts_captions_first_and_waits_for_their_vectors(
+    tmp_path, tiny_llava, minilm
+):
+    """On a CPU vision model the embedder would hold it back (a caption costs it more than
+    the tiny model's own time): `watcher caption` writes a burst's captions without their
+    vectors, embeds them once the captions are done, and exits only when every one is in.
+    It embeds its own captions only: older rows without vectors are the daemon's backfill's."""
+    from daemon_harness import cli_config
+    from images import distinct_image
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for i in range(3):
+        distinct_image(i, old / f"{i}.jpg")
+    images = [distinct_image(10 + i, new / f"{i:02}.jpg") for i in range(12)]
+    logs = {"level": "info", "format": "json"}
+    off = cli_config(tmp_path, tiny_llava, search={"embedding_model": None}, log=logs)
+    assert run_cli("--config", str(off), "caption", str(old))[0] == 0
+    on = cli_config(tmp_path, tiny_llava, search={"embedding_model": str(minilm)}, log=logs)
+    code, out, err = run_cli("--config", str(on), "caption", str(new))
+    assert code == 0, err
+    assert "12 new, 0 up to date, 0 failed" in out
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    # Batches of 4 with 12 claimed at once: every batch was written while others waited.
+    assert [e for e in events if e["event"] == "captioned"]
+    after = [e for e in events if e["event"] == "search vectors embedded after the captions"]
+    assert [e["captions"] for e in after] == [12]
+    last_caption = max(i for i, e in enumerate(events) if e["event"] == "captioned")
+    assert events.index(after[0]) > last_caption
+    index = Index(connect(tmp_path / "index.db"))
+    rowids = [index.rowid_of(str(p)) for p in images]
+    assert len(index.vectors_of([r for r in rowids if r is not None])) == 12
+    assert index.vector_count() == 12  # the three older rows are left to the daemon
+    assert read_progress(index) is None  # `watcher status` reports the daemon's backfill only
+    index.db.conn.close()
+
+
+def test_a_burst_leaves_every_batch_to_the_backfill_and_a_lone_batch_embeds_inline(tmp_path):
+    """The writer's question, batch by batch: a batch written while others are in flight,
+    and the rest of that burst (its last batch too), leave their vectors for later; once
+    nothing is in flight, the next lone batch is embedded with its captions."""
+    from types import SimpleNamespace as NS
+
+    from watcher.pipeline.stages import Pipeline
+
+    p = Pipeline(Config(database=tmp_path / "index.db"), NS(max_batch=4), defer_embedding=True)
+    p._in_flight = 10  # a burst of 10 in batches of 4, 4, 2
+    assert p._embed_now(4) is False
+    for _ in range(4):
+        p._job_end()
+    assert p._embed_now(4) is False
+    for _ in range(4):
+        p._job_end()
+    assert p.in_flight == 2
+    assert p._embed_now(2) is False  # the last batch: nothing after it, but part of the burst
+    for _ in range(2):
+        p._job_end()
+    p._in_flight = 1  # later, one image alone
+    assert p._embed_now(1) is True
+
+
+def test_the_vision_model_and_the_embedder_load_in_two_threads_at_once(tiny_llava, minilm):
+    """`watcher caption` loads the vision model in its worker while the embedder may load in
+    another thread: transformers' loading is not thread-safe (a model came out with meta
+    tensors), so loads take turns, and both models work."""
+    import threading
+
+    from images import distinct_pil
+
+    from watcher.backends import load_backend
+    from watcher.config import ModelConfig
+    from watcher.embedding import Embedder
+    from watcher.tasks import Task
+
+    start = threading.Barrier(2)
+    got: dict = {}
+
+    def load(name, fn):
+        start.wait()
+        try:
+            got[name] = fn()
+        except Exception as e:
+            got[name] = e
+
+    cfg = ModelConfig(backend="transformers", path=tiny_llava, max_tokens=4, isolate=False)
+    threads = [
+        threading.Thread(target=load, args=("vision", lambda: load_backend(cfg))),
+        threading.Thread(
+            target=load,
+            args=("embedder", lambda: Embedder.load(SearchConfig(embedding_model=str(minilm)))),
+        ),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not isinstance(got["vision"], Exception), got["vision"]
+    assert not isinstance(got["embedder"], Exception), got["embedder"]
+    assert got["vision"].describe([distinct_pil(1, (96, 72))], [Task("short")])[0][0]
+    assert got["embedder"].encode(["a red bicycle"]).vectors.shape == (1, 384)

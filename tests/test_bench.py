@@ -86,7 +86,7 @@ def test_smallest_pipeline_run_reports_ratios_and_batch_sizes(tmp_path):
     assert "### pipeline\n" in text and "FAILED" not in text
     assert "- Command: `" in text and "bench/run.py pipeline --n 8" in text
     header = next(line for line in text.splitlines() if line.startswith("| round |"))
-    assert "| b: loop, batch 4 | c: watcher caption | d: daemon |" in header
+    assert "| b: loop, batch 4 | c: watcher caption | c to exit | d: daemon |" in header
     assert "| c/b | d/b |" in header
     median = next(line for line in text.splitlines() if line.startswith("| **median** |"))
     assert len(re.findall(r"\| \d+\.\d{3} ", median)) == 2  # c/b and d/b
@@ -99,6 +99,7 @@ def test_smallest_pipeline_run_reports_ratios_and_batch_sizes(tmp_path):
     # c and d embed every caption for search, as a default install does (the bench checks
     # every vector before it reports a rate).
     assert "c and d embed every caption for search" in text
+    assert re.search(r"The last search vector came after the last caption by \(per round\) c", text)
 
     (report,) = (tmp_path / "out").glob("results-*.json")
     pipeline = json.loads(report.read_text())["results"]["pipeline"]
@@ -107,3 +108,5 @@ def test_smallest_pipeline_run_reports_ratios_and_batch_sizes(tmp_path):
     (rnd,) = pipeline["rounds"]
     assert sum(rnd["c_batches"]) == n and sum(rnd["d_batches"]) == n
     assert max(rnd["c_batches"] + rnd["d_batches"]) <= 4
+    # c is timed to its last caption; its exit, after the vectors, is reported beside it.
+    assert 0 < rnd["c_exit"] <= rnd["c"] and rnd["c_vectors_lag_s"] >= 0

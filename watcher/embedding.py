@@ -95,9 +95,12 @@ class Embedder:
         self.tag = tag
         self.batch_size = batch_size
         self._torch = torch
+        from watcher.backends import LOADING
+
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            with LOADING:  # never beside another model's load in this process
+                self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:
             raise EmbeddingUnavailable(
                 f"the embedding model at {folder} does not load: {type(e).__name__}: "

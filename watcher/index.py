@@ -10,7 +10,7 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -814,6 +814,20 @@ class Index:
                LEFT JOIN image_vectors v ON v.image_id = images.rowid
                WHERE v.image_id IS NULL AND images.rowid > ? ORDER BY images.rowid LIMIT ?""",
             (after, limit),
+        ).fetchall()
+
+    def missing_vectors_at(self, paths: Sequence[str]) -> list[tuple[int, str]]:
+        """(rowid, caption) of the images at `paths` (at most a few hundred) that have no
+        vector, in rowid order."""
+        if not paths:
+            return []
+        marks = ",".join("?" * len(paths))
+        return self.db.conn.execute(
+            f"""SELECT images.rowid, images.caption FROM images
+               LEFT JOIN image_vectors v ON v.image_id = images.rowid
+               WHERE v.image_id IS NULL AND images.path IN ({marks})
+               ORDER BY images.rowid""",
+            [encode(p) for p in paths],
         ).fetchall()
 
     def caption_of(self, rowid: int) -> str | None:

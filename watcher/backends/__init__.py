@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,6 +56,13 @@ def stream_text(backend: Backend, image: Image.Image, task: Task) -> Generator[s
 class Unsupported(RuntimeError):
     """The backend cannot do what was asked (detect/point on a captioning-only model)."""
 
+
+# transformers' from_pretrained is not safe in two threads of one process at once: it loads
+# onto the meta device by patching torch process-wide, and a model loaded meanwhile in another
+# thread came out with meta tensors ("Cannot copy out of meta tensor"; `watcher caption`
+# loading the vision model and the caption embedder together). Every load in this package
+# holds this lock.
+LOADING = threading.RLock()
 
 SKILLS = ("detect", "point")  # Moondream's: boxes around / points on a named object
 

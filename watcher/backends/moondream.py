@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from watcher.backends import ModelUnavailable
+from watcher.backends import LOADING, ModelUnavailable
 from watcher.backends.weights import (
     FIX,
     MOONDREAM_TOKENIZER,
@@ -187,7 +187,7 @@ class MoondreamBackend:
         try:
             from transformers import AutoModelForCausalLM
 
-            with _cached_tokenizer():
+            with LOADING, _cached_tokenizer():
                 model = AutoModelForCausalLM.from_pretrained(
                     source,
                     trust_remote_code=True,  # only local or pinned: checked above

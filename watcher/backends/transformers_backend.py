@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from watcher.backends import ModelUnavailable
+from watcher.backends import LOADING, ModelUnavailable
 from watcher.backends.weights import (
     FIX,
     HubBackendSpec,
@@ -190,10 +190,11 @@ class TransformersBackend:
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(source, **kwargs)
-            model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=placement.dtype, device_map={"": placement.device}, **kwargs
-            )
+            with LOADING:
+                processor = AutoProcessor.from_pretrained(source, **kwargs)
+                model = AutoModelForImageTextToText.from_pretrained(
+                    source, dtype=placement.dtype, device_map={"": placement.device}, **kwargs
+                )
         except OSError as e:
             why = first_line(e, drop_stop=True)
             raise ModelUnavailable(

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -39,28 +40,61 @@ class Backfill(threading.Thread):
     by another model, or while the model was missing), a batch at a time, in rowid order
     from the start at each daemon start (so a kill loses at most one batch). While the
     pipeline has jobs queued or running it waits (`yield_to_pipeline`: where the vision model
-    shares this CPU): the vision model comes first. The writer
-    embeds new captions itself, except those it leaves here under a burst on a CPU vision
-    model (`poke`: look again now rather than at the next RECHECK)."""
+    shares this CPU): the vision model comes first. The writer embeds new captions itself,
+    except those it leaves here under a burst (`poke`: look again now rather than at the
+    next RECHECK).
 
-    def __init__(self, cfg: Config, *, yield_to_pipeline: bool = True) -> None:
+    `scoped` (`watcher caption`): only the captions poked by path, not the whole index (a
+    library left without vectors by a model change is the daemon's to embed, not a one-off
+    command's); `drain` waits for them. `busy` replaces the look at the jobs table."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        yield_to_pipeline: bool = True,
+        scoped: bool = False,
+        busy: Callable[[], bool] | None = None,
+    ) -> None:
         super().__init__(name="embed-backfill", daemon=True)
         self.cfg = cfg
         # Wait while images are queued or being captioned: where the vision model shares
         # this CPU. A model on a GPU (or a server) leaves the CPU to this thread.
         self.yield_to_pipeline = yield_to_pipeline
+        self.scoped = scoped
+        self._busy = busy
         self.stopping = threading.Event()
-        self._poked = threading.Event()
+        self._poked = threading.Event()  # rows without vectors may exist before `after`
+        self._nudge = threading.Event()  # look now: a poke, a drain or a stop
+        self._closing = threading.Event()  # scoped: stop once nothing poked is left
+        self._lock = threading.Lock()
+        self._pending: list[str] = []  # scoped: image paths poked and not embedded yet
+        self._taken: list[str] = []  # scoped: the paths of the batch being embedded
         self.embedded = 0  # captions embedded by this run
 
-    def poke(self) -> None:
-        """Captions were written without their vectors: embed them once the queue is empty."""
+    def poke(self, paths: Sequence[str] = ()) -> None:
+        """Captions were written without their vectors (at `paths`): embed them once the
+        pipeline lets it."""
+        if self.scoped:
+            with self._lock:
+                self._pending.extend(paths)
         self._poked.set()
+        self._nudge.set()
+
+    def drain(self) -> int:
+        """Scoped: wait until every caption poked has its vector (or the model turned out
+        missing: they stay for the daemon's backfill), then stop. How many it embedded."""
+        self._closing.set()
+        self._nudge.set()
+        if self.is_alive():
+            self.join()
+        return self.embedded
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask it to stop and wait (a batch being embedded finishes first)."""
         self.stopping.set()
         self._poked.set()
+        self._nudge.set()
         if self.is_alive():
             self.join(timeout)
 
@@ -72,6 +106,12 @@ class Backfill(threading.Thread):
 
     def _run(self) -> None:
         _lower_priority()
+        if self.scoped:  # nothing to load the embedder for before the first poke
+            while not (self._pending or self._closing.is_set() or self.stopping.is_set()):
+                self._nudge.wait(1.0)
+                self._nudge.clear()
+            if not self._pending:
+                return
         db = connect(self.cfg.database)
         index = Index(db)
         try:
@@ -100,24 +140,46 @@ class Backfill(threading.Thread):
         finally:
             db.conn.close()
 
+    def _waiting(self, index: Index) -> bool:
+        if not self.yield_to_pipeline:
+            return False
+        return self._busy() if self._busy is not None else _pipeline_busy(index)
+
+    def _rows(self, index: Index, after: int) -> list[tuple[int, str]] | None:
+        """The next batch to embed; [] for none now, None for none left (scoped, closing)."""
+        if not self.scoped:
+            return index.missing_vectors(after, BATCH)
+        while True:
+            with self._lock:
+                paths, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+            if not paths:
+                return None if self._closing.is_set() else []
+            rows = index.missing_vectors_at(paths)
+            if rows:
+                self._taken = paths
+                return rows
+
     def _loop(self, index: Index, embedder) -> None:
         after = 0
         spent = 0.0
         while not self.stopping.is_set():
-            if self.yield_to_pipeline and _pipeline_busy(index):
+            if self._waiting(index):
                 self._report(index, Progress("paused", self._rate(spent)))
-                self.stopping.wait(BUSY_WAIT)
+                self._nudge.wait(BUSY_WAIT)
+                self._nudge.clear()
                 continue
             if self._poked.is_set():  # new rows without vectors, maybe before `after`
                 self._poked.clear()
                 after = 0
-            rows = index.missing_vectors(after, BATCH)
+            rows = self._rows(index, after)
+            if rows is None:
+                return
             if not rows:
                 self._report(index, Progress("done", self._rate(spent)))
-                log.info("all captions embedded", embedded=self.embedded)
-                self._poked.wait(RECHECK)
-                if self.stopping.is_set():
-                    return
+                if not self.scoped:
+                    log.info("all captions embedded", embedded=self.embedded)
+                self._nudge.wait(RECHECK)
+                self._nudge.clear()
                 after = 0
                 continue
             t0 = time.perf_counter()
@@ -135,6 +197,9 @@ class Backfill(threading.Thread):
                     index.put_vectors(items)
             except sqlite3.OperationalError as e:  # disk full, locked: try again later
                 log.warning("cannot store caption vectors; will retry", error=str(e))
+                if self.scoped:  # put back: drain must not return before they are in
+                    with self._lock:
+                        self._pending[:0] = self._taken
                 self.stopping.wait(BUSY_WAIT)
                 continue
             spent += time.perf_counter() - t0
@@ -146,6 +211,8 @@ class Backfill(threading.Thread):
         return round(self.embedded / spent, 1) if spent > 0 else 0.0
 
     def _report(self, index: Index, p: Progress) -> None:
+        if self.scoped:  # `watcher status` shows the daemon's backfill, not a command's
+            return
         p = Progress(p.state, p.rate, p.reason, time.time())
         try:
             with transaction(index.db):

@@ -41,13 +41,15 @@ class Pipeline:
     `upstream(within)` says whether work not yet queued will be within that many seconds
     (the daemon: files settling); the model worker waits for it to fill a batch.
 
-    `defer_embedding` (the daemon): while more images wait for the model, the writer leaves
-    the captions' search vectors to the backfill (`on_deferred` wakes it), so the writer
-    never holds the model back: the embedder takes 7 ms of CPU for a short caption and about
-    45 ms for one of 120 tokens, more than a fast model's own time per image; and on a CPU
-    shared with the vision model it made that model take 2-8% more CPU per image (two runs,
-    bench/RESULTS.md 2026-12-02 22:38 and 23:12). A lone image, or the last batch of a
-    burst, is embedded with its caption, in the same transaction.
+    `defer_embedding`: under a burst the writer leaves the captions' search vectors to the
+    backfill (`on_deferred(paths)`, after the commit), so the writer never holds the model
+    back: the embedder takes 7 ms of CPU for a short caption and about 45 ms for one of 120
+    tokens, more than a fast model's own time per image; and on a CPU shared with the vision
+    model it made that model take 2-8% more CPU per image (two runs, bench/RESULTS.md
+    2026-12-02 22:38 and 23:12). A burst is every batch written while others are claimed or
+    queued, and then the rest of it until nothing is in flight: its last batch too, which
+    embedded inline cost the tiny model's 200-image burst 0.36 s of 2.4. A lone batch
+    (nothing before it or after it) is embedded with its captions, in the same transaction.
     """
 
     def __init__(
@@ -59,7 +61,7 @@ class Pipeline:
         on_outcome: Callable[[Outcome], None] | None = None,
         upstream: Callable[[float], bool] = lambda within: False,
         defer_embedding: bool = False,
-        on_deferred: Callable[[], None] | None = None,
+        on_deferred: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
@@ -94,8 +96,9 @@ class Pipeline:
             self._job_end,
             embed=caption_embedder(cfg),
             embed_now=self._embed_now if defer_embedding else None,
+            on_deferred=on_deferred,
         )
-        self._on_deferred = on_deferred
+        self._burst = False  # vectors left for later since in-flight last reached zero
         self._pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix=DECODE.name)
         self._feeder = threading.Thread(target=self._feed, name=CLAIM.name, daemon=True)
         self.outcomes = 0
@@ -116,11 +119,11 @@ class Pipeline:
 
     def _embed_now(self, batch: int) -> bool:
         """Whether the writer embeds the captions of the `batch` jobs it is writing now: not
-        while other images are claimed (decoding, waiting for the model, on it) or queued."""
+        while other images are claimed (decoding, waiting for the model, on it) or queued,
+        nor for the rest of a burst whose earlier vectors were left for later."""
         with self._lock:
-            later = self._in_flight > batch or self._queued > 0
-        if later and self._on_deferred is not None:
-            self._on_deferred()
+            later = self._in_flight > batch or self._queued > 0 or self._burst
+            self._burst = later
         return not later
 
     def _incoming(self, within: float) -> int:
@@ -252,6 +255,8 @@ class Pipeline:
     def _job_end(self) -> None:
         with self._lock:
             self._in_flight -= 1
+            if self._in_flight == 0:
+                self._burst = False
             self.outcomes += 1
             self.changed.notify_all()
         self._slots.release()

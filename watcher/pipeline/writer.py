@@ -58,6 +58,7 @@ class Writer(threading.Thread):
         on_job_end: Callable[[], None],
         embed: Callable[[list[str]], VectorBatch | None] | None = None,
         embed_now: Callable[[int], bool] | None = None,
+        on_deferred: Callable[[list[str]], None] | None = None,
     ) -> None:
         super().__init__(name=WRITE.name, daemon=True)
         self.cfg = cfg
@@ -69,6 +70,8 @@ class Writer(threading.Thread):
         # Given this batch's size, whether to embed its captions now; False: they are
         # written without vectors, for the backfill (None: always now).
         self.embed_now = embed_now
+        # Told, after the commit, the images whose vectors were left for later (the backfill).
+        self.on_deferred = on_deferred
         self._deferred: list = []  # a batch the database refused, to be written again
         self._deferred_at = 0.0
         self._db_failures = 0
@@ -193,10 +196,12 @@ class Writer(threading.Thread):
                 log.warning("cannot sync folder", folder=str(folder), error=str(e))
         # Search vectors, made before BEGIN: the write lock is not held while the model runs.
         vectors = None
+        later = False
         if self.embed and rows:
             if self.embed_now is None or self.embed_now(len(items)):
                 vectors = self.embed([r.caption for r, _, _ in rows])
             else:
+                later = True
                 log.debug("search vectors left to the backfill", captions=len(rows))
         try:
             with transaction(self.db):
@@ -243,6 +248,8 @@ class Writer(threading.Thread):
             return
         self._db_failures = 0
         self._say_now()
+        if later and finished and self.on_deferred is not None:
+            self.on_deferred([row.path for row, _ in finished])
         for row in orphans:
             self._remove_orphan(row)
         self._created.clear()
