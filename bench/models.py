@@ -184,6 +184,11 @@ class TimedBackend:
         self.revision = backend.revision
         self.max_batch = backend.max_batch
         self.placement = getattr(backend, "placement", None)
+        # Where the model computes, as the pipeline asks it (backends.runs_on_cpu): a
+        # burst's search vectors wait for the captions on a CPU model, not beside a GPU one.
+        from watcher.backends import device_of
+
+        self.device = device_of(backend)
         self.busy = 0.0
         self.calls = 0
         self.sizes: list[int] = []  # images per model call
