@@ -528,7 +528,7 @@ def run_pipeline(
         if backfill is not None:
             if drained:
                 t0 = time.monotonic()
-                n = backfill.drain()
+                n = backfill.drain(threads=os.cpu_count())
                 if n:
                     log.info(
                         "search vectors embedded after the captions",
