@@ -304,3 +304,42 @@ def test_the_vision_model_and_the_embedder_load_in_two_threads_at_once(tiny_llav
     assert not isinstance(got["embedder"], Exception), got["embedder"]
     assert got["vision"].describe([distinct_pil(1, (96, 72))], [Task("short")])[0][0]
     assert got["embedder"].encode(["a red bicycle"]).vectors.shape == (1, 384)
+
+
+def test_a_scoped_backfill_embeds_only_what_it_was_handed_and_drains_on_the_threads_given(
+    tmp_path, minilm, monkeypatch
+):
+    """`watcher caption`'s backfill: the paths the writer handed it, none of the index's other
+    rows without vectors; nothing while the pipeline is busy; on `drain` the rest, on the
+    torch threads given (set in its own thread: torch keeps the number per thread)."""
+    import torch
+
+    from watcher.embedding import Embedder
+
+    db = tmp_path / "index.db"
+    rows = captions(40)
+    index = make_index(db, rows)
+    cfg = Config(database=db, search=SearchConfig(embedding_model=str(minilm)))
+    threads_seen: list[tuple[int, int]] = []
+    real = Embedder.encode
+
+    def spy(self, texts):
+        threads_seen.append((len(texts), torch.get_num_threads()))
+        return real(self, texts)
+
+    monkeypatch.setattr(Embedder, "encode", spy)
+    backfill = Backfill(cfg, scoped=True, busy=lambda: not backfill._closing.is_set())
+    backfill.start()
+    handed = list(rows)[:36]
+    backfill.poke(handed[:20])
+    backfill.poke(handed[20:])
+    wait_for(lambda: threads_seen, timeout=60, what="the embedder's first use")  # the probe
+    assert index.vector_count() == 0  # busy: it waits
+    assert backfill.drain(threads=2) == 36
+    assert not backfill.is_alive()
+    got = index.vectors_of([r for r in (index.rowid_of(p) for p in handed) if r is not None])
+    assert len(got) == 36 and index.vector_count() == 36
+    batches = [(n, t) for n, t in threads_seen if n > 1]
+    assert sum(n for n, _ in batches) == 36 and {t for _, t in batches} == {2}
+    assert read_progress(index) is None
+    index.db.conn.close()
