@@ -343,3 +343,26 @@ def test_a_scoped_backfill_embeds_only_what_it_was_handed_and_drains_on_the_thre
     assert sum(n for n, _ in batches) == 36 and {t for _, t in batches} == {2}
     assert read_progress(index) is None
     index.db.conn.close()
+
+
+def test_a_full_disk_does_not_hold_watcher_caption_at_its_exit(tmp_path, minilm, monkeypatch):
+    """The scoped backfill cannot store vectors (disk full): `drain` still returns, the
+    captions stay (without vectors, for the daemon's backfill), and nothing is retried forever."""
+    import sqlite3
+
+    db = tmp_path / "index.db"
+    rows = captions(5)
+    index = make_index(db, rows)
+    cfg = Config(database=db, search=SearchConfig(embedding_model=str(minilm)))
+
+    def full(self, items):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Index, "put_vectors", full)
+    backfill = Backfill(cfg, scoped=True, busy=lambda: False)
+    backfill.start()
+    backfill.poke(list(rows))
+    assert backfill.drain() == 0
+    assert not backfill.is_alive()
+    assert index.vector_count() == 0 and index.count() == 5
+    index.db.conn.close()

@@ -69,7 +69,6 @@ class Backfill(threading.Thread):
         self._closing = threading.Event()  # scoped: stop once nothing poked is left
         self._lock = threading.Lock()
         self._pending: list[str] = []  # scoped: image paths poked and not embedded yet
-        self._taken: list[str] = []  # scoped: the paths of the batch being embedded
         self._threads: int | None = None  # scoped, draining: torch threads for the rest
         self.embedded = 0  # captions embedded by this run
 
@@ -161,7 +160,6 @@ class Backfill(threading.Thread):
                 return None if self._closing.is_set() else []
             rows = index.missing_vectors_at(paths)
             if rows:
-                self._taken = paths
                 return rows
 
     def _loop(self, index: Index, embedder) -> None:
@@ -207,10 +205,14 @@ class Backfill(threading.Thread):
                     ]
                     index.put_vectors(items)
             except sqlite3.OperationalError as e:  # disk full, locked: try again later
+                if self.scoped:  # a one-off command does not wait out a full disk
+                    log.warning(
+                        "cannot store caption vectors; left to the daemon's backfill",
+                        captions=len(rows),
+                        error=str(e),
+                    )
+                    continue
                 log.warning("cannot store caption vectors; will retry", error=str(e))
-                if self.scoped:  # put back: drain must not return before they are in
-                    with self._lock:
-                        self._pending[:0] = self._taken
                 self.stopping.wait(BUSY_WAIT)
                 continue
             spent += time.perf_counter() - t0
