@@ -809,12 +809,9 @@ class Index:
 
     def missing_vectors(self, after: int, limit: int) -> list[tuple[int, str]]:
         """(rowid, caption) of images without a vector, rowid > `after`, in rowid order."""
-        return self.db.conn.execute(
-            """SELECT images.rowid, images.caption FROM images
-               LEFT JOIN image_vectors v ON v.image_id = images.rowid
-               WHERE v.image_id IS NULL AND images.rowid > ? ORDER BY images.rowid LIMIT ?""",
-            (after, limit),
-        ).fetchall()
+        return self._without_vector(
+            "images.rowid > ? ORDER BY images.rowid LIMIT ?", [after, limit]
+        )
 
     def missing_vectors_at(self, paths: Sequence[str]) -> list[tuple[int, str]]:
         """(rowid, caption) of the images at `paths` (at most a few hundred) that have no
@@ -822,12 +819,16 @@ class Index:
         if not paths:
             return []
         marks = ",".join("?" * len(paths))
+        return self._without_vector(
+            f"images.path IN ({marks}) ORDER BY images.rowid", [encode(p) for p in paths]
+        )
+
+    def _without_vector(self, where: str, params: list) -> list[tuple[int, str]]:
         return self.db.conn.execute(
-            f"""SELECT images.rowid, images.caption FROM images
-               LEFT JOIN image_vectors v ON v.image_id = images.rowid
-               WHERE v.image_id IS NULL AND images.path IN ({marks})
-               ORDER BY images.rowid""",
-            [encode(p) for p in paths],
+            "SELECT images.rowid, images.caption FROM images "
+            "LEFT JOIN image_vectors v ON v.image_id = images.rowid "
+            f"WHERE v.image_id IS NULL AND {where}",
+            params,
         ).fetchall()
 
     def caption_of(self, rowid: int) -> str | None:

@@ -188,7 +188,7 @@ class Backfill(threading.Thread):
                 self._nudge.clear()
                 after = 0
                 continue
-            if self._threads and self._closing.is_set():
+            if self._threads:  # set by drain
                 restore = _use_threads(self._threads)
                 self._threads = None
             t0 = time.perf_counter()
