@@ -222,6 +222,10 @@ def test_three_copies_captioned_once(tmp_path, tiny_llava):
     cfg = write_config(tmp_path, tiny_llava, [{"path": str(watched), "settle_seconds": 0.3}])
     src = distinct_image(9, tmp_path / "src.jpg")
     with Daemon(cfg, tmp_path) as d:
+        # After the catch-up scan: a copy it listed half-way would also come back through
+        # its events, and the first (correct) model run would be discarded as stale, so
+        # every logged caption would be a reuse of it.
+        d.wait_scanned()
         for name in ("one.jpg", "two.jpg", "three.jpg"):
             shutil.copy(src, watched / name)
         names = ("one", "two", "three")
