@@ -22,6 +22,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
     import torch
 
     from watcher.backends import load_backend
+    from watcher.backends.transformers_backend import TransformersBackend
     from watcher.config import FolderConfig, ModelConfig
 
     smoke = args.gpu_smoke
@@ -61,7 +62,9 @@ def run(args: argparse.Namespace, work: Path) -> Result:
             dtype=dtype,
         )
     )
-    params = sum(p.numel() for p in backend._model.parameters())  # type: ignore[attr-defined]
+    # The sweep sets the batch size on the loaded transformers backend itself.
+    assert isinstance(backend, TransformersBackend)
+    params = sum(p.numel() for p in backend._model.parameters())
     tasks = FolderConfig(path=Path("/")).tasks(T)
     from PIL import Image
 

@@ -383,8 +383,8 @@ def quality(work: Path, model: Path) -> list[list]:
         for key, text in data["captions"].items():
             r = _row(0, text)
             index.upsert(ImageRow(*((f"/q/{key}.jpg", "/q") + r[2:9] + ({},) + r[10:])))
-        made = [index.get(f"/q/{k}.jpg") for k in data["captions"]]
-        index.put_caption_vectors(embedder.encode([r.caption for r in made if r]), made)
+        made = [img for k in data["captions"] if (img := index.get(f"/q/{k}.jpg"))]
+        index.put_caption_vectors(embedder.encode([img.caption for img in made]), made)
     out = []
     kinds = ("exact", "paraphrase", "partial", None)
     for mode in ("text", "semantic", "hybrid"):

@@ -106,13 +106,13 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         def __init__(self, app: Starlette) -> None:
             self.app = app
 
-        async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        async def __call__(self, scope, receive, send) -> None:
             start = time.perf_counter()
             await self.app(scope, receive, send)
             served.append((time.perf_counter() - start) * 1000)
 
     app = Timed(Starlette(routes=routes(WebContext(cfg, db_path, None))))
-    client = TestClient(app)  # type: ignore[arg-type]
+    client = TestClient(app)
 
     def timed(url: str, params: dict[str, str]) -> tuple[list[float], str]:
         times = []

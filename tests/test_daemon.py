@@ -49,6 +49,7 @@ def test_events_create_copy_move_part_nested_and_slow_writer(tmp_path, tiny_llav
         ],
     )
     with Daemon(cfg, tmp_path) as d:
+        d.wait_scanned()  # every file below arrives through its events, not the scan
         # created in place
         distinct_image(1, watched / "created.jpg")
         # copied in
