@@ -224,3 +224,29 @@ def test_daemon_does_not_caption_its_own_embed_again(tmp_path, tiny_llava):
         assert row == (hashlib.sha256(embedded).hexdigest(), len(embedded))
         assert a.read_bytes() == embedded
         assert exif_json(a)["XMP-dc:Description"]
+
+
+def test_the_embeds_rename_is_its_own_write_before_the_row_is_committed(tmp_path):
+    """The window a loaded CI machine hit: the embed renamed the image and the rename's
+    event settled before the writer committed the row that records the new file. The
+    event must not queue the image (it would run again); a change after it must."""
+    from watcher.config import Config
+    from watcher.intake.events import FileEvents
+    from watcher.intake.settle import Ready, Settler
+
+    pics = tmp_path / "pics"
+    image = photo_with_metadata(pics / "a.jpg")
+    embed(image, "a tram on a hill")  # renamed over the image; no index row at all
+    events = FileEvents(
+        Config(folders=(FolderConfig(path=pics),), database=tmp_path / "index.db"), Settler
+    )
+    try:
+        events.enqueue_ready([Ready(image, pics)])
+        assert events.jobs.state_of(str(image)) is None, "its own write was queued"
+
+        with open(image, "ab") as f:  # someone else changes it afterwards
+            f.write(b"\0")
+        events.enqueue_ready([Ready(image, pics)])
+        assert events.jobs.state_of(str(image)) == ("pending", None)
+    finally:
+        events.close()

@@ -19,6 +19,7 @@ from watcher.intake.observer import Sink
 from watcher.intake.scan import scan_folder
 from watcher.intake.settle import Ready, Settler
 from watcher.jobs import JobQueue
+from watcher.outputs.embed import OWN_WRITES
 from watcher.outputs.sidecar import follow_image, remove_if_ours
 from watcher.outputs.xmp import follow as follow_xmp
 from watcher.paths import shown
@@ -76,7 +77,10 @@ class FileEvents(Sink):
             st = os.stat(path)
         except OSError:
             return False
-        return self.index.is_own_write(str(path), st.st_size, st.st_mtime_ns)
+        # Written by this process but perhaps not committed yet (OWN_WRITES), or recorded in
+        # the index row (written before a restart, or by `watcher retry`).
+        seen = (str(path), st.st_size, st.st_mtime_ns)
+        return OWN_WRITES.matches(*seen) or self.index.is_own_write(*seen)
 
     # -- from the observers -------------------------------------------------------------
     def file_touched(self, path: Path, folder: FolderConfig) -> None:

@@ -8,6 +8,8 @@ import os
 import secrets
 import shutil
 import stat
+import threading
+from collections import OrderedDict
 
 from watcher import faults
 from watcher.outputs import metadata
@@ -26,6 +28,34 @@ EMBEDDABLE = {
 # A bigger image is left alone (it would be read into memory and copied twice).
 EMBED_MAX_BYTES = 256 << 20
 SKIPPED = "skipped"  # an image format we do not embed into: said once, not retried
+
+
+class OwnWrites:
+    """The (size, mtime_ns) each image had as this process's embed left it, from just before
+    its rename. The index row records it too, but only when the writer commits, and the
+    rename's file event can settle before that (a loaded machine, a short settle time): the
+    daemon would queue its own write and run the image again. A file matching an entry is
+    exactly as we wrote it, so an entry never needs taking back; the oldest go past `cap`."""
+
+    def __init__(self, cap: int = 4096) -> None:
+        self._cap = cap
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def add(self, path: str, size: int, mtime_ns: int) -> None:
+        with self._lock:
+            self._seen[path] = (size, mtime_ns)
+            self._seen.move_to_end(path)
+            while len(self._seen) > self._cap:
+                self._seen.popitem(last=False)
+
+    def matches(self, path: str, size: int, mtime_ns: int) -> bool:
+        with self._lock:
+            return self._seen.get(path) == (size, mtime_ns)
+
+
+# Process-wide: the file events this process sees are of the writes this process made.
+OWN_WRITES = OwnWrites()
 
 
 class EmbedOutput(Output):
@@ -84,7 +114,7 @@ class EmbedOutput(Output):
             data = dest.read_bytes()
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        identity = replace_image(place.dir_fd, image.name, data, st)
+        identity = replace_image(place.dir_fd, image.name, data, st, str(image))
         return _result(image, identity[0], merged, identity)
 
 
@@ -98,12 +128,13 @@ def _result(image, sha: str, merged: metadata.Merge, identity) -> Result:
 
 
 def replace_image(
-    dir_fd: int, name: str, data: bytes, before: os.stat_result
+    dir_fd: int, name: str, data: bytes, before: os.stat_result, path: str
 ) -> tuple[str, int, int]:
-    """Replace the image `name` in `dir_fd` by `data`: a temp file of our name form in the
-    same folder (mode copied), fsync, rename over the image, fsync the folder. Raises
-    OSError(EAGAIN) when the image changed since it was read (`before`): the job runs
-    again on the new file. Returns the new file's (sha256, size, mtime_ns)."""
+    """Replace the image `name` in `dir_fd` (the image at `path`) by `data`: a temp file of
+    our name form in the same folder (mode copied), fsync, rename over the image, fsync the
+    folder. Raises OSError(EAGAIN) when the image changed since it was read (`before`): the
+    job runs again on the new file. Returns the new file's (sha256, size, mtime_ns), which
+    OWN_WRITES holds from before the rename."""
     tmp = f".{os.getpid() & 0xFFFFFFFF:08x}{secrets.token_hex(4)}{TEMP_SUFFIX}"
     fd = os.open(
         tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=dir_fd
@@ -127,6 +158,9 @@ def replace_image(
             before.st_mtime_ns,
         ):
             raise OSError(errno.EAGAIN, "the image changed while its description was embedded")
+        # Before the rename: its event may be looked at before this returns. (A rename that
+        # then fails leaves an entry no file at `path` matches: the temp's mtime is its own.)
+        OWN_WRITES.add(path, after.st_size, after.st_mtime_ns)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
