@@ -391,3 +391,50 @@ def test_model_fetch_also_fetches_the_embedding_model(tmp_path, monkeypatch):
         "watcher: cannot download the embedding model: no connection "
         "(ConnectionError: no route to host)\n"
     )
+
+
+@pytest.mark.slow
+def test_watcher_search_borrows_the_running_daemons_model_and_loads_its_own_without_one(
+    tmp_path, tiny_llava, minilm, monkeypatch
+):
+    from daemon_harness import Daemon, write_config
+
+    from watcher import embedding
+    from watcher.service import lifecycle
+
+    watched = tmp_path / "watched"
+    for i in range(3):
+        distinct_image(i, watched / f"p{i}.jpg")
+    folders = [{"path": str(watched), "settle_seconds": 0.2}]
+    cfg_path = write_config(tmp_path, tiny_llava, folders, search={"embedding_model": str(minilm)})
+    assert run_cli("--config", str(cfg_path), "caption", str(watched))[0] == 0
+    db = load_config(cfg_path).database
+    index = Index(connect(db))
+    target = str(watched / "p1.jpg")
+    query = index.get(target).caption  # random weights: its own caption is what it is like
+    index.db.conn.close()
+
+    def search(*mode: str) -> tuple[int, str, str]:
+        return run_cli("--config", str(cfg_path), "search", query, *mode, "--json")
+
+    # No daemon: the model is loaded here.
+    local = {m: search("--mode", m) for m in ("semantic", "hybrid")}
+    hit = json.loads(local["semantic"][1])[0]
+    assert hit["path"] == target and hit["similarity"] == pytest.approx(1.0, abs=1e-3)
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError("the model was loaded though a daemon runs with it")
+
+    with Daemon(cfg_path, tmp_path) as d:
+        d.wait_scanned()
+        row = lifecycle.read(connect(db, readonly=True))
+        assert row is not None and row.running and row.url and row.url.startswith("http://")
+        with monkeypatch.context() as m:
+            m.setattr(embedding.Embedder, "load", classmethod(refuse))
+            # The same hits, scores and exit code, from the daemon's vector for the query.
+            for mode, expected in local.items():
+                assert search("--mode", mode) == expected, mode
+    after = lifecycle.read(connect(db, readonly=True))
+    assert after is not None and not after.running and after.url is None
+    # Stopped: loaded here again, same answer.
+    assert search("--mode", "semantic") == local["semantic"]

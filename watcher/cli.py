@@ -807,7 +807,8 @@ def _print_kept(kept: list, out: TextIO) -> None:
 
 def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     from watcher.index import open_index
-    from watcher.search import SearchError, load_query_embedder, search
+    from watcher.search import QueryEncoder, SearchError, load_query_embedder, search
+    from watcher.web.client import borrow_encoder
 
     if (args.query is None) == (args.like is None):
         print("watcher: search needs TEXT or --like IMAGE (one of them)", file=err)
@@ -821,9 +822,14 @@ def cmd_search(args, cfg: Config, out: TextIO, err: TextIO) -> int:
     index = open_index(cfg.database)
     # Semantic search turned off in the config: plain text search, nothing to say about it.
     mode = args.mode or ("text" if cfg.search.embedding_model is None else cfg.search.mode)
-    embedder, why = None, None
+    embedder: QueryEncoder | None = None
+    why = None
     if mode != "text" and args.like is None:
-        embedder, why = load_query_embedder(index, cfg.search)
+        # A running daemon has the model loaded: its vector for the query saves loading
+        # torch and the model here (seconds per search).
+        embedder = borrow_encoder(cfg, index, args.query)
+        if embedder is None:
+            embedder, why = load_query_embedder(index, cfg.search)
     folder = None if args.folder is None else os.path.abspath(args.folder.expanduser())
     try:
         result = search(

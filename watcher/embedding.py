@@ -85,7 +85,6 @@ class Embedder:
         self, folder: Path, tag: str, batch_size: int = 32, threads: int | None = None
     ) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
 
         if threads:
             # Only where nothing else in the process runs torch (see caption_embedder): on
@@ -98,7 +97,9 @@ class Embedder:
         from watcher.backends import LOADING
 
         try:
-            with LOADING:  # never beside another model's load in this process
+            with LOADING:  # never beside another model's load (or import) in this process
+                from transformers import AutoModel, AutoTokenizer
+
                 self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
                 self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:

@@ -746,7 +746,7 @@ class Index:
         if not self._has_table("image_vec"):
             _create_v5(self.db)
         current = self.vector_model()
-        if current == tag and self._vec_dim() == dim:
+        if current == tag and self.vector_dim() == dim:
             return False
         self.db.conn.execute("DELETE FROM image_vectors")
         # Every reader reloads for the new model: the log of this delete is of no use.
@@ -758,7 +758,8 @@ class Index:
         )
         return current is not None
 
-    def _vec_dim(self) -> int | None:
+    def vector_dim(self) -> int | None:
+        """The length of the index's vectors (None: no vector table)."""
         row = self.db.conn.execute(
             "SELECT sql FROM sqlite_master WHERE name = 'image_vec'"
         ).fetchone()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from watcher.bitmatrix import nearest_bits
 from watcher.index import VEC_PROBLEM, ImageRow, Index, prefix_range
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from watcher.config import SearchConfig
-    from watcher.embedding import Embedder
+    from watcher.embedding import Embedder, VectorBatch
 
 MODES = ("hybrid", "text", "semantic")
 # Reciprocal-rank fusion's constant (Cormack et al. 2009): a hit's share is 1/(K + rank).
@@ -137,6 +137,15 @@ def fts_query(query: str) -> str:
 QueryEmbedder = Callable[[str], "np.ndarray"]
 
 
+class QueryEncoder(Protocol):
+    """What encodes a query: the embedding model (watcher.embedding.Embedder), or a
+    running daemon's answer for it (watcher.web.client.BorrowedEncoder)."""
+
+    tag: str  # the model that made the vectors (compared with the index's)
+
+    def encode(self, texts: Sequence[str]) -> VectorBatch: ...
+
+
 def search(
     index: Index,
     query: str | None,
@@ -146,7 +155,7 @@ def search(
     folder: str | Path | None = None,
     task: str | None = None,
     like: str | Path | None = None,
-    embedder: Embedder | None = None,
+    embedder: QueryEncoder | None = None,
     unavailable: str | None = None,
     min_similarity: float = MIN_SIMILARITY,
 ) -> SearchResult:
@@ -204,7 +213,7 @@ def _notes(*notes: str | None) -> str | None:
 
 
 def _semantic_problem(
-    index: Index, embedder: Embedder | None, unavailable: str | None
+    index: Index, embedder: QueryEncoder | None, unavailable: str | None
 ) -> str | None:
     if not index.vectors_usable():
         return "semantic search unavailable: " + (

@@ -60,8 +60,10 @@ class Unsupported(RuntimeError):
 # transformers' from_pretrained is not safe in two threads of one process at once: it loads
 # onto the meta device by patching torch process-wide, and a model loaded meanwhile in another
 # thread came out with meta tensors ("Cannot copy out of meta tensor"; `watcher caption`
-# loading the vision model and the caption embedder together). Every load in this package
-# holds this lock.
+# loading the vision model and the caption embedder together). Its lazy top-level names are
+# not either: `from transformers import AutoModel` in two threads at once raised ImportError
+# ("cannot import name 'AutoModel'": the daemon's search box beside its backfill). Every load
+# in this package, with its import of transformers' classes, holds this lock.
 LOADING = threading.RLock()
 
 SKILLS = ("detect", "point")  # Moondream's: boxes around / points on a named object

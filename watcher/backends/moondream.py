@@ -185,9 +185,9 @@ class MoondreamBackend:
         )
         started = time.monotonic()
         try:
-            from transformers import AutoModelForCausalLM
-
             with LOADING, _cached_tokenizer():
+                from transformers import AutoModelForCausalLM
+
                 model = AutoModelForCausalLM.from_pretrained(
                     source,
                     trust_remote_code=True,  # only local or pinned: checked above

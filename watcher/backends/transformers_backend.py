@@ -188,9 +188,9 @@ class TransformersBackend:
         )
         started = time.monotonic()
         try:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
             with LOADING:
+                from transformers import AutoModelForImageTextToText, AutoProcessor
+
                 processor = AutoProcessor.from_pretrained(source, **kwargs)
                 model = AutoModelForImageTextToText.from_pretrained(
                     source, dtype=placement.dtype, device_map={"": placement.device}, **kwargs

@@ -402,7 +402,8 @@ class Daemon:
         folders = [w.describe(self.events.passed_over.get(p)) for p, w in self.watches.items()]
         with self.events.lock:
             if started:
-                lifecycle.record_start(self.events.db, folders)
+                url = self.web.url if self.web is not None else None
+                lifecycle.record_start(self.events.db, folders, url)
             elif stopped:
                 lifecycle.record_stop(self.events.db, folders)
             else:

@@ -29,6 +29,7 @@ class DaemonRow:
     heartbeat: float | None
     stopped: float | None
     folders: list[dict[str, Any]] = field(default_factory=list)
+    url: str | None = None  # its web page and API, while it runs with them
 
     @property
     def running(self) -> bool:
@@ -52,8 +53,11 @@ def alive(pid: int | None) -> bool:
 # -- written by the daemon (the caller holds its connection's lock) --------------------------
 
 
-def record_start(db: sqlite_utils.Database, folders: list[dict[str, Any]]) -> None:
-    """A daemon started: this process, now, its folders; the last one's row is replaced."""
+def record_start(
+    db: sqlite_utils.Database, folders: list[dict[str, Any]], url: str | None = None
+) -> None:
+    """A daemon started: this process, now, its folders, its web address (None: no web
+    server); the last one's row is replaced."""
     now = time.time()
     with transaction(db):
         db.conn.execute(
@@ -61,6 +65,11 @@ def record_start(db: sqlite_utils.Database, folders: list[dict[str, Any]]) -> No
                VALUES (1, ?, ?, ?, ?, NULL)""",
             (os.getpid(), now, now, json.dumps(folders)),
         )
+        # In `meta`, not a new column of `daemon`: older databases need no migration.
+        if url:
+            db.conn.execute(_SET_URL, (url,))
+        else:
+            db.conn.execute(_CLEAR_URL)
 
 
 def record_folders(db: sqlite_utils.Database, folders: list[dict[str, Any]]) -> None:
@@ -76,6 +85,11 @@ def record_stop(db: sqlite_utils.Database, folders: list[dict[str, Any]]) -> Non
             "UPDATE daemon SET stopped = ?, folders = ? WHERE id = 1",
             (time.time(), json.dumps(folders)),
         )
+        db.conn.execute(_CLEAR_URL)
+
+
+_SET_URL = "INSERT OR REPLACE INTO meta (key, value) VALUES ('daemon_url', ?)"
+_CLEAR_URL = "DELETE FROM meta WHERE key = 'daemon_url'"
 
 
 def beat(db: sqlite_utils.Database) -> None:
@@ -95,7 +109,10 @@ def read(db: sqlite_utils.Database) -> DaemonRow | None:
     if row is None:
         return None
     pid, started, heartbeat, stopped, folders = row
-    return DaemonRow(pid, started, heartbeat, stopped, json.loads(folders or "[]"))
+    url = db.conn.execute("SELECT value FROM meta WHERE key = 'daemon_url'").fetchone()
+    return DaemonRow(
+        pid, started, heartbeat, stopped, json.loads(folders or "[]"), url[0] if url else None
+    )
 
 
 def daemon_pid(db_path: Path) -> int | None:

@@ -186,6 +186,21 @@ class Pages:
             return _json_error(400, "q is required")
         return self.api_images(request)
 
+    def api_query_vector(self, request: Request) -> Response:
+        """A search text's vector from the model this server has loaded: `watcher search`
+        borrows it from a running daemon rather than loading torch and the model itself
+        (seconds per search). 503 when there is no model here to encode with."""
+        q = request.query_params.get("q", "")
+        if not q.strip():
+            return _json_error(400, "q is required")
+        db = self.reader()
+        embedder = self.query_embedder(Index(db)) if db is not None else None
+        if embedder is None:
+            return _json_error(503, "semantic search is unavailable here")
+        batch = embedder.encode([q])
+        # float32 -> JSON float -> float32 is exact: the same scores as a local search.
+        return JSONResponse({"model": batch.model, "vector": batch.vectors[0].tolist()})
+
     # -- one image -------------------------------------------------------------------------
 
     def _image_data(self, image_id: int) -> dict[str, Any]:
@@ -617,6 +632,7 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         Route("/api/images", p.api_images, methods=["GET"]),
         Route("/api/images/{id:int}", p.api_image, methods=["GET"]),
         Route("/api/search", p.api_search, methods=["GET"]),
+        Route("/api/query-vector", p.api_query_vector, methods=["GET"]),
         Route("/api/status", p.api_status, methods=["GET"]),
         Route("/api/retry", p.retry, methods=["POST"]),
     ]
