@@ -438,3 +438,55 @@ def test_watcher_search_borrows_the_running_daemons_model_and_loads_its_own_with
     assert after is not None and not after.running and after.url is None
     # Stopped: loaded here again, same answer.
     assert search("--mode", "semantic") == local["semantic"]
+
+
+def test_a_borrowed_query_vector_is_used_only_when_it_is_the_configured_models(
+    tmp_path, minilm, minilm_embedder, monkeypatch
+):
+    import httpx
+
+    from watcher.service import lifecycle
+    from watcher.web.client import borrow_encoder
+
+    index = make_index(tmp_path / "index.db", {"/p/a.jpg": "a red bicycle"}, minilm_embedder)
+    cfg = Config(database=tmp_path / "index.db", search=SearchConfig(embedding_model=str(minilm)))
+    mine = minilm_embedder.encode(["crimson bike"])
+    answers: list = []
+    asked: list = []
+
+    def fake_get(url, **kwargs):
+        asked.append(url)
+        assert url == "http://127.0.0.1:9/api/query-vector" and kwargs["params"] == {
+            "q": "crimson bike"
+        }
+        status, body = answers.pop(0)
+        return httpx.Response(status, json=body, request=httpx.Request("GET", url))
+
+    def borrow():
+        return borrow_encoder(cfg, index, "crimson bike")
+
+    # No daemon row yet: nothing is asked.
+    monkeypatch.setattr(httpx, "get", fake_get)
+    assert borrow() is None and not asked
+    lifecycle.record_start(index.db, [], "http://127.0.0.1:9/")  # this process "runs"
+    good = {"model": minilm_embedder.tag, "vector": mine.vectors[0].tolist()}
+    answers[:] = [(200, good)]
+    enc = borrow()
+    assert enc is not None and enc.tag == minilm_embedder.tag
+    assert np.array_equal(enc.encode(["crimson bike"]).vectors, mine.vectors)
+    for status, body in [
+        (200, {**good, "model": "another/model@main"}),  # the daemon runs another model
+        (200, {**good, "vector": good["vector"][:100]}),  # not this index's length
+        (200, {**good, "vector": [2 * x for x in good["vector"]]}),  # not unit length
+        (503, {"error": "semantic search is unavailable here"}),
+    ]:
+        answers[:] = [(status, body)]
+        assert borrow() is None, body
+        assert not answers, "it was not asked"
+    monkeypatch.undo()
+    assert borrow() is None  # nothing listens on port 9: refused, loaded here
+    lifecycle.record_stop(index.db, [])
+    monkeypatch.setattr(httpx, "get", fake_get)
+    before = len(asked)
+    assert borrow() is None and len(asked) == before  # stopped: not even asked
+    index.db.conn.close()

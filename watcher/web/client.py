@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("watcher.web.client")
 
 # The daemon answers from memory in milliseconds; one still loading its model (the first
-# search after a start) takes about as long as loading it here would.
-TIMEOUT_SECONDS = 30.0
+# search after a start) takes about as long as loading it here would. A daemon that does not
+# even accept the connection is given up on at once.
+TIMEOUT = (2.0, 30.0)  # (connect, the rest), seconds
 
 
 class BorrowedEncoder:
@@ -60,7 +61,7 @@ def borrow_encoder(cfg: Config, index: Index, query: str) -> BorrowedEncoder | N
             row.url.rstrip("/") + "/api/query-vector",
             params={"q": query},
             headers=headers,
-            timeout=TIMEOUT_SECONDS,
+            timeout=httpx.Timeout(TIMEOUT[1], connect=TIMEOUT[0]),
             trust_env=False,  # the daemon is on this machine: never through a proxy
         )
         reply.raise_for_status()
