@@ -97,8 +97,10 @@ def test_alongside_a_gpu_model_the_backfill_does_not_wait_for_the_queue(tmp_path
     backfill = Backfill(cfg, yield_to_pipeline=False)
     backfill.start()
     try:
+        # Its state is written after the batch it follows: wait for it too (CI once read
+        # "loading" between the last batch's commit and the report).
         wait_for(lambda: index.vector_count() == 5, timeout=120, what="the backfill")
-        assert state(index) == "done"
+        wait_for(lambda: state(index) == "done", timeout=30, what="the backfill to say done")
         # A caption the writer left without its vector: found on the poke, not in 10 min.
         make_index(db, {"/p/late.jpg": "a lighthouse on a rocky cliff"}).db.conn.close()
         backfill.poke()
