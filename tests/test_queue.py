@@ -34,6 +34,37 @@ def test_claim_finish_and_reenqueue_while_running(tmp_path: Path) -> None:
     assert q.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0, "skipped": 0}
 
 
+def test_a_settled_event_for_the_bytes_a_running_job_was_queued_with_leaves_it_alone(
+    tmp_path: Path,
+) -> None:
+    """The start-up scan queued a file, then its own events settled while it ran: the same
+    bytes, so its result stands. New bytes, or a scan's re-queue (settings changed), run it
+    again."""
+    q = _q(tmp_path)
+    root = tmp_path / "pics"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"first")
+    (root / "b.jpg").write_bytes(b"first")
+    q.enqueue_many([(root / "a.jpg", root), (root / "b.jpg", root)])  # the scan
+    a, b = q.claim(10)
+    assert q.enqueue_many([(root / "a.jpg", root)], settled=True) == 0  # its event
+    assert q.enqueue_many([(root / "b.jpg", root)]) == 1  # a scan again: outdated settings
+    with transaction(q.db):
+        assert q.finish(a)  # current: done
+        assert not q.finish(b)  # runs again
+    assert q.state_of(str(root / "a.jpg")) == ("done", None)
+
+    (root / "a.jpg").write_bytes(b"second, longer")  # changed after it was done
+    assert q.enqueue_many([(root / "a.jpg", root)], settled=True) == 1
+    running = {j.path.name: j for j in q.claim(10)}
+    (root / "a.jpg").write_bytes(b"third, longer still")  # changed while it runs
+    assert q.enqueue_many([(root / "a.jpg", root)], settled=True) == 1
+    with transaction(q.db):
+        assert not q.finish(running["a.jpg"])  # read older bytes: runs again
+        assert q.finish(running["b.jpg"])
+    assert q.counts()["pending"] == 1
+
+
 def test_crash_recovery_requeues_running(tmp_path: Path) -> None:
     q = _q(tmp_path)
     root = tmp_path / "pics"

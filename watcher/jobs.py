@@ -37,9 +37,15 @@ class JobQueue:
         self.db = db
 
     # -- producers ----------------------------------------------------------------------
-    def enqueue_many(self, items: Iterable[tuple[Path, Path]]) -> int:
+    def enqueue_many(self, items: Iterable[tuple[Path, Path]], *, settled: bool = False) -> int:
         """Queue (path, root) pairs; the same path queued twice is one job. Returns how many
         jobs became pending (new, or re-opened from done/failed/running).
+
+        Each job keeps the file's (size, mtime_ns) as it was queued. `settled` (a file
+        event, settled): a running job queued for exactly these bytes is left alone, since
+        it reads them or newer. (A file the start-up scan queued while its events were
+        still to come ran twice, its first result thrown away.) Otherwise a running job
+        runs again: a scan also re-queues unchanged files whose settings changed.
 
         Paths are stored encoded (watcher.paths): any file name can be queued. An unexpected
         error on one path is recorded against that path (a `skipped` job with the reason, or
@@ -50,7 +56,7 @@ class JobQueue:
         with transaction(self.db):
             for path, root in items:
                 try:
-                    n += self._enqueue_one(path, root, now)
+                    n += self._enqueue_one(path, root, now, settled)
                 except sqlite3.OperationalError:
                     raise
                 except Exception as e:
@@ -64,18 +70,28 @@ class JobQueue:
                         pass  # said in the log above; nothing more can be kept
         return n
 
-    def _enqueue_one(self, path: Path, root: Path, now: float) -> int:
+    def _enqueue_one(self, path: Path, root: Path, now: float, settled: bool) -> int:
+        size: int | None
+        mtime_ns: int | None
+        try:
+            st = os.stat(path)
+            size, mtime_ns = st.st_size, st.st_mtime_ns
+        except OSError:  # gone or unreadable: decode says which; nothing to compare
+            size = mtime_ns = None
         # A running job gets gen+1 so its result is not taken as current: it runs again.
         cur = self.db.conn.execute(
             """INSERT INTO jobs (path, root, state, gen, attempts, next_try, enqueued,
-                                 updated)
-               VALUES (?, ?, 'pending', 0, 0, 0, ?, ?)
+                                 updated, size, mtime_ns)
+               VALUES (?, ?, 'pending', 0, 0, 0, ?, ?, ?, ?)
                ON CONFLICT(path) DO UPDATE SET
                  root = excluded.root, gen = gen + 1, attempts = 0, error = NULL,
-                 next_try = 0, updated = excluded.updated,
+                 next_try = 0, updated = excluded.updated, size = excluded.size,
+                 mtime_ns = excluded.mtime_ns,
                  state = CASE WHEN state = 'running' THEN 'running' ELSE 'pending' END
-               WHERE state != 'pending'""",
-            (encode(path), encode(root), now, now),
+               WHERE state != 'pending'
+                 AND NOT (? AND state = 'running' AND excluded.size IS NOT NULL
+                          AND size IS excluded.size AND mtime_ns IS excluded.mtime_ns)""",
+            (encode(path), encode(root), now, now, size, mtime_ns, settled),
         )
         return cur.rowcount
 

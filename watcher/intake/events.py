@@ -67,7 +67,7 @@ class FileEvents(Sink):
             # The rename that embedded a description (the embed output) is an event like
             # any other: the file as that write left it is known, not new work.
             ready = [r for r in ready if not self._own_write(r.path)]
-            n = self.jobs.enqueue_many((r.path, r.root) for r in ready)
+            n = self.jobs.enqueue_many(((r.path, r.root) for r in ready), settled=True)
         if n:
             log.debug("queued", files=n)
             self.on_enqueued(n)
