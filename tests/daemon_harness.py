@@ -180,6 +180,12 @@ class Daemon:
             if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
         ]
 
+    def wait_logged(self, event: str, timeout: float = 30.0, **fields) -> list[dict]:
+        """The `event` lines with these fields, once there is at least one. The writer logs
+        `captioned` just after its commit, so `captioned()` can be true a moment before the
+        line is there: a test counting those lines waits for them with this."""
+        return wait_for(lambda: self.logged(event, **fields), timeout, f"a {event!r} line")
+
     def wait_scanned(self, folders: int = 1, timeout: float = 60.0) -> None:
         """Until the start-up catch-up scan of `folders` folders is done. A file written
         before a scan lists its folder is queued by the scan, not through settle: a test

@@ -105,8 +105,12 @@ def test_a_burst_into_the_daemon_runs_full_batches_and_a_lone_image_goes_alone(
             120,
             "every image of the burst",
         )
+        # Each line comes just after its batch's commit: wait for the last batch's too.
+        wait_for(lambda: sum(_calls(d, watched / "burst")) == n, 30, "a line per image")
         assert _calls(d, watched / "burst") == [16] * (n // 16)
         distinct_image(n, watched / "lone.jpg")
         wait_for(lambda: d.captioned(watched / "lone.jpg"), 60, "the lone image")
-        assert [e["batch"] for e in d.logged("captioned", path=str(watched / "lone.jpg"))] == [1]
+        assert [e["batch"] for e in d.wait_logged("captioned", path=str(watched / "lone.jpg"))] == [
+            1
+        ]
     assert d.proc.returncode == 0

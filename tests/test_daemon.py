@@ -88,7 +88,7 @@ def test_events_create_copy_move_part_nested_and_slow_writer(tmp_path, tiny_llav
         assert sorted(rows) == sorted(str(watched / e) for e in expected)
         slow = rows[str(watched / "slow.png")]
         assert slow["sha256"] == hashlib.sha256(data).hexdigest()  # the complete file
-        assert len(d.logged("captioned", path=str(watched / "slow.png"))) == 1
+        assert len(d.wait_logged("captioned", path=str(watched / "slow.png"))) == 1
         assert not (watched / "download.jpg.txt").exists()
         assert not [p for p in watched.rglob(".*")], "temp files left behind"
     assert d.proc.returncode == 0

@@ -188,10 +188,10 @@ def test_one_file_that_cannot_be_queued_does_not_hold_back_the_others(
     distinct_image(9, cursed)
     real = JobQueue._enqueue_one
 
-    def enqueue_one(self, path, root, now):
+    def enqueue_one(self, path, root, *args):
         if Path(path) == cursed:
             raise ValueError("something nobody foresaw")
-        return real(self, path, root, now)
+        return real(self, path, root, *args)
 
     monkeypatch.setattr(JobQueue, "_enqueue_one", enqueue_one)
     cfg = _config(tmp_path, tiny_llava)

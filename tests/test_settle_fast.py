@@ -321,7 +321,7 @@ def test_closed_complete_jpeg_and_png_are_captioned_without_the_settle_wait(tmp_
         wait_for(lambda: d.captioned(watched / "half.jpg"), 40, "the finished file")
         assert d.rows()[str(watched / "half.jpg")]["sha256"] == hashlib.sha256(half).hexdigest()
         for name in ("a.jpg", "b.png", "half.jpg"):
-            assert len(d.logged("captioned", path=str(watched / name))) == 1
+            assert len(d.wait_logged("captioned", path=str(watched / name))) == 1
             assert _model_calls_with(d, watched / name) == 1
         assert len(d.rows()) == 3
     assert d.proc.returncode == 0
@@ -431,7 +431,7 @@ def test_slow_writers_are_captioned_once_from_the_complete_file(tmp_path, tiny_l
             path = watched / name
             assert rows[str(path)]["sha256"] == hashlib.sha256(data).hexdigest()
             assert sidecar_ready(path)
-            assert len(d.logged("captioned", path=str(path))) == 1, name
+            assert len(d.wait_logged("captioned", path=str(path))) == 1, name
             assert _model_calls_with(d, path) == 1, name
     assert d.proc.returncode == 0
 
