@@ -429,6 +429,19 @@ def test_watcher_search_borrows_the_running_daemons_model_and_loads_its_own_with
         d.wait_scanned()
         row = lifecycle.read(connect(db, readonly=True))
         assert row is not None and row.running and row.url and row.url.startswith("http://")
+        # The daemon loads its query model on the first request: on a loaded machine that
+        # can take longer than a search waits (it then loads its own, as it should). Warm it.
+        import httpx
+
+        def warm() -> bool:
+            try:
+                return httpx.get(
+                    row.url + "api/query-vector", params={"q": "x"}, timeout=60, trust_env=False
+                ).is_success
+            except httpx.HTTPError:
+                return False
+
+        wait_for(warm, 180, "the daemon's query model")
         with monkeypatch.context() as m:
             m.setattr(embedding.Embedder, "load", classmethod(refuse))
             # The same hits, scores and exit code, from the daemon's vector for the query.
